@@ -1,0 +1,23 @@
+"""The `mlflow-governance` command line (click, MLflow-style long options)."""
+
+from __future__ import annotations
+
+import click
+
+from governance import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mlflow-governance")
+def main() -> None:
+    """Explain PyTorch models with DLBacktrace and keep the evidence in MLflow."""
+
+
+@main.command()
+def version() -> None:
+    """Print the package version."""
+    click.echo(__version__)
+
+
+if __name__ == "__main__":
+    main()

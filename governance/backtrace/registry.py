@@ -70,6 +70,11 @@ def lookup_rule(target: Any) -> RuleEntry | None:
     return entry
 
 
+def aten_ops(*names: str) -> list[Any]:
+    """The ATen overload packets with these names that exist in the installed torch."""
+    return [getattr(torch.ops.aten, n) for n in names if hasattr(torch.ops.aten, n)]
+
+
 def registered_ops() -> list[str]:
     """Names of every op with a rule (for docs and error messages)."""
     return sorted(str(k) for k in _RULES)

@@ -1,0 +1,115 @@
+"""Graph capture: turn a model into an ATen-level fx graph the walk can read.
+
+``torch.export`` gives the same program MLflow 3 saves for PyTorch models (the pt2 format), with
+each node's module path in ``meta["nn_module_stack"]``. We walk the *unlifted* form (parameters
+as ``get_attr``), which is also what ``mlflow.pytorch.load_model`` returns for pt2 models, so a
+logged model and the original module explain through one code path.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+
+@dataclass
+class CapturedGraph:
+    """An unlifted ATen graph plus how user inputs map onto its placeholders."""
+
+    gm: fx.GraphModule
+    placeholders: list[fx.Node]
+
+
+def _shape_key(obj: Any) -> tuple:
+    leaves, spec = pytree.tree_flatten(obj)
+    key = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            key.append((tuple(leaf.shape), leaf.dtype, leaf.device.type))
+        else:
+            key.append(repr(leaf))
+    return (str(spec), tuple(key))
+
+
+def is_aten_graph(model: nn.Module) -> bool:
+    """True for a GraphModule whose graph already holds ATen ops (exported or loaded pt2)."""
+    if not isinstance(model, fx.GraphModule):
+        return False
+    return any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+        for n in model.graph.nodes
+    )
+
+
+class GraphCache:
+    """Exports a module once per input signature (shapes, dtypes, structure) and reuses it."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self._graphs: dict[tuple, CapturedGraph] = {}
+
+    def get(self, args: tuple, kwargs: dict) -> CapturedGraph:
+        model = self._model
+        if isinstance(model, torch.export.ExportedProgram):
+            key = ("ep",)
+            if key not in self._graphs:
+                self._graphs[key] = _wrap(model.module())
+            return self._graphs[key]
+        if is_aten_graph(model):
+            key = ("gm",)
+            if key not in self._graphs:
+                self._graphs[key] = _wrap(model)
+            return self._graphs[key]
+        key = _shape_key((args, kwargs))
+        if key not in self._graphs:
+            self._graphs[key] = _wrap(_export(model, args, kwargs).module())
+        return self._graphs[key]
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, args, kwargs=kwargs, strict=False)
+    finally:
+        model.train(was_training)
+
+
+def _wrap(gm: fx.GraphModule) -> CapturedGraph:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return CapturedGraph(gm=gm, placeholders=placeholders)
+
+
+def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
+    """User inputs flattened in the order of the graph's placeholders."""
+    in_spec = getattr(gm, "_in_spec", None)
+    if in_spec is not None and kwargs:
+        from torch.export._tree_utils import reorder_kwargs
+
+        kwargs = reorder_kwargs(kwargs, in_spec)
+    flat, _ = pytree.tree_flatten((args, kwargs))
+    return flat
+
+
+def input_names(model: Any, args: tuple, kwargs: dict) -> list[str]:
+    """Readable names of the flattened user inputs: forward's parameter names, dict keys."""
+    try:
+        forward = model.forward if isinstance(model, nn.Module) else None
+        params = list(inspect.signature(forward).parameters) if forward is not None else []
+    except (TypeError, ValueError):
+        params = []
+    names: list[str] = []
+    for i, a in enumerate(args):
+        base = params[i] if i < len(params) else f"arg{i}"
+        leaves = pytree.tree_leaves(a)
+        names.extend([base] if len(leaves) == 1 else [f"{base}.{j}" for j in range(len(leaves))])
+    for k, v in kwargs.items():
+        leaves = pytree.tree_leaves(v)
+        names.extend([k] if len(leaves) == 1 else [f"{k}.{j}" for j in range(len(leaves))])
+    return names

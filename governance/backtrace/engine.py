@@ -1,0 +1,178 @@
+"""``Backtrace``: the engine's public face (capture, record, seed, walk, report)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+from . import rules  # noqa: F401  (registers the built-in rules)
+from .capture import GraphCache, flatten_inputs, input_names
+from .context import RuleContext
+from .explanation import Explanation
+from .modules import ModuleMap, build_module_map
+from .recording import record
+from .rules.affine import mark_foldable_batch_norms
+from .seeding import TASKS, make_seed
+from .walk import check_rules, walk
+
+MODES = ("default", "contrastive", "signed")
+
+
+def infer_task(y: torch.Tensor) -> str:
+    """A task from the output's shape and range when the caller gives none."""
+    if y.dim() == 3:
+        return "generation"
+    flat = y.reshape(y.shape[0], -1)
+    if flat.shape[1] == 1:
+        return "binary-classification" if bool(((y >= 0) & (y <= 1)).all()) else "regression"
+    return "multiclass-classification"
+
+
+class Backtrace:
+    """DLBacktrace relevance for a PyTorch model (``nn.Module``, an exported ``GraphModule`` as
+    ``mlflow.pytorch.load_model`` returns for pt2 models, or a ``torch.export.ExportedProgram``).
+
+    The graph is captured with ``torch.export`` once per input signature, activations are
+    recorded in one forward pass, and the rules walk it backwards op by op.
+    """
+
+    def __init__(self, model: nn.Module | torch.export.ExportedProgram, output_index: int = 0) -> None:
+        self.model = model
+        self.output_index = output_index
+        self._graphs = GraphCache(model)
+        self._module_maps: dict[int, ModuleMap] = {}
+
+    def explain(
+        self,
+        x: torch.Tensor | tuple | Mapping[str, Any],
+        mode: str = "default",
+        task: str | None = None,
+        target: int | torch.Tensor | None = None,
+        multiplier: float = 100.0,
+        seed: str = "output",
+        threshold: float = 0.5,
+    ) -> Explanation:
+        """Relevance of every input element (and every module) for the model's output.
+
+        ``x``: one tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        ``mode``: "default" (spec 3), "contrastive" (spec 4) or "signed" (spec 3b).
+        ``task``: one of ``TASKS`` (inferred from the output when omitted).
+        ``target``: the explained class / token per sample (default: the argmax).
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if task is not None and task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        args, kwargs, single = _as_call(x)
+        captured = self._graphs.get(args, kwargs)
+        gm = captured.gm
+        if kwargs and getattr(gm, "_in_spec", None) is not None:
+            from torch.export._tree_utils import reorder_kwargs
+
+            kwargs = reorder_kwargs(kwargs, gm._in_spec)
+        flat = flatten_inputs(gm, args, kwargs)
+        names = input_names(self.model, args, kwargs)
+        tensors = [v for v in flat if isinstance(v, torch.Tensor)]
+        if not tensors:
+            raise ValueError("explain() needs at least one tensor input")
+        n = int(tensors[0].shape[0])
+        recording = record(gm, flat)
+        modules = self._module_map(gm)
+        out_node, y = self._output(gm, recording)
+        task = task or infer_task(y)
+        seeds, tgt = make_seed(y, task, mode, target, multiplier, seed, threshold)
+        ctxs = [RuleContext(recording, modules, mode, n) for _ in seeds]
+        fused = mark_foldable_batch_norms(gm, ctxs[0])
+        for c in ctxs:
+            c.fused = fused
+        check_rules(ctxs[0], gm)
+        with torch.no_grad():
+            results = walk(gm, ctxs, [{out_node: s} for s in seeds])
+        exps = [
+            self._explanation(mode, task, captured.placeholders, names, flat, single, r, modules,
+                              recording, y, tgt, s)
+            for r, s in zip(results, seeds)
+        ]
+        if mode != "contrastive":
+            return exps[0]
+        pos, neg = exps
+        return Explanation(
+            mode=mode, task=task,
+            input_relevance=_combine(pos.input_relevance, neg.input_relevance),
+            layer_relevance={k: pos.layer_relevance[k] - neg.layer_relevance[k] for k in pos.layer_relevance},
+            output=y, target=tgt,
+            seed_relevance=pos.seed_relevance - neg.seed_relevance,
+            module_types=modules.types, positive=pos, negative=neg,
+        )
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _module_map(self, gm: fx.GraphModule) -> ModuleMap:
+        key = id(gm)
+        if key not in self._module_maps:
+            root = self.model
+            root_type = type(root).__name__ if isinstance(root, nn.Module) and not isinstance(root, fx.GraphModule) else ""
+            self._module_maps[key] = build_module_map(gm, root_type)
+        return self._module_maps[key]
+
+    def _output(self, gm: fx.GraphModule, recording) -> tuple[fx.Node, torch.Tensor]:
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        leaves = [a for a in pytree.tree_leaves(out.args[0]) if isinstance(a, fx.Node)]
+        floats = [a for a in leaves if isinstance(recording.values.get(a), torch.Tensor)
+                  and recording.values[a].is_floating_point()]
+        if not floats:
+            raise ValueError("the model returns no float tensor to explain")
+        if self.output_index >= len(floats):
+            raise ValueError(f"output_index {self.output_index} but the model returns {len(floats)} float tensors")
+        node = floats[self.output_index]
+        if node not in recording.relevant:
+            raise ValueError("the model's output does not depend on its float inputs; nothing to explain")
+        return node, recording.values[node]
+
+    def _explanation(self, mode, task, placeholders, names, flat, single, result, modules,
+                     recording, y, tgt, seed) -> Explanation:
+        rel = result.relevance
+        inputs: dict[str, torch.Tensor] = {}
+        for ph, name, v in zip(placeholders, names, flat):
+            if not isinstance(v, torch.Tensor):
+                continue
+            r = rel.get(ph)
+            dtype = v.dtype if v.is_floating_point() else seed.dtype
+            inputs[name] = r.to(dtype) if isinstance(r, torch.Tensor) else torch.zeros(v.shape, dtype=dtype, device=v.device)
+        layer: dict[str, torch.Tensor] = {}
+        for mod, node in modules.outputs.items():
+            r = rel.get(node)
+            if isinstance(r, dict):
+                r = r.get(0)
+            if isinstance(r, torch.Tensor):
+                layer[mod] = r
+            else:
+                v = recording.values.get(node)
+                v = v[0] if isinstance(v, (tuple, list)) else v
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    layer[mod] = torch.zeros_like(v)
+        input_relevance: Any = next(iter(inputs.values())) if single else inputs
+        n = seed.shape[0]
+        return Explanation(
+            mode=mode, task=task, input_relevance=input_relevance, layer_relevance=layer,
+            output=y, target=tgt, seed_relevance=seed.reshape(n, -1).sum(1),
+            books=result.books, module_types=modules.types,
+        )
+
+
+def _as_call(x: Any) -> tuple[tuple, dict, bool]:
+    if isinstance(x, torch.Tensor):
+        return (x,), {}, True
+    if isinstance(x, Mapping):
+        return (), dict(x), False
+    if isinstance(x, (tuple, list)):
+        return tuple(x), {}, False
+    raise TypeError(f"explain() takes a tensor, a tuple of tensors or a dict of tensors, not {type(x).__name__}")
+
+
+def _combine(a: Any, b: Any) -> Any:
+    if isinstance(a, dict):
+        return {k: a[k] - b[k] for k in a}
+    return a - b

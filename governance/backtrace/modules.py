@@ -1,0 +1,52 @@
+"""Which module each graph node belongs to, and which node is each module's output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+
+@dataclass
+class ModuleMap:
+    """Module paths per node (innermost last), each module's output node and type name."""
+
+    paths: dict[fx.Node, tuple[str, ...]]
+    outputs: dict[str, fx.Node]
+    types: dict[str, str]
+
+    def innermost(self, node: fx.Node) -> str:
+        p = self.paths.get(node, ("",))
+        return p[-1] if p else ""
+
+    def path_set(self, node: fx.Node) -> frozenset[str]:
+        return frozenset(self.paths.get(node, ("",)))
+
+
+def build_module_map(gm: fx.GraphModule, root_type: str = "") -> ModuleMap:
+    """Read ``nn_module_stack`` (torch.export) into module paths; the root module is ``""``."""
+    paths: dict[fx.Node, tuple[str, ...]] = {}
+    types: dict[str, str] = {"": root_type}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        chain = [""]
+        for fqn, typ in stack.values():
+            name = fqn if isinstance(fqn, str) else str(fqn)
+            if name and name not in chain:
+                chain.append(name)
+            if name:
+                types.setdefault(name, str(typ).rsplit(".", 1)[-1].strip("'>"))
+            elif not types[""]:
+                types[""] = str(typ).rsplit(".", 1)[-1].strip("'>")
+        paths[node] = tuple(chain)
+    outputs: dict[str, fx.Node] = {}
+    for node, chain in paths.items():
+        user_sets = [paths.get(u, ("",)) for u in node.users]
+        for mod in chain:
+            if not mod:
+                continue
+            if not node.users or any(u.op == "output" or mod not in us for u, us in zip(node.users, user_sets)):
+                outputs[mod] = node  # graph order: the last such node wins
+    return ModuleMap(paths=paths, outputs=outputs, types=types)

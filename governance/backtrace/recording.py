@@ -1,0 +1,101 @@
+"""One forward pass over the captured graph that records every node's value, and the flags that
+say which tensors carry relevance (float tensors that depend on the model inputs)."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+# Integer ops through which token ids may travel to an embedding (relevance comes back along them).
+INDEX_PATH_OPS = {
+    "view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "expand", "slice",
+    "select", "permute", "transpose", "t", "clone", "contiguous", "alias", "_to_copy", "to",
+    "detach", "lift_fresh_copy",
+}
+
+
+@dataclass
+class Recording:
+    """Values of every node of one forward pass, and the relevance flags."""
+
+    values: dict[fx.Node, Any]
+    relevant: set[fx.Node]
+    output_values: list[Any] = field(default_factory=list)
+
+
+def _is_float_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
+def _arg_nodes(node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n))
+    return out
+
+
+def _packet_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return target._opname
+    return getattr(target, "__name__", "")
+
+
+class _Recorder(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_module" and n.target == "_guards_fn":
+            return None  # export's guard check: shapes are ours by construction
+        return super().run_node(n)
+
+
+def record(gm: fx.GraphModule, flat_inputs: list[Any]) -> Recording:
+    """Run the graph once (no grad) and keep every value; then mark the relevant nodes."""
+    interp = _Recorder(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        out = interp.run(*flat_inputs, enable_io_processing=False)
+    values = dict(interp.env)
+    depends: set[fx.Node] = set()
+    relevant: set[fx.Node] = set()
+    embedding_indices: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        v = values.get(node)
+        if node.op == "placeholder":
+            depends.add(node)
+            if _is_float_tensor(v):
+                relevant.add(node)
+            continue
+        if node.op not in ("call_function", "call_method"):
+            continue
+        args = _arg_nodes(node)
+        if any(a in depends for a in args):
+            depends.add(node)
+        name = _packet_name(node.target)
+        if name in ("embedding", "embedding_bag") and len(node.args) > 1:
+            idx = node.args[1]
+            if isinstance(idx, fx.Node) and idx in depends:
+                relevant.add(node)
+                embedding_indices.append(idx)
+                continue
+        if node.target is operator.getitem:
+            parent = node.args[0]
+            if parent in relevant and (_is_float_tensor(v) or isinstance(v, (tuple, list))):
+                relevant.add(node)
+            continue
+        float_out = _is_float_tensor(v) or (
+            isinstance(v, (tuple, list)) and any(_is_float_tensor(x) for x in v)
+        )
+        if float_out and any(a in relevant for a in args):
+            relevant.add(node)
+    # Token ids reach embeddings through integer shape ops; relevance walks back along them.
+    stack = list(embedding_indices)
+    while stack:
+        n = stack.pop()
+        if n in relevant:
+            continue
+        relevant.add(n)
+        if n.op == "call_function" and _packet_name(n.target) in INDEX_PATH_OPS:
+            stack.extend(a for a in _arg_nodes(n) if a in depends and a not in relevant)
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return Recording(values=values, relevant=relevant, output_values=list(outs))

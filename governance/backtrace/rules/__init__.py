@@ -1,0 +1,3 @@
+"""Relevance rules, one module per family of ops; importing this package registers them all."""
+
+from . import affine, elementwise, embedding, pooling, shape  # noqa: F401

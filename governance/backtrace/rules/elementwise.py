@@ -1,0 +1,96 @@
+"""Element-wise ops (spec section 5): activations and casts pass relevance through; add and sub
+split it by |term|; products and quotients follow the gating and scaling rules."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..context import RuleContext, safe_div
+from ..registry import aten_ops, register_rule
+
+aten = torch.ops.aten
+
+PASS_THROUGH = aten_ops(
+    # activations: saturation is handled in the affine layer before them (spec 3)
+    "relu", "relu_", "leaky_relu", "leaky_relu_", "relu6", "hardtanh", "hardtanh_", "sigmoid",
+    "sigmoid_", "tanh", "tanh_", "gelu", "gelu_", "silu", "silu_", "elu", "elu_", "selu", "celu",
+    "softplus", "mish", "hardswish", "hardsigmoid", "softmax", "_softmax", "log_softmax",
+    "_log_softmax", "logsigmoid", "prelu",
+    # identity-like
+    "dropout", "dropout_", "feature_dropout", "alpha_dropout", "native_dropout", "clone",
+    "contiguous", "alias", "detach", "lift_fresh_copy", "_to_copy", "to", "type_as", "neg",
+    "positive",
+    # normalisations: the statistics carry no relevance (spec 5)
+    "layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "instance_norm",
+    "rms_norm", "_fused_rms_norm",
+)
+
+
+@register_rule(*PASS_THROUGH)
+def pass_through(ctx: RuleContext, node: fx.Node, R):
+    """R_in = R_out element by element (the first tensor argument is the signal)."""
+    if isinstance(R, dict):  # tuple outputs (native_layer_norm, native_dropout): output 0 only
+        R = R.get(0)
+        if R is None:
+            return {}
+    x = node.args[0]
+    xv = ctx.value(x)
+    if isinstance(xv, torch.Tensor) and tuple(xv.shape) != tuple(R.shape):
+        R = R.sum_to_size(xv.shape)
+    return {x: R}
+
+
+def _terms(ctx: RuleContext, node: fx.Node) -> list[tuple[object, torch.Tensor]]:
+    """The summands of add/sub as signed tensors (alpha applied, sub negated)."""
+    name = node.target._opname
+    a, b = node.args[0], node.args[1]
+    alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+    av = ctx.value(a)
+    bv = ctx.value(b)
+    av = av if isinstance(av, torch.Tensor) else torch.tensor(float(av))
+    bv = bv if isinstance(bv, torch.Tensor) else torch.tensor(float(bv))
+    sign = -1.0 if name in ("sub", "rsub") else 1.0
+    if name == "rsub":  # other - alpha * self
+        return [(b, bv), (a, -alpha * av)]
+    return [(a, av), (b, sign * alpha * bv)]
+
+
+@register_rule(aten.add, aten.add_, aten.sub, aten.sub_, aten.rsub)
+def add_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
+    """R_k = R · |a_k| / Σ_m |a_m| after broadcasting; a constant term's share is absorbed."""
+    terms = _terms(ctx, node)
+    mags = [t.to(R.dtype).abs() for _, t in terms]
+    den = mags[0] + mags[1]
+    s = safe_div(R, den.expand_as(R) if den.shape != R.shape else den)
+    out = {}
+    for (arg, val), mag in zip(terms, mags):
+        share = s * mag
+        if ctx.is_relevant(arg):
+            out[arg] = share.sum_to_size(val.shape) if tuple(val.shape) != tuple(share.shape) else share
+        else:
+            ctx.absorb(share)
+    return out
+
+
+@register_rule(aten.mul, aten.mul_)
+def mul_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
+    """Two activations (gating): half each. Activation × constant (scaling): all to it."""
+    a, b = node.args[0], node.args[1]
+    rel = [x for x in (a, b) if ctx.is_relevant(x)]
+    share = R / len(rel) if len(rel) == 2 else R
+    out = {}
+    for x in rel:
+        shape = ctx.value(x).shape
+        out[x] = share.sum_to_size(shape) if tuple(shape) != tuple(share.shape) else share
+    return out
+
+
+@register_rule(aten.div, aten.div_)
+def div_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
+    """Division by a constant or by an activation-derived normaliser: all to the numerator."""
+    a = node.args[0]
+    if not ctx.is_relevant(a):
+        raise ctx.unsupported(node, "the numerator is constant and the denominator depends on the input")
+    shape = ctx.value(a).shape
+    return {a: R.sum_to_size(shape) if tuple(shape) != tuple(R.shape) else R}

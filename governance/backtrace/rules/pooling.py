@@ -1,0 +1,167 @@
+"""Pooling and reductions (spec section 5).
+
+Average-type ops (average, adaptive and global pooling, sum and mean over axes, linear
+up-sampling) are linear with non-negative weights that are equal within a window, so
+``R_i = Σ_windows R · |x_i| / Σ_window |x_k|`` is ``|x| ⊙ Jᵀ (R / f(|x|))`` with f the op
+itself: one forward and one VJP. Max pooling gives each window's relevance to its maximum
+element(s), ties sharing equally, overlapping windows accumulating.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..context import RuleContext, safe_div
+from ..registry import aten_ops, register_rule
+
+AVERAGE_OPS = aten_ops(
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "mean", "sum",
+    "upsample_bilinear2d", "upsample_linear1d", "upsample_trilinear3d", "upsample_bicubic2d",
+    "_upsample_bilinear2d_aa",
+)
+
+
+@register_rule(*AVERAGE_OPS)
+def average_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
+    """Per window, R_i = R · |x_i| / Σ_window |x_k|."""
+    x_node = node.args[0]
+    x = ctx.value(x_node)
+    rest = node.args[1:]
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return node.target(v, *rest, **node.kwargs)
+
+    den, vjp_fn = torch.func.vjp(f, x.abs())
+    (g,) = vjp_fn(safe_div(R, den))
+    return {x_node: x.abs() * g}
+
+
+def _pool_params(node: fx.Node, nd: int):
+    a = list(node.args) + [None] * 6
+    k = a[1]
+    k = [k] * nd if isinstance(k, int) else list(k)
+    s = a[2] if a[2] not in (None, []) else k
+    s = [s] * nd if isinstance(s, int) else list(s)
+    p = a[3] if a[3] is not None else 0
+    p = [p] * nd if isinstance(p, int) else list(p)
+    d = a[4] if a[4] is not None else 1
+    d = [d] * nd if isinstance(d, int) else list(d)
+    ceil = bool(a[5]) if a[5] is not None else False
+    k, s, p, d = ([v[0]] * nd if len(v) == 1 else v for v in (k, s, p, d))
+    return k, s, p, d, ceil
+
+
+def _max_pool_nd(x: torch.Tensor, out: torch.Tensor, R: torch.Tensor, k, s, p, d, ceil) -> torch.Tensor:
+    """Window maxima take the window's relevance (ties share); via unfold/fold on 2-D maps."""
+    nd = len(k)
+    squeeze = nd == 1
+    if squeeze:  # 1-D as 2-D with a unit height
+        x, out, R = x.unsqueeze(-2), out.unsqueeze(-2), R.unsqueeze(-2)
+        k, s, p, d = [1] + k, [1] + s, [0] + p, [1] + d
+    batch_shape = x.shape[:-2]
+    H, W = x.shape[-2:]
+    x4 = x.reshape(-1, 1, H, W) if x.dim() != 4 else x
+    n, c = x4.shape[0], x4.shape[1]
+    Ho, Wo = out.shape[-2:]
+    # pad with -inf (as max pooling does), plus what ceil_mode reads past the right edge
+    extra = [max(0, (o - 1) * st + dl * (kk - 1) + 1 - (sz + 2 * pp))
+             for o, st, dl, kk, sz, pp in zip((Ho, Wo), s, d, k, (H, W), p)]
+    pad = (p[1], p[1] + extra[1], p[0], p[0] + extra[0])
+    xp = F.pad(x4, pad, value=-math.inf)
+    Hp, Wp = xp.shape[-2:]
+    cols = F.unfold(xp, kernel_size=k, dilation=d, stride=s)  # (n, c*kk, L)
+    kk = k[0] * k[1]
+    cols = cols.reshape(n, c, kk, -1)
+    L = cols.shape[-1]
+    m = out.reshape(n, c, 1, L)
+    hit = (cols == m).to(R.dtype)
+    cnt = hit.sum(2, keepdim=True)
+    share = hit * safe_div(R.reshape(n, c, 1, L), cnt)
+    back = F.fold(share.reshape(n, c * kk, L), output_size=(Hp, Wp), kernel_size=k, dilation=d, stride=s)
+    back = back[..., p[0]:p[0] + H, p[1]:p[1] + W]
+    back = back.reshape(*batch_shape, H, W)
+    return back.squeeze(-2) if squeeze else back
+
+
+@register_rule(*aten_ops("max_pool1d", "max_pool2d", "max_pool2d_with_indices", "max_pool1d_with_indices"))
+def max_pool_rule(ctx: RuleContext, node: fx.Node, R):
+    """Max pooling 1d/2d with stride, padding, dilation, ceil mode; ties share equally."""
+    if isinstance(R, dict):
+        R = R.get(0)
+        if R is None:
+            return {}
+    x_node = node.args[0]
+    x = ctx.value(x_node)
+    out = ctx.value(node)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    nd = 1 if "1d" in node.target._opname else 2
+    k, s, p, d, ceil = _pool_params(node, nd)
+    return {x_node: _max_pool_nd(x, out, R, k, s, p, d, ceil)}
+
+
+def _adaptive_windows(size_in: int, size_out: int, device) -> torch.Tensor:
+    """(out, in) 0/1 matrix of adaptive pooling windows: [floor(o·I/O), ceil((o+1)·I/O))."""
+    o = torch.arange(size_out, device=device)
+    start = (o * size_in) // size_out
+    end = -((-(o + 1) * size_in) // size_out)
+    i = torch.arange(size_in, device=device)
+    return (i[None, :] >= start[:, None]) & (i[None, :] < end[:, None])
+
+
+@register_rule(*aten_ops("adaptive_max_pool1d", "adaptive_max_pool2d"))
+def adaptive_max_rule(ctx: RuleContext, node: fx.Node, R):
+    """Adaptive max pooling: each (possibly overlapping) window's maximum takes its relevance."""
+    if isinstance(R, dict):
+        R = R.get(0)
+        if R is None:
+            return {}
+    x_node = node.args[0]
+    x = ctx.value(x_node)
+    out = ctx.value(node)[0]
+    nd = 1 if "1d" in node.target._opname else 2
+    if nd == 1:
+        x, out, R = x.unsqueeze(-2), out.unsqueeze(-2), R.unsqueeze(-2)
+    H, W = x.shape[-2:]
+    Ho, Wo = out.shape[-2:]
+    mh = _adaptive_windows(H, Ho, x.device)  # (Ho, H)
+    mw = _adaptive_windows(W, Wo, x.device)  # (Wo, W)
+    win = mh[:, None, :, None] & mw[None, :, None, :]  # (Ho, Wo, H, W)
+    hit = (x[..., None, None, :, :] == out[..., :, :, None, None]) & win
+    hit = hit.to(R.dtype)
+    cnt = hit.sum((-1, -2), keepdim=True)
+    back = (hit * safe_div(R[..., None, None], cnt)).sum((-3, -4))
+    return {x_node: back.squeeze(-2) if nd == 1 else back}
+
+
+@register_rule(*aten_ops("amax", "max", "amin", "min"))
+def max_reduce_rule(ctx: RuleContext, node: fx.Node, R):
+    """max / amax over axes: the maximal element(s) take the relevance, ties share equally."""
+    if isinstance(R, dict):
+        R = R.get(0)
+        if R is None:
+            return {}
+    if node.target._overloadname in ("other", "binary_out", "out"):
+        raise ctx.unsupported(node, "element-wise max/min of two tensors has no rule")
+    x_node = node.args[0]
+    x = ctx.value(x_node)
+    out = ctx.value(node)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if len(node.args) < 2 and "dim" not in node.kwargs:  # full reduction to a scalar
+        dims = list(range(x.dim()))
+        keep = False
+    else:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    dims = [dd % x.dim() for dd in dims]
+    if not keep:
+        for dd in sorted(dims):
+            out, R = out.unsqueeze(dd), R.unsqueeze(dd)
+    hit = (x == out).to(R.dtype)
+    cnt = hit.sum(dims, keepdim=True)
+    return {x_node: hit * safe_div(R, cnt)}

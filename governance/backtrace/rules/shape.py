@@ -1,0 +1,80 @@
+"""Shape ops move relevance exactly as they move values (spec section 5).
+
+An op that only rearranges, selects, repeats or concatenates values is linear with a 0/1
+Jacobian, so its vector-Jacobian product is precisely "move the relevance back": the inverse
+permutation, a scatter into zeros, a sum over broadcast axes. We take that VJP from autograd
+instead of writing one inverse per op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..context import RuleContext
+from ..registry import aten_ops, register_rule
+
+RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
+            "view_as", "reshape_as"}
+
+SHAPE_OPS = aten_ops(
+    "view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+    "reshape_as", "permute", "transpose", "t", "swapaxes", "movedim", "expand", "expand_as",
+    "broadcast_to", "repeat", "tile", "slice", "select", "narrow", "index", "index_select",
+    "gather", "take_along_dim", "cat", "concat", "stack", "hstack", "vstack", "split",
+    "split_with_sizes", "tensor_split", "chunk", "unbind", "flip", "roll", "constant_pad_nd",
+    "pad", "unfold", "diagonal", "repeat_interleave", "as_strided", "slice_scatter",
+    "select_scatter", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "upsample_nearest1d",
+    "upsample_nearest2d", "upsample_nearest3d", "_unsafe_index", "masked_select", "tril", "triu",
+)
+
+
+def _relevant_leaves(ctx: RuleContext, node: fx.Node) -> list[fx.Node]:
+    leaves: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: leaves.append(n) if ctx.is_relevant(n) else None)
+    seen: list[fx.Node] = []
+    for n in leaves:
+        if n not in seen:
+            seen.append(n)
+    return seen
+
+
+def _cotangent(ctx: RuleContext, node: fx.Node, R: Any) -> Any:
+    """R shaped like the node's output; missing tuple slots filled with zeros."""
+    out = ctx.value(node)
+    if isinstance(out, (tuple, list)):
+        R = R if isinstance(R, dict) else {0: R}
+        return tuple(
+            R[i].to(o.dtype) if i in R else torch.zeros_like(o) if o.is_floating_point() else torch.zeros(o.shape)
+            for i, o in enumerate(out)
+        )
+    return R
+
+
+@register_rule(*SHAPE_OPS)
+def shape_rule(ctx: RuleContext, node: fx.Node, R: Any):
+    """Move relevance back through a value-moving op with the op's own transpose (its VJP)."""
+    name = node.target._opname
+    leaves = _relevant_leaves(ctx, node)
+    if name in RESHAPES and len(leaves) == 1 and not isinstance(R, dict):
+        return {leaves[0]: R.reshape(ctx.value(leaves[0]).shape)}
+    primals = []
+    for n in leaves:
+        v = ctx.value(n)
+        primals.append(v if v.is_floating_point() else v.to(torch.float32))
+
+    def f(*vals: torch.Tensor) -> Any:
+        lookup = dict(zip(leaves, vals))
+        args, kwargs = fx.node.map_arg(
+            (node.args, node.kwargs), lambda n: lookup[n] if n in lookup else ctx.value(n)
+        )
+        return node.target(*args, **kwargs)
+
+    cot = _cotangent(ctx, node, R)
+    if isinstance(cot, torch.Tensor) and cot.dtype != primals[0].dtype:
+        cot = cot.to(primals[0].dtype)
+    _, vjp_fn = torch.func.vjp(f, *primals)
+    grads = vjp_fn(cot)
+    return {n: g.to(R.dtype if isinstance(R, torch.Tensor) else g.dtype) for n, g in zip(leaves, grads)}

@@ -1,0 +1,164 @@
+"""The backward walk: from the seeded output to the inputs, op by op, in reverse graph order."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from .context import RuleContext
+from .errors import UnsupportedOperationError
+from .explanation import ModuleBooks
+from .registry import lookup_rule, op_name
+
+_NO_RULE_NEEDED = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar"}
+
+
+@dataclass
+class WalkResult:
+    """Relevance at every node of one map, and the per-module books."""
+
+    relevance: dict[fx.Node, Any]
+    books: dict[str, ModuleBooks]
+
+
+def _name(target: Any) -> str:
+    return getattr(target, "_opname", getattr(target, "__name__", str(target)))
+
+
+def check_rules(ctx: RuleContext, gm: fx.GraphModule) -> None:
+    """Fail before any work if a relevance-carrying op has no rule (never a silent guess)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target != "_guards_fn" and node in ctx.recording.relevant:
+            raise UnsupportedOperationError(f"call_module {node.target}", ctx.module_path(node))
+        if node.op != "call_function" or node not in ctx.recording.relevant:
+            continue
+        if node.target is operator.getitem or _name(node.target) in _NO_RULE_NEEDED:
+            continue
+        if lookup_rule(node.target) is None:
+            raise ctx.unsupported(node)
+
+
+def _accumulate(table: dict, node: fx.Node, r: Any) -> None:
+    if node in table and table[node] is not None:
+        table[node] = table[node] + r
+    else:
+        table[node] = r
+
+
+def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, torch.Tensor]]) -> list[WalkResult]:
+    """Propagate each seeded map (one, or R+ and R- in contrastive mode) back to the inputs."""
+    n_maps = len(ctxs)
+    maps: list[dict[fx.Node, Any]] = [dict(s) for s in seeds]
+    edges: list[list[tuple[fx.Node, fx.Node, torch.Tensor, torch.Tensor]]] = [[] for _ in range(n_maps)]
+    branch: list[dict[str, list[torch.Tensor]]] = [{} for _ in range(n_maps)]
+    ctx0 = ctxs[0]
+    contrastive = ctx0.mode == "contrastive"
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op != "call_function":
+            continue
+        rs = [m.get(node) for m in maps]
+        if all(r is None for r in rs):
+            continue
+        if node.target is operator.getitem:
+            parent, idx = node.args[0], node.args[1]
+            for k in range(n_maps):
+                if rs[k] is None:
+                    continue
+                slots = maps[k].get(parent)
+                if not isinstance(slots, dict):
+                    slots = {}
+                    maps[k][parent] = slots
+                slots[idx] = slots[idx] + rs[k] if idx in slots else rs[k]
+            continue
+        if _name(node.target) in _NO_RULE_NEEDED:
+            continue
+        entry = lookup_rule(node.target)
+        if entry is None:
+            raise ctx0.unsupported(node)
+        outs: list[dict]
+        if contrastive and entry.contrastive:
+            for c in ctxs:
+                c.set_current(node)
+            zero = lambda r, other: r if r is not None else _zeros_like_rel(other)  # noqa: E731
+            pair = (zero(rs[0], rs[1]), zero(rs[1], rs[0]))
+            res = entry.fn(ctx0, node, pair)
+            outs = [{a: v[k] for a, v in res.items()} for k in range(n_maps)]
+        else:
+            outs = []
+            for k in range(n_maps):
+                ctxs[k].set_current(node)
+                outs.append(entry.fn(ctxs[k], node, rs[k]) if rs[k] is not None else {})
+        for k in range(n_maps):
+            for arg, r in outs[k].items():
+                if r is None or not ctx0.is_relevant(arg):
+                    continue
+                _accumulate(maps[k], arg, r)
+                s = ctx0.per_sample(r.to(torch.float64))
+                edges[k].append((node, arg, s, ctx0.per_sample(r.abs().to(torch.float64))))
+            if _name(node.target) in ("add", "sub") and sum(ctx0.is_relevant(a) for a in node.args) >= 2:
+                mod = ctx0.module_path(node)
+                rec = branch[k].setdefault(mod, [0.0, 0.0])
+                for arg, r in outs[k].items():
+                    if not ctx0.is_relevant(arg):
+                        continue
+                    inside = mod in ctx0.modules.path_set(arg) if arg.op != "placeholder" else False
+                    rec[0 if inside else 1] = rec[0 if inside else 1] + ctx0.per_sample(r.to(torch.float64))
+    results = []
+    for k in range(n_maps):
+        results.append(WalkResult(maps[k], _books(ctxs[k], seeds[k], edges[k], branch[k])))
+    return results
+
+
+def _zeros_like_rel(r: Any) -> Any:
+    if isinstance(r, dict):
+        return {i: torch.zeros_like(v) for i, v in r.items()}
+    return torch.zeros_like(r)
+
+
+def _books(ctx: RuleContext, seeds: dict, edges: list, branch: dict) -> dict[str, ModuleBooks]:
+    n = ctx.batch_size
+    zero = lambda: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+    mods = ctx.modules
+    names = [m for m in mods.types if m == "" or m in mods.outputs]
+    rin = {m: zero() for m in names}
+    rabs = {m: zero() for m in names}
+    rout = {m: zero() for m in names}
+    bias = {m: zero() for m in names}
+    rer = {m: zero() for m in names}
+
+    def paths(node: fx.Node) -> frozenset[str]:
+        return frozenset() if node.op == "placeholder" else mods.path_set(node)
+
+    for node, r in seeds.items():
+        for m in paths(node):
+            if m in rin:
+                rin[m] += ctx.per_sample(r.to(torch.float64))
+                rabs[m] += ctx.per_sample(r.abs().to(torch.float64))
+    for user, arg, s, a in edges:
+        pu, pa = paths(user), paths(arg)
+        for m in pu - pa:
+            if m in rout:
+                rout[m] += s
+        for m in pa - pu:
+            if m in rin:
+                rin[m] += s
+                rabs[m] += a
+    for table, dest in ((ctx.absorbed, bias), (ctx.rerouted, rer)):
+        for node, amount in table.items():
+            for m in paths(node):
+                if m in dest:
+                    dest[m] += amount
+    books = {}
+    for m in names:
+        b_in, s_in = (branch.get(m) or [None, None])
+        books[m] = ModuleBooks(
+            relevance_in=rin[m], relevance_out=rout[m], abs_relevance_in=rabs[m],
+            bias_absorbed=bias[m], saturation_rerouted=rer[m],
+            branch_in=b_in if isinstance(b_in, torch.Tensor) else None,
+            skip_in=s_in if isinstance(s_in, torch.Tensor) else None,
+        )
+    return books

@@ -14,6 +14,8 @@ model is diffuse, so the ratio should rise: *higher is better*.
 Randomising a parameter tensor replaces it with Gaussian noise of the tensor's own mean and
 standard deviation (a scale-preserving re-initialisation), drawn from a generator seeded with
 ``seed + step``. The model passed in is never modified: each step works on a deep copy.
+An explanation that becomes constant (e.g. all zero once the ReLUs of a random layer die) keeps
+none of the original ranking and counts as similarity 0 (Spearman itself is undefined there).
 """
 
 from __future__ import annotations
@@ -97,6 +99,13 @@ def spearman(a: Tensor, b: Tensor, valid: Tensor | None = None) -> Tensor:
                        torch.full_like(den, float("nan"))).float()
 
 
+def _constant(a: Tensor, valid: Tensor) -> Tensor:
+    """(N,) True where a row is constant over its valid entries."""
+    hi = torch.where(valid, a, torch.full_like(a, float("-inf"))).amax(1)
+    lo = torch.where(valid, a, torch.full_like(a, float("inf"))).amin(1)
+    return hi == lo
+
+
 def mprt(model: nn.Module, x: Tensor, target: Tensor, explain: Callable[[nn.Module, Tensor, Tensor], Tensor],
          space: FeatureSpace, *, attr: Tensor | None = None, layers: Sequence[str] | None = None,
          seed: int = 0, absolute: bool = True) -> dict:
@@ -123,7 +132,11 @@ def mprt(model: nn.Module, x: Tensor, target: Tensor, explain: Callable[[nn.Modu
         randomise_(current.get_submodule(name) if name else current, torch.Generator().manual_seed(seed + step))
         a = space.aggregate(explain(current, x, target))
         a = a.abs() if absolute else a
-        rhos.append(spearman(a0, a, valid))
+        rho = spearman(a0, a, valid)
+        # a constant explanation (e.g. all zero after ReLUs die) keeps none of the original
+        # ranking: similarity 0 rather than undefined, as long as the original was not constant
+        const = _constant(a, valid) & ~_constant(a0, valid)
+        rhos.append(torch.where(const, torch.zeros_like(rho), rho))
         ratios.append(entropy(a, valid) / h0)
     if not layers:
         raise ValueError("the model has no parameters to randomise")

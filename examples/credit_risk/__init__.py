@@ -1,0 +1,1 @@
+"""A credit-risk example: a deterministic loan-table generator and the MLP that scores it."""

@@ -1,0 +1,192 @@
+"""The effective configuration of a governance run (`governance.yaml`), validated with clear errors.
+
+Every option has a default, every option can come from the YAML file, and the command line
+overrides the file. ``report`` and ``model_card`` are free-form here: the report module
+validates them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = (
+    "binary-classification",
+    "multiclass-classification",
+    "regression",
+    "bbox-regression",
+    "binary-segmentation",
+    "generation",
+)
+MODES = ("default", "contrastive", "signed")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says which key and why."""
+
+
+@dataclass
+class ReasonCodesConfig:
+    """How many reason codes per side and the plain-language text per feature."""
+
+    top_n: int = 4
+    dictionary: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class QualityConfig:
+    """Explanation-quality metrics (``governance.quality``)."""
+
+    enabled: bool = True
+    n_samples: int = 256
+
+
+@dataclass
+class AggregationConfig:
+    """Knobs of the aggregation: bootstrap replicates, the random seed, top units per layer."""
+
+    n_bootstrap: int = 200
+    seed: int = 0
+    top_units: int = 5
+
+
+@dataclass
+class GovernanceConfig:
+    """The whole configuration (sections as in docs/contracts.md)."""
+
+    task: str = "binary-classification"
+    target_column: str | None = None
+    feature_columns: list[str] | None = None
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    primary_mode: str = "signed"
+    batch_size: int = 4096
+    multiplier: float = 100.0
+    device: str = "cpu"
+    expectations: list[dict[str, Any]] | None = None
+    reason_codes: ReasonCodesConfig = field(default_factory=ReasonCodesConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+    model_card: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, YAML-safe dict of every option (the effective configuration)."""
+        return copy.deepcopy(asdict(self))
+
+    def to_yaml(self) -> str:
+        """The effective configuration as YAML with sorted keys (deterministic)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=False)
+
+    def validate(self) -> "GovernanceConfig":
+        """Check every value; raise :class:`ConfigError` naming the key. Returns ``self``."""
+        if self.task not in TASKS:
+            raise ConfigError(f"task: '{self.task}' is not one of {', '.join(TASKS)}")
+        if not self.modes:
+            raise ConfigError("modes: at least one mode is needed")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise ConfigError(f"modes: unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+        if len(set(self.modes)) != len(self.modes):
+            raise ConfigError(f"modes: duplicated mode in {self.modes}")
+        if self.primary_mode not in MODES:
+            raise ConfigError(f"primary_mode: '{self.primary_mode}' is not one of {', '.join(MODES)}")
+        if self.primary_mode not in self.modes:
+            self.modes = [self.primary_mode] + list(self.modes)
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.multiplier, (int, float)) or self.multiplier <= 0:
+            raise ConfigError(f"multiplier: must be a positive number, got {self.multiplier!r}")
+        self.multiplier = float(self.multiplier)
+        if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"device: must be cpu or cuda, got {self.device!r}")
+        if self.feature_columns is not None:
+            if not isinstance(self.feature_columns, list) or not all(
+                isinstance(c, str) for c in self.feature_columns
+            ):
+                raise ConfigError("feature_columns: must be a list of column names")
+            if len(set(self.feature_columns)) != len(self.feature_columns):
+                raise ConfigError("feature_columns: duplicated column name")
+        if self.expectations is not None:
+            if not isinstance(self.expectations, list):
+                raise ConfigError("expectations: must be a list of {type: ..., kwargs...} entries")
+            for i, e in enumerate(self.expectations):
+                if not isinstance(e, dict) or not isinstance(e.get("type"), str):
+                    raise ConfigError(
+                        f"expectations[{i}]: each entry needs a 'type' such as "
+                        "expect_column_values_to_not_be_null"
+                    )
+                if not e["type"].startswith("expect_"):
+                    raise ConfigError(f"expectations[{i}]: '{e['type']}' is not an expectation type")
+        if not isinstance(self.reason_codes.top_n, int) or self.reason_codes.top_n < 1:
+            raise ConfigError("reason_codes.top_n: must be a positive integer")
+        if not isinstance(self.reason_codes.dictionary, dict):
+            raise ConfigError("reason_codes.dictionary: must map feature names to text")
+        if not isinstance(self.quality.n_samples, int) or self.quality.n_samples < 1:
+            raise ConfigError("quality.n_samples: must be a positive integer")
+        if self.aggregation.n_bootstrap < 10:
+            raise ConfigError("aggregation.n_bootstrap: at least 10 replicates are needed")
+        if not isinstance(self.gates, list) or not all(isinstance(g, dict) for g in self.gates):
+            raise ConfigError("gates: must be a list of mappings")
+        for name in ("report", "model_card"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name}: must be a mapping")
+        return self
+
+
+_SECTIONS = {"reason_codes": ReasonCodesConfig, "quality": QualityConfig, "aggregation": AggregationConfig}
+
+
+def _build_section(name: str, cls: type, value: Any) -> Any:
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return cls(**value)
+
+
+def config_from_dict(data: dict[str, Any] | None, **overrides: Any) -> GovernanceConfig:
+    """Build and validate a config from a mapping; ``overrides`` that are not None win."""
+    data = dict(data or {})
+    for key, value in overrides.items():
+        if value is not None:
+            data[key] = value
+    known = {f.name for f in fields(GovernanceConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown configuration key(s) {unknown}; known: {sorted(known)}")
+    if isinstance(data.get("modes"), str):
+        data["modes"] = [m.strip() for m in data["modes"].split(",") if m.strip()]
+    for name, cls in _SECTIONS.items():
+        current = data.get(name)
+        if not isinstance(current, cls):
+            data[name] = _build_section(name, cls, current)
+    for key in ("gates", "report", "model_card"):
+        if data.get(key) is None and key in data:
+            del data[key]
+    return GovernanceConfig(**data).validate()
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> GovernanceConfig:
+    """Load ``governance.yaml`` (or defaults when ``path`` is None) and apply CLI overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        data = loaded or {}
+    return config_from_dict(data, **overrides)

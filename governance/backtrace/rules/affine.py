@@ -274,10 +274,12 @@ def _pos_neg_rel(u: AffineUnit, xp, xn, wp, wn, cpos: torch.Tensor, cneg: torch.
     return pos, neg
 
 
-def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.Tensor, signed: bool):
-    x = ctx.value(u.x_node)
+def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.Tensor, signed: bool,
+                       x: torch.Tensor | None = None, sat: tuple | None = None):
+    """``x`` / ``sat`` override the recorded input and the saturation range (recurrent cells)."""
+    x = ctx.value(u.x_node) if x is None else x
     babs = u.bias.abs() if u.bias is not None else None
-    lo_b, hi_b = ctx.saturation(node)
+    lo_b, hi_b = ctx.saturation(node) if sat is None else sat
     t = u.pre_activation
     live = R != 0
     lo = (t < lo_b) & live if lo_b is not None else None
@@ -313,8 +315,9 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
     return {u.x_node: pos - neg if signed else pos + neg}
 
 
-def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tensor, Rn: torch.Tensor):
-    x = ctx.value(u.x_node)
+def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tensor, Rn: torch.Tensor,
+                 x: torch.Tensor | None = None):
+    x = ctx.value(u.x_node) if x is None else x
     xp, xn = _sign_split(x)
     wp, wn = u.weight.clamp(min=0), u.weight.clamp(max=0)
     P, N = _pos_neg(u, xp, xn, wp, wn)

@@ -129,7 +129,7 @@ def seed(task: str, y: torch.Tensor, mode: str = "default", target=None, multipl
     multiplier at the target. Returns (R, target) with R a tensor shaped like y or the pair
     (R+, R-) in contrastive mode; target is a list of ints or None.
     """
-    y = y.detach().to(torch.float64)
+    y = y.detach().to(torch.float64).contiguous()
     n = y.shape[0]
     Rp = torch.zeros_like(y)
     Rn = torch.zeros_like(y)

@@ -1,3 +1,4 @@
 """Relevance rules, one module per family of ops; importing this package registers them all."""
 
 from . import affine, elementwise, embedding, pooling, shape  # noqa: F401
+from . import recurrent  # noqa: F401,E402

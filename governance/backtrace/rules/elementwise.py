@@ -7,6 +7,7 @@ import torch
 from torch import fx
 
 from ..context import RuleContext, safe_div
+from ..normalisers import normalised_signal
 from ..registry import aten_ops, register_rule
 
 aten = torch.ops.aten
@@ -75,9 +76,14 @@ def add_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
 
 @register_rule(aten.mul, aten.mul_)
 def mul_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
-    """Two activations (gating): half each. Activation × constant (scaling): all to it."""
+    """Two activations (gating): half each. Activation × constant (scaling): all to it.
+    Activation × its own normaliser statistic (a decomposed RMS / layer norm): all to the
+    activation (see ``normalisers.py``)."""
     a, b = node.args[0], node.args[1]
     rel = [x for x in (a, b) if ctx.is_relevant(x)]
+    if len(rel) == 2:  # x * rsqrt(mean(x²) + eps) is a normalisation, not a gate (spec 5)
+        signal = normalised_signal(a, b, ctx.recording.relevant)
+        rel = [signal] if signal is not None else rel
     share = R / len(rel) if len(rel) == 2 else R
     out = {}
     for x in rel:

@@ -1,0 +1,276 @@
+"""Attention (spec section 6): products of two activations and scaled dot-product attention.
+
+One head, queries Q, keys K, values V, scores ``S = Q Kᵀ`` (times a scale), mask M, weights
+``A = softmax(S·scale + M)``, output ``O = A V``:
+
+1. ``O = A V``, bilinear split:  ``Rn = R_O / stab(2 O)``, ``R_A = (Rn Vᵀ) ⊙ A``,
+   ``R_V = (Aᵀ Rn) ⊙ V`` (each factor receives half of R_O).
+2. softmax passes ``R_S = R_A``; a masked position has ``A = 0`` and receives exactly 0.
+3. ``S = Q Kᵀ``, bilinear split: ``Rs = R_S / stab(2 Q Kᵀ)``, ``R_Q = (Rs K) ⊙ Q``,
+   ``R_K = (Rsᵀ Q) ⊙ K``.
+
+``stab(v) = v + 1e-9·sign(v)`` with sign(0) = +1.
+
+The same rule serves every form attention takes in a captured graph:
+
+* hand-written / eager attention (``softmax(q @ k.transpose(-1, -2) * scale + mask) @ v``,
+  Hugging Face's ``eager_attention_forward``, ``nn.MultiheadAttention`` with
+  ``need_weights=True``): ``matmul`` / ``bmm`` / ``einsum`` of two activations get the generic
+  bilinear rule below (steps 1 and 3 are both "a product of two activations"); softmax, the
+  scale and the mask are ordinary ops (pass-through, scaling, add with a constant);
+* ``aten.scaled_dot_product_attention`` (SDPA; ``nn.MultiheadAttention`` without weights,
+  Hugging Face's "sdpa" implementation) and its backend variants, in one batched rule: multi-
+  head, grouped-query (``enable_gqa``, or ``repeat_kv`` in the graph before it), ``is_causal``,
+  boolean and additive float masks, ``scale``.
+
+An additive float mask is treated exactly as the eager graph treats ``S·scale + M`` (spec 5,
+add with a constant): where M is 0 (every visible position of a padding / causal mask) the
+scores keep all of R_A; where M is a finite bias (T5's relative position bias) its share
+``|M| / (|S·scale| + |M|)`` is absorbed like a bias; where M masks (−inf or the dtype's minimum)
+A is 0 and nothing arrives. So eager and SDPA implementations of one model explain alike.
+
+Everything is batched over every leading axis (batch, heads): no loop over heads or tokens.
+When only one operand of the bilinear product depends on the input (learned queries, constant
+memories), that operand receives the whole share (``stab(O)`` instead of ``stab(2 O)``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..context import RuleContext, STABILISER
+from ..registry import aten_ops, register_rule
+from . import affine
+
+aten = torch.ops.aten
+
+
+def stab(v: torch.Tensor) -> torch.Tensor:
+    """``v + ε·sign(v)`` with ε = 1e-9 and sign(0) = +1 (spec 6)."""
+    return v + torch.where(v >= 0, STABILISER, -STABILISER).to(v.dtype)
+
+
+def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
+    return t.sum_to_size(shape) if tuple(t.shape) != tuple(shape) else t
+
+
+def bilinear_matmul(x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, out: torch.Tensor | None = None,
+                    x_rel: bool = True, y_rel: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Relevance of both factors of ``out = x @ y`` (torch.matmul semantics, broadcasting).
+
+    ``Rn = R / stab(k·out)`` with k the number of input-dependent factors;
+    ``R_x = (Rn yᵀ) ⊙ x``, ``R_y = (xᵀ Rn) ⊙ y``, each summed back to its operand's shape."""
+    xv, yv, Rv = x, y, R
+    if x.dim() == 1:  # (d) @ (..., d, m) -> (..., m)
+        xv, Rv = x.unsqueeze(0), Rv.unsqueeze(-2)
+    if y.dim() == 1:  # (..., n, d) @ (d) -> (..., n)
+        yv, Rv = y.unsqueeze(-1), Rv.unsqueeze(-1)
+    o = torch.matmul(xv, yv) if out is None else out.reshape(Rv.shape)
+    k = int(x_rel) + int(y_rel)
+    Rn = R.new_zeros(()) if k == 0 else Rv / stab(k * o)
+    rx = ry = None
+    if x_rel:
+        rx = _sum_to(torch.matmul(Rn, yv.transpose(-1, -2)) * xv, xv.shape).reshape(x.shape)
+    if y_rel:
+        ry = _sum_to(torch.matmul(xv.transpose(-1, -2), Rn) * yv, yv.shape).reshape(y.shape)
+    return rx, ry
+
+
+def _one_map(fn, R):
+    """Apply a per-map rule to R or, in contrastive mode, to each of (R+, R-)."""
+    if isinstance(R, tuple):
+        a, b = fn(R[0]), fn(R[1])
+        return {k: (a[k], b[k]) for k in a}
+    return fn(R)
+
+
+# --- matmul / bmm / mm of two activations ------------------------------------------------------
+
+@register_rule(aten.mm, aten.matmul, aten.bmm, contrastive=True)
+def matmul_rule(ctx: RuleContext, node: fx.Node, R):
+    """A matmul with a parameter is affine (spec 3, ``affine.affine_rule``); a matmul of two
+    activations (attention scores ``Q Kᵀ`` and outputs ``A V``) is bilinear (spec 6)."""
+    lhs, rhs = node.args[0], node.args[1]
+    if not (ctx.is_relevant(lhs) and ctx.is_relevant(rhs)):
+        return affine.affine_rule(ctx, node, R)
+    x, y, out = ctx.value(lhs), ctx.value(rhs), ctx.value(node)
+
+    def one(r: torch.Tensor) -> dict:
+        rx, ry = bilinear_matmul(x, y, r, out)
+        if lhs is rhs:  # x @ x
+            return {lhs: rx + ry}
+        return {lhs: rx, rhs: ry}
+
+    return _one_map(one, R)
+
+
+# --- einsum --------------------------------------------------------------------------------------
+
+def _einsum_operands(node: fx.Node) -> tuple[str, list[Any]]:
+    eq = node.args[0]
+    ops = node.args[1] if len(node.args) > 1 else node.kwargs["tensors"]
+    return eq, list(ops)
+
+
+def _einsum_unit(ctx: RuleContext, node: fx.Node, eq: str, ops: list, idx: int) -> affine.AffineUnit:
+    """A two-operand einsum with one constant operand as an affine unit in the other."""
+    w = ctx.value(ops[1 - idx])
+
+    def fwd(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+        return torch.einsum(eq, x, wt) if idx == 0 else torch.einsum(eq, wt, x)
+
+    def bwd(s: torch.Tensor, wt: torch.Tensor, shape) -> torch.Tensor:
+        primal = s.new_zeros(shape)
+        _, vjp = torch.func.vjp(lambda v: fwd(v, wt), primal)
+        return vjp(s)[0]
+
+    return affine.AffineUnit(ops[idx], w, None, fwd, bwd, ctx.value(node))
+
+
+@register_rule(*aten_ops("einsum"), contrastive=True)
+def einsum_rule(ctx: RuleContext, node: fx.Node, R):
+    """Two-operand einsum: bilinear (spec 6) when both operands depend on the input, affine
+    (spec 3, the operand that does not is the weight) when one does."""
+    eq, ops = _einsum_operands(node)
+    rel = [i for i, o in enumerate(ops) if ctx.is_relevant(o)]
+    if len(ops) == 1:
+        raise ctx.unsupported(node, "single-operand einsum (a reduction or permutation) has no rule")
+    if len(ops) != 2:
+        raise ctx.unsupported(node, "einsum with more than two operands has no rule")
+    if len(rel) == 1:
+        u = _einsum_unit(ctx, node, eq, ops, rel[0])
+        if ctx.mode == "contrastive":
+            return affine._contrastive(ctx, node, u, R[0], R[1])
+        return affine._default_or_signed(ctx, node, u, R, signed=ctx.mode == "signed")
+    x, y, out = ctx.value(ops[0]), ctx.value(ops[1]), ctx.value(node)
+
+    def one(r: torch.Tensor) -> dict:
+        rn = r / stab(2 * out)
+        _, vjp = torch.func.vjp(lambda a, b: torch.einsum(eq, a, b), x, y)
+        gx, gy = vjp(rn)
+        if ops[0] is ops[1]:
+            return {ops[0]: gx * x + gy * y}
+        return {ops[0]: gx * x, ops[1]: gy * y}
+
+    return _one_map(one, R)
+
+
+# --- scaled dot-product attention --------------------------------------------------------------
+
+def _bind(node: fx.Node) -> dict[str, Any]:
+    """The op's arguments by schema name (positional and keyword)."""
+    schema = node.target._schema
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+        else:
+            out[arg.name] = None
+    return out
+
+
+def attention_relevance(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R: torch.Tensor, *,
+    mask: torch.Tensor | None = None, is_causal: bool = False, scale: float | None = None,
+    enable_gqa: bool = False, rel: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Spec 6 for ``O = softmax(Q Kᵀ·scale + M) V`` over any leading axes (batch, heads).
+
+    q: (..., Hq, L, E), k: (..., Hk, S, E), v: (..., Hk, S, Ev), R: (..., Hq, L, Ev).
+    Returns (R_q, R_k, R_v, absorbed) with absorbed the additive-bias share (..., Hq, L, S)."""
+    L, S = q.shape[-2], k.shape[-2]
+    groups = 1
+    if enable_gqa and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        groups = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    dtype = R.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    s = torch.matmul(q, k.transpose(-1, -2))  # unscaled scores
+    logits = s * scale
+    bias = None
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        logits = logits.masked_fill(~keep, -math.inf)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, -math.inf)
+        else:
+            bias = mask.to(dtype)
+            logits = logits + bias
+    a = torch.softmax(logits, dim=-1)
+    a = torch.nan_to_num(a, nan=0.0)  # fully masked rows: SDPA returns 0 there
+    o = torch.matmul(a, v)
+    q_rel, k_rel, v_rel = rel
+    scores_rel = q_rel or k_rel
+    # 1. O = A V
+    r_a, r_v = bilinear_matmul(a, v, R, o, x_rel=scores_rel, y_rel=v_rel)
+    absorbed = R.new_zeros(())
+    r_q = r_k = None
+    if r_a is not None:
+        # 2. softmax: R_S = R_A; an additive float mask takes its bias share (as eager's add)
+        if bias is not None:
+            ms, mb = (s * scale).abs(), bias.abs()
+            den = ms + mb
+            live = r_a != 0
+            frac = torch.where(live & (den > 0), ms / torch.where(den > 0, den, torch.ones_like(den)),
+                               torch.zeros_like(den))
+            r_s = r_a * frac
+            absorbed = torch.where(live, r_a - r_s, torch.zeros_like(r_a))
+        else:
+            r_s = r_a
+        # 3. S = Q Kᵀ
+        r_q, r_kt = bilinear_matmul(q, k.transpose(-1, -2), r_s, s, x_rel=q_rel, y_rel=k_rel)
+        r_k = r_kt.transpose(-1, -2) if r_kt is not None else None
+    if groups > 1:
+        shp = lambda t: t.unflatten(-3, (t.shape[-3] // groups, groups)).sum(-3)  # noqa: E731
+        r_k = shp(r_k) if r_k is not None else None
+        r_v = shp(r_v) if r_v is not None else None
+    return r_q, r_k, r_v, absorbed
+
+
+SDPA_OPS = aten_ops(
+    "scaled_dot_product_attention", "_scaled_dot_product_attention_math",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+)
+
+
+@register_rule(*SDPA_OPS)
+def sdpa_rule(ctx: RuleContext, node: fx.Node, R):
+    """Spec 6 for ``scaled_dot_product_attention`` (and its backend variants)."""
+    if isinstance(R, dict):  # backend variants return (out, logsumexp, ...): output 0 only
+        R = R.get(0)
+        if R is None:
+            return {}
+    b = _bind(node)
+    qn, kn, vn = b["query"], b["key"], b["value"]
+    mask_arg = b.get("attn_mask", b.get("attn_bias"))
+    if ctx.is_relevant(mask_arg):
+        raise ctx.unsupported(node, "the attention mask depends on the float inputs")
+    mask = ctx.value(mask_arg) if mask_arg is not None else None
+    rel = (ctx.is_relevant(qn), ctx.is_relevant(kn), ctx.is_relevant(vn))
+    r_q, r_k, r_v, absorbed = attention_relevance(
+        ctx.value(qn), ctx.value(kn), ctx.value(vn), R, mask=mask,
+        is_causal=bool(b.get("is_causal") or False), scale=b.get("scale"),
+        enable_gqa=bool(b.get("enable_gqa") or False), rel=rel,
+    )
+    if absorbed.dim() > 0:
+        ctx.absorb(absorbed)
+    out: dict[fx.Node, torch.Tensor] = {}
+    for n, r in ((qn, r_q), (kn, r_k), (vn, r_v)):
+        if r is None or not ctx.is_relevant(n):
+            continue
+        shape = ctx.value(n).shape
+        r = _sum_to(r, shape) if tuple(r.shape) != tuple(shape) else r
+        out[n] = out[n] + r if n in out else r
+    return out

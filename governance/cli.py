@@ -19,5 +19,12 @@ def version() -> None:
     click.echo(__version__)
 
 
+from governance.cli_report import approve_command, card_command, report_command, verify_command  # noqa: E402
+
+main.add_command(report_command)
+main.add_command(card_command)
+main.add_command(verify_command)
+main.add_command(approve_command)
+
 if __name__ == "__main__":
     main()

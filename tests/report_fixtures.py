@@ -1,0 +1,322 @@
+"""A real MLflow sqlite store holding what the explanation stage leaves behind.
+
+Builds, in a temporary folder: a small credit-risk MLP trained with torch, logged with
+``mlflow.pytorch.log_model(..., input_example=...)`` and registered twice (version 1 marked as
+previously audited, version 2 the one under review), plus explanation runs whose
+``governance/`` artifacts follow the schema of issue 4 / docs/contracts.md. The relevance values
+are gradient x input of the trained model, aggregated as the explanation stage does (L1-normalised
+shares, bootstrap CIs, ranks), so every number in a report comes from a real computation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+FEATURES = [
+    "income",
+    "debt_to_income",
+    "credit_history_months",
+    "<script>alert(1)</script>",
+    "age",
+    "noise_1",
+]
+DICTIONARY = {
+    "income": "Income is too low for the amount requested",
+    "debt_to_income": "Debt is high relative to income",
+    "credit_history_months": "Length of credit history is too short",
+}
+MODEL_NAME = "credit-risk"
+
+
+@dataclass
+class GovernanceStore:
+    """Handles to what the fixture created."""
+
+    root: Path
+    tracking_uri: str
+    model_name: str
+    train_run_ids: dict[str, str]
+    explain_run_ids: dict[str, str]  # "v1", "v2" (gates pass), "v3" (gates fail)
+    versions: dict[str, str]
+    config_path: Path
+
+
+def make_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic loan table: income, DTI and history drive default; age weakly; noise none."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, len(FEATURES))).astype(np.float32)
+    logit = -1.6 * x[:, 0] + 1.3 * x[:, 1] - 0.9 * x[:, 2] + 0.5 * x[:, 3] + 0.2 * x[:, 4]
+    y = (logit + rng.normal(scale=0.5, size=n) > 0).astype(np.float32)
+    return x, y
+
+
+def train_model(seed: int, epochs: int = 150):
+    """Train a 6 -> 8 -> 4 -> 1 MLP with full-batch Adam (a second or so on CPU)."""
+    import torch
+
+    torch.manual_seed(seed)
+    x, y = make_data(768, seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(len(FEATURES), 8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, 4),
+        torch.nn.ReLU(),
+        torch.nn.Linear(4, 1),
+        torch.nn.Sigmoid(),
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)[:, None]
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy(model(xt), yt)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        pred = (model(xt)[:, 0] > 0.5).float().numpy()
+    acc = float((pred == y).mean())
+    tp = float(((pred == 1) & (y == 1)).sum())
+    prec1 = tp / max(float((pred == 1).sum()), 1.0)
+    rec1 = tp / max(float((y == 1).sum()), 1.0)
+    tn = float(((pred == 0) & (y == 0)).sum())
+    prec0 = tn / max(float((pred == 0).sum()), 1.0)
+    rec0 = tn / max(float((y == 0).sum()), 1.0)
+    metrics = {
+        "accuracy": acc,
+        "loss": float(loss.item()),
+        "precision_class_0": prec0,
+        "recall_class_0": rec0,
+        "precision_class_1": prec1,
+        "recall_class_1": rec1,
+    }
+    return model, metrics
+
+
+def gradient_x_input(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Local relevance (gradient x input of the output) and the model's probability."""
+    import torch
+
+    xt = torch.from_numpy(x).requires_grad_(True)
+    out = model(xt)[:, 0]
+    out.sum().backward()
+    rel = (xt.grad * xt).detach().numpy().astype(np.float64)
+    return rel, out.detach().numpy()
+
+
+def aggregate(rel: np.ndarray, seed: int = 0, n_boot: int = 50) -> list[dict]:
+    """Per feature: mean |share|, mean signed share, std, bootstrap 95% CI, rank."""
+    l1 = np.abs(rel).sum(axis=1, keepdims=True)
+    share = rel / np.where(l1 > 0, l1, 1.0)
+    imp = np.abs(share).mean(axis=0)
+    rng = np.random.default_rng(seed)
+    boots = np.stack([np.abs(share[rng.integers(0, len(share), len(share))]).mean(axis=0) for _ in range(n_boot)])
+    order = np.argsort(-imp, kind="stable")
+    ranks = np.empty(len(imp), dtype=int)
+    ranks[order] = np.arange(1, len(imp) + 1)
+    rows = [
+        {
+            "feature": f,
+            "importance": float(imp[i]),
+            "signed": float(share[:, i].mean()),
+            "std": float(np.abs(share[:, i]).std()),
+            "ci_low": float(np.quantile(boots[:, i], 0.025)),
+            "ci_high": float(np.quantile(boots[:, i], 0.975)),
+            "rank": int(ranks[i]),
+        }
+        for i, f in enumerate(FEATURES)
+    ]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+def validation_result(n: int, success: bool = True) -> dict:
+    """A great-expectations 1.x validation result document (``to_json_dict`` shape)."""
+    results = []
+    for f in FEATURES:
+        results.append(
+            {
+                "success": True,
+                "expectation_config": {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": f}},
+                "result": {"element_count": n, "unexpected_count": 0, "unexpected_percent": 0.0},
+            }
+        )
+    results.append(
+        {
+            "success": success,
+            "expectation_config": {
+                "type": "expect_column_values_to_be_between",
+                "kwargs": {"column": "income", "min_value": -6.0, "max_value": 6.0},
+            },
+            "result": {"element_count": n, "unexpected_count": 0 if success else 3, "unexpected_percent": 0.0},
+        }
+    )
+    ok = sum(r["success"] for r in results)
+    return {
+        "success": success,
+        "suite_name": "governance_contract",
+        "results": results,
+        "statistics": {
+            "evaluated_expectations": len(results),
+            "successful_expectations": ok,
+            "unsuccessful_expectations": len(results) - ok,
+            "success_percent": 100.0 * ok / len(results),
+        },
+    }
+
+
+def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *, passed: bool, seed: int) -> str:
+    """Log an explanation run with every artifact of the contract; return its run id."""
+    rel, prob = gradient_x_input(model, x)
+    pred = (prob > 0.5).astype(int)
+    modes = {}
+    for k, mode in enumerate(("signed", "default", "contrastive")):
+        r = rel if mode == "signed" else np.abs(rel) * (1 + 0.1 * k)
+        modes[mode] = {"features": aggregate(r, seed=seed)}
+    gi = {"method": "dlbacktrace", "primary_mode": "signed", "n_samples": int(len(x)),
+          "features": modes["signed"]["features"], "modes": modes}
+    half = len(rel) // 2
+    a = np.abs(rel[:half]).mean(axis=0)
+    b = np.abs(rel[half:]).mean(axis=0)
+    rho = float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
+    layers = [
+        {"module": "0", "type": "Linear", "share": 0.46, "rank": 1, "bias_share": 0.04,
+         "saturation_rerouted": 0.0, "branch_share": None, "top_units": [{"unit": 3, "relevance": 0.21}]},
+        {"module": "2", "type": "Linear", "share": 0.33, "rank": 2, "bias_share": 0.11,
+         "saturation_rerouted": 0.0, "branch_share": None, "top_units": [{"unit": 1, "relevance": 0.4}]},
+        {"module": "4", "type": "Linear", "share": 0.21, "rank": 3, "bias_share": 0.02,
+         "saturation_rerouted": 0.0, "branch_share": None, "top_units": [{"unit": 0, "relevance": 1.0}]},
+    ]
+    quality = {
+        "n_samples": 128,
+        "metrics": {"delta_auc": {"direction": "higher"}, "complexity": {"direction": "lower"},
+                    "mprt_correlation": {"direction": "lower"}},
+        "methods": {
+            "backtrace_signed": {"delta_auc": 0.31, "complexity": 1.21, "mprt_correlation": 0.12},
+            "backtrace_default": {"delta_auc": 0.22, "complexity": 1.5, "mprt_correlation": 0.2},
+            "gradient_x_input": {"delta_auc": 0.3, "complexity": 1.25, "mprt_correlation": 0.1},
+            "random": {"delta_auc": 0.01, "complexity": 1.79, "mprt_correlation": 0.9},
+        },
+    }
+    threshold = 0.05 if passed else 0.5
+    value = quality["methods"]["backtrace_signed"]["delta_auc"]
+    gates = {"passed": bool(value > threshold), "gates": [
+        {"name": "delta AUC beats threshold", "metric": "delta_auc", "method": "backtrace_signed",
+         "op": ">", "threshold": threshold, "value": value, "passed": bool(value > threshold)}]}
+    config = {
+        "task": "binary-classification", "target_column": "default", "feature_columns": FEATURES,
+        "modes": ["signed", "default", "contrastive"], "primary_mode": "signed", "batch_size": 4096,
+        "multiplier": 100.0, "reason_codes": {"top_n": 2, "dictionary": DICTIONARY},
+        "gates": [{"metric": "delta_auc", "method": "backtrace_signed", "op": ">", "threshold": threshold}],
+        "report": {"intended_purpose": "Rank consumer loan applications by probability of default.",
+                   "out_of_scope": ["Employment decisions", "Pricing without human review"],
+                   "human_oversight": "A credit officer reviews every declined application.",
+                   "sample_decisions": {"n": 5, "select": "adverse", "adverse_predictions": [1]}},
+        "model_card": {"developed_by": "Model Risk Lab", "license": "apache-2.0"},
+    }
+    df = pd.DataFrame(x, columns=FEATURES)
+    df["default"] = (prob > 0.5).astype(int)
+    local = pd.DataFrame(rel, columns=FEATURES)
+    local.insert(0, "prediction", pred)
+    local.insert(0, "sample_id", np.arange(len(x)))
+    adverse, support = [], []
+    for row in rel:
+        order = np.argsort(-row, kind="stable")
+        adverse.append([FEATURES[i] for i in order[:2] if row[i] > 0])
+        support.append([FEATURES[i] for i in order[::-1][:2] if row[i] < 0])
+    reasons = pd.DataFrame({"sample_id": np.arange(len(x)), "prediction": pred,
+                            "adverse": adverse, "supporting": support})
+    gi_rows = [dict(r, mode=m) for m, v in modes.items() for r in v["features"]]
+    with mlflow.start_run(run_name="explain") as run, tempfile.TemporaryDirectory() as tmp:
+        g = Path(tmp) / "governance"
+        (g / "explanations" / "plots").mkdir(parents=True)
+        (g / "data_quality").mkdir()
+        (g / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+        (g / "data_quality" / "validation_result.json").write_text(json.dumps(validation_result(len(x)), indent=2))
+        e = g / "explanations"
+        (e / "global_importance.json").write_text(json.dumps(gi, indent=2))
+        pd.DataFrame(gi_rows).to_parquet(e / "global_importance.parquet", index=False)
+        (e / "layer_ranking.json").write_text(json.dumps({"layers": layers}, indent=2))
+        local.to_parquet(e / "local_relevance.parquet", index=False)
+        reasons.to_parquet(e / "reason_codes.parquet", index=False)
+        (e / "stability.json").write_text(json.dumps({"method": "spearman_split_half", "spearman": rho,
+                                                      "n_samples": int(len(x)), "seed": seed}))
+        (e / "quality.json").write_text(json.dumps(quality, indent=2))
+        (e / "gates.json").write_text(json.dumps(gates, indent=2))
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(4, 2))
+        ax.barh([r["feature"] for r in gi["features"]], [r["importance"] for r in gi["features"]])
+        fig.savefig(e / "plots" / "global_importance.png", metadata={"Software": None})
+        plt.close(fig)
+        mlflow.log_artifacts(tmp)
+        dataset = mlflow.data.from_pandas(df, name="validation", targets="default")
+        mlflow.log_input(dataset, context="validation")
+        mlflow.set_tags({
+            "governance.status": "explained", "governance.primary_mode": "signed",
+            "governance.gates_passed": "true" if gates["passed"] else "false",
+            "governance.model_uri": model_uri, "governance.dataset_digest": dataset.digest,
+        })
+        mlflow.log_metrics({"governance_n_samples": len(x),
+                            "governance_top_feature_share": gi["features"][0]["importance"],
+                            "governance_stability": rho,
+                            "governance_quality_backtrace_signed_delta_auc": 0.31})
+    return run.info.run_id
+
+
+def build_store(root: Path) -> GovernanceStore:
+    """Create the whole store under ``root`` (takes ~20 s: two pt2 model exports)."""
+    import mlflow
+    import torch  # noqa: F401
+
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.create_experiment("credit", artifact_location=(root / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=exp_id)
+    train_ids, explain_ids, versions = {}, {}, {}
+    x_val, _ = make_data(160, seed=99)
+    for key, seed in (("v1", 1), ("v2", 2)):
+        model, metrics = train_model(seed)
+        with mlflow.start_run(run_name=f"train-{key}") as run:
+            mlflow.log_params({"hidden": "8,4", "epochs": 150, "seed": seed})
+            mlflow.log_metrics(metrics)
+            info = mlflow.pytorch.log_model(
+                model, name="model", input_example=x_val[:2], registered_model_name=MODEL_NAME,
+                pip_requirements=["torch", "mlflow"],
+            )
+        train_ids[key] = run.info.run_id
+        versions[key] = str(info.registered_model_version)
+        uri_v = f"models:/{MODEL_NAME}/{versions[key]}"
+        explain_ids[key] = log_explanation_run(mlflow, client, model, uri_v, x_val, passed=True, seed=seed)
+        client.set_model_version_tag(MODEL_NAME, versions[key], "governance.run_id", explain_ids[key])
+    # Version 1 was audited earlier (what `approve` leaves behind).
+    client.set_model_version_tag(MODEL_NAME, versions["v1"], "governance.audited", "true")
+    client.set_registered_model_alias(MODEL_NAME, "audited", versions["v1"])
+    # Version 3: the same model as version 2, but its explanation failed a policy gate.
+    mv3 = client.create_model_version(MODEL_NAME, f"models:/{info.model_id}", run_id=train_ids["v2"],
+                                      model_id=info.model_id)
+    versions["v3"] = str(mv3.version)
+    explain_ids["v3"] = log_explanation_run(mlflow, client, model, f"models:/{MODEL_NAME}/{mv3.version}",
+                                            x_val, passed=False, seed=3)
+    client.set_model_version_tag(MODEL_NAME, versions["v3"], "governance.run_id", explain_ids["v3"])
+    cfg = root / "governance.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "reason_codes": {"top_n": 2, "dictionary": DICTIONARY},
+        "report": {"intended_purpose": "Rank consumer loan applications by probability of default.",
+                   "out_of_scope": ["Employment decisions"],
+                   "sample_decisions": {"n": 5, "select": "adverse", "adverse_predictions": [1]}},
+        "model_card": {"developed_by": "Model Risk Lab", "license": "apache-2.0"},
+    }))
+    return GovernanceStore(root, uri, MODEL_NAME, train_ids, explain_ids, versions, cfg)

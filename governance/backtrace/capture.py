@@ -8,6 +8,7 @@ logged model and the original module explain through one code path.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -71,11 +72,25 @@ class GraphCache:
         return self._graphs[key]
 
 
+# Context managers entered around torch.export (``adapter(model)``): they may swap a module's
+# forward for an export-friendly equivalent while exporting (e.g. rules/moe.py's dense expert
+# dispatch) and must restore the model on exit.
+EXPORT_ADAPTERS: list[Any] = []
+
+
+def register_export_adapter(adapter: Any) -> Any:
+    """Register ``adapter(model) -> context manager`` to wrap every export of an nn.Module."""
+    EXPORT_ADAPTERS.append(adapter)
+    return adapter
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for adapter in EXPORT_ADAPTERS:
+                stack.enter_context(adapter(model))
             return torch.export.export(model, args, kwargs=kwargs, strict=False)
     finally:
         model.train(was_training)

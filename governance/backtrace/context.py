@@ -50,6 +50,8 @@ class RuleContext:
         self.rerouted: dict[fx.Node, torch.Tensor] = {}
         self._current: fx.Node | None = None
         self.fused: dict[fx.Node, Any] = {}
+        # rule-specific reports that end up in Explanation.extras (e.g. "expert_relevance")
+        self.extras: dict[str, Any] = {}
 
     # values and flags -------------------------------------------------------------------
     def value(self, a: Any) -> Any:

@@ -96,6 +96,8 @@ class Backtrace:
                               recording, y, tgt, s)
             for r, s in zip(results, seeds)
         ]
+        for e, c in zip(exps, ctxs):
+            e.extras.update(c.extras)
         if mode != "contrastive":
             return exps[0]
         pos, neg = exps
@@ -106,6 +108,7 @@ class Backtrace:
             output=y, target=tgt,
             seed_relevance=pos.seed_relevance - neg.seed_relevance,
             module_types=modules.types, positive=pos, negative=neg,
+            extras=_combine_extras(pos.extras, neg.extras),
         )
 
     # -- helpers ---------------------------------------------------------------------------
@@ -176,3 +179,15 @@ def _combine(a: Any, b: Any) -> Any:
     if isinstance(a, dict):
         return {k: a[k] - b[k] for k in a}
     return a - b
+
+
+def _combine_extras(a: dict, b: dict) -> dict:
+    """Contrastive: per-expert relevance (and other tables of tensors) as R+ - R-."""
+    out: dict = {}
+    for k, v in a.items():
+        w = b.get(k)
+        if isinstance(v, dict) and isinstance(w, dict):
+            out[k] = {m: v[m] - w[m] for m in v if m in w}
+        else:
+            out[k] = v
+    return out

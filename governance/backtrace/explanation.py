@@ -64,6 +64,12 @@ class Explanation:
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
+    def expert_relevance(self) -> dict[str, torch.Tensor]:
+        """Mixture-of-experts blocks: {block module name: (N, T, E) relevance of each expert's
+        term per token}; summed over experts it is the relevance at the block's output."""
+        return self.extras.get("expert_relevance", {})
+
+    @property
     def batch_size(self) -> int:
         return int(self.seed_relevance.shape[0])
 

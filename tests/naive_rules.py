@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The comparisons use tiny tensors: on a loaded 2-core machine, intra-op threads only add
+# contention (a 2x7x6 conv can take 50 ms with 2 threads busy-waiting, 15 us with one).
+torch.set_num_threads(1)
+
 MODES = ("default", "signed", "contrastive")
 
 #: spec 3, saturation table: activation -> (l, u); None = no bound on that side.

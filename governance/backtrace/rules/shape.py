@@ -27,7 +27,8 @@ SHAPE_OPS = aten_ops(
     "split_with_sizes", "tensor_split", "chunk", "unbind", "flip", "roll", "constant_pad_nd",
     "pad", "unfold", "diagonal", "repeat_interleave", "as_strided", "slice_scatter",
     "select_scatter", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "upsample_nearest1d",
-    "upsample_nearest2d", "upsample_nearest3d", "_unsafe_index", "masked_select", "tril", "triu",
+    "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
+    "_upsample_nearest_exact3d", "_unsafe_index", "masked_select", "tril", "triu",
 )
 
 

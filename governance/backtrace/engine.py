@@ -111,6 +111,20 @@ class Backtrace:
             extras=_combine_extras(pos.extras, neg.extras),
         )
 
+    def explain_generation(self, input_ids: torch.Tensor, max_new_tokens: int = 1,
+                           attention_mask: torch.Tensor | None = None, mode: str = "default",
+                           multiplier: float = 100.0, seed: str = "output", **kwargs: Any):
+        """Generate ``max_new_tokens`` tokens greedily and explain each one over the prompt and
+        the earlier generated tokens: a ``generation.GenerationExplanation`` (k x T relevance
+        matrix per sample, per-layer relevance per step). See ``generation.py``."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        from .generation import explain_generation
+
+        return explain_generation(self, input_ids, max_new_tokens=max_new_tokens,
+                                  attention_mask=attention_mask, mode=mode,
+                                  multiplier=multiplier, seed=seed, **kwargs)
+
     # -- helpers ---------------------------------------------------------------------------
     def _module_map(self, gm: fx.GraphModule) -> ModuleMap:
         key = id(gm)

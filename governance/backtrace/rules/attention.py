@@ -274,3 +274,32 @@ def sdpa_rule(ctx: RuleContext, node: fx.Node, R):
         r = _sum_to(r, shape) if tuple(r.shape) != tuple(shape) else r
         out[n] = out[n] + r if n in out else r
     return out
+
+
+@register_rule(*aten_ops("baddbmm"))
+def baddbmm_rule(ctx: RuleContext, node: fx.Node, R):
+    """``beta·input + alpha·(b1 @ b2)`` (``nn.MultiheadAttention`` scores with a mask): the add
+    rule between the two terms (a constant ``input`` is a bias: its share is absorbed), then the
+    bilinear rule on the product (or the whole product to the one input-dependent factor)."""
+    b = _bind(node)
+    inp, b1, b2 = b["self"], b["batch1"], b["batch2"]
+    beta, alpha = float(b.get("beta", 1) or 0), float(b.get("alpha", 1))
+    x, y = ctx.value(b1), ctx.value(b2)
+    prod = torch.bmm(x, y)
+    t1 = (beta * ctx.value(inp)).to(R.dtype).abs() if beta != 0 else torch.zeros((), dtype=R.dtype)
+    t2 = (alpha * prod).abs()
+    den = (t1 + t2).expand_as(R)
+    live = (R != 0) & (den > 0)
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    r_prod = torch.where(live, R * t2 / safe, torch.zeros_like(R))
+    r_inp = torch.where(live, R - r_prod, torch.zeros_like(R))
+    out: dict[fx.Node, torch.Tensor] = {}
+    if ctx.is_relevant(inp):
+        out[inp] = _sum_to(r_inp, ctx.value(inp).shape)
+    elif beta != 0:
+        ctx.absorb(r_inp)
+    rx, ry = bilinear_matmul(x, y, r_prod, prod, x_rel=ctx.is_relevant(b1), y_rel=ctx.is_relevant(b2))
+    for n, r in ((b1, rx), (b2, ry)):
+        if r is not None and ctx.is_relevant(n):
+            out[n] = out[n] + r if n in out else r
+    return out

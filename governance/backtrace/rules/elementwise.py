@@ -69,8 +69,8 @@ def add_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
         share = s * mag
         if ctx.is_relevant(arg):
             out[arg] = share.sum_to_size(val.shape) if tuple(val.shape) != tuple(share.shape) else share
-        else:
-            ctx.absorb(share)
+        else:  # a constant term; an infinite one (an additive -inf mask) takes 0, not NaN
+            ctx.absorb(torch.nan_to_num(share, nan=0.0))
     return out
 
 

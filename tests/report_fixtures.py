@@ -320,3 +320,76 @@ def build_store(root: Path) -> GovernanceStore:
         "model_card": {"developed_by": "Model Risk Lab", "license": "apache-2.0"},
     }))
     return GovernanceStore(root, uri, MODEL_NAME, train_ids, explain_ids, versions, cfg)
+
+
+# ----------------------------------------------------------------------------- pytest fixtures
+# Imported by tests/conftest.py so that one store and one set of rendered reports serve every
+# report, archive, approval and model-card test (PDF rendering is the slow part).
+
+import pytest  # noqa: E402
+
+
+@dataclass
+class Published:
+    """The store plus the reports rendered from it."""
+
+    store: GovernanceStore
+    out_v2: Path  # --output-dir of the first `report` of version 2's run
+    out_v2_again: Path  # the same report rendered a second time (determinism)
+    out_v3: Path  # the failed-gate run's report
+    seconds: float
+    pdf_bytes: int
+
+
+@pytest.fixture(scope="session")
+def governance_store(tmp_path_factory) -> GovernanceStore:
+    """A real sqlite MLflow store with registered models and explanation runs."""
+    import mlflow
+
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    store = build_store(tmp_path_factory.mktemp("governance-store"))
+    os.environ["MLFLOW_TRACKING_URI"] = store.tracking_uri
+    yield store
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+    mlflow.set_tracking_uri(old or "")
+
+
+@pytest.fixture
+def tracking(governance_store, monkeypatch) -> GovernanceStore:
+    """Point MLflow (and the CLI's environment) at the fixture store for one test."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", governance_store.tracking_uri)
+    mlflow.set_tracking_uri(governance_store.tracking_uri)
+    return governance_store
+
+
+@pytest.fixture(scope="session")
+def published(governance_store, tmp_path_factory) -> Published:
+    """`mlflow-governance report` run through the CLI: v2 twice, v3 (failed gate) once."""
+    import time
+
+    import mlflow
+    from click.testing import CliRunner
+
+    from governance.cli import main
+
+    mlflow.set_tracking_uri(governance_store.tracking_uri)
+    base = tmp_path_factory.mktemp("reports")
+    runner = CliRunner()
+    outs = {}
+    seconds = 0.0
+    for key, run_key in (("v2", "v2"), ("v2_again", "v2"), ("v3", "v3")):
+        out = base / key
+        t0 = time.perf_counter()
+        res = runner.invoke(main, ["report", "--run-id", governance_store.explain_run_ids[run_key],
+                                   "--config", str(governance_store.config_path), "--output-dir", str(out)])
+        if key == "v2":
+            seconds = time.perf_counter() - t0
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        outs[key] = out
+    pdf = outs["v2"] / "governance" / "reports" / "audit_report.pdf"
+    return Published(governance_store, outs["v2"], outs["v2_again"], outs["v3"], seconds, pdf.stat().st_size)

@@ -602,7 +602,7 @@ def build_context(ev: RunEvidence) -> dict[str, Any]:
          else None),
         ("Evidence basis date", date_text + " (start of the explanation run)"),
         ("Generator", f"mlflow-governance {__version__}"),
-        ("Status", ev.tags.get("governance.status")),
+        ("Policy gates", gates["status"]),
     ])
     q = _quality(ev)
     return {

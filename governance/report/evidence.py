@@ -27,6 +27,8 @@ from governance.report.options import ReportError
 EXPLANATIONS = f"{ROOT}/explanations"
 #: Files the report itself writes; a re-render replaces them, so they are not inputs.
 OUTPUT_DIRS = ("reports", "model_card")
+#: Run tags the report step itself sets; they are not inputs (re-rendering must give the same bytes).
+REPORT_OWN_TAGS = ("governance.status", "governance.report_id")
 
 
 @dataclass
@@ -265,7 +267,12 @@ def load_model_facts(client, uri: str | None, *, with_architecture: bool, layer_
     facts.flavors = sorted((mlmodel.get("flavors") or {}).keys())
     pt = (mlmodel.get("flavors") or {}).get("pytorch") or {}
     facts.torch_version = pt.get("pytorch_version")
-    facts.pytorch_format = pt.get("export_method") or pt.get("model_format") or pt.get("code")
+    data_dir = local / str(pt.get("model_data") or "data")
+    names = sorted(p.name for p in data_dir.iterdir()) if data_dir.is_dir() else []
+    if any(n.endswith(".pt2") for n in names):
+        facts.pytorch_format = "pt2 (torch.export program)"
+    elif any(n.endswith((".pth", ".pt")) for n in names):
+        facts.pytorch_format = "pickle (torch.save of the module)"
     facts.mlflow_version = mlmodel.get("mlflow_version")
     facts.created = mlmodel.get("utc_time_created")
     sig = mlmodel.get("signature") or {}
@@ -472,7 +479,8 @@ def load_run_evidence(run_id: str, *, tracking_uri: str | None = None, config_ov
         tracking_uri=uri,
         start_time_ms=int(run.info.start_time or 0),
         parent_run_id=run.data.tags.get("mlflow.parentRunId"),
-        tags={k: v for k, v in sorted(run.data.tags.items()) if not k.startswith("mlflow.")},
+        tags={k: v for k, v in sorted(run.data.tags.items())
+              if not k.startswith("mlflow.") and k not in REPORT_OWN_TAGS},
         params=dict(sorted(run.data.params.items())),
         metrics=dict(sorted(run.data.metrics.items())),
         datasets=datasets,

@@ -1,0 +1,98 @@
+"""Context building without the PDF: examples (heatmaps, token highlights), options, escaping."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+
+from governance.report.options import ReportError, parse_model_card_options, parse_report_options
+
+
+@pytest.fixture(scope="module")
+def evidence(governance_store, tmp_path_factory):
+    import mlflow
+
+    from governance.report.evidence import load_run_evidence
+
+    mlflow.set_tracking_uri(governance_store.tracking_uri)
+    return load_run_evidence(governance_store.explain_run_ids["v2"], tracking_uri=governance_store.tracking_uri,
+                             workdir=tmp_path_factory.mktemp("evidence"))
+
+
+def test_image_heatmaps_and_token_highlights_are_rendered(evidence):
+    from governance.report.context import build_context
+    from governance.report.render import render_html
+
+    rng = np.random.default_rng(0)
+    images = {"inputs": rng.random((3, 1, 8, 8)), "relevance": rng.normal(size=(3, 1, 8, 8)),
+              "predictions": np.array([3, 1, 7])}
+    texts = [{"id": "s1", "tokens": ["the", "<b>loan</b>", "was", "late"], "relevance": [0.01, 0.5, -0.2, 0.9],
+              "prediction": "default"}]
+    ev = dataclasses.replace(evidence, image_examples=images, text_examples=texts)
+    html = render_html(build_context(ev))
+    section = html[html.index("Examples: relevance over inputs"):html.index("Limitations of the method")]
+    imgs = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="([^"]+)"', section)
+    assert len(imgs) == 3 and "relevance heatmap" in imgs[0]
+    assert "&lt;b&gt;loan&lt;/b&gt;" in section and "<b>loan</b>" not in section
+    # the strongest token gets the most intense highlight; signs pick the colour
+    alphas = [float(a) for a in re.findall(r"rgba\(\d+, \d+, \d+, ([0-9.]+)\)", section)]
+    assert alphas.index(max(alphas)) == 3
+    assert "rgba(31, 78, 121" in section and "rgba(192, 80, 77" in section
+    assert "Not provided: the run logged no example" not in section
+
+
+def test_without_examples_the_report_says_so(evidence):
+    from governance.report.context import build_context
+
+    ctx = build_context(evidence)
+    ex = ctx["explainability"]["examples"]
+    assert ex["images"] == [] and "images.npz" in ex["images_missing"]
+    assert "texts.json" in ex["texts_missing"]
+
+
+def test_context_is_precomputed_strings(evidence):
+    from governance.report.context import build_context
+
+    ctx = build_context(evidence)
+    row = ctx["explainability"]["features"][0]
+    assert all(isinstance(v, str) for v in row.values())
+    assert row["importance"].endswith("%")
+    assert ctx["meta"]["report_id"].startswith("GR-")
+
+
+def test_missing_artifacts_are_marked_not_provided(evidence):
+    from governance.report.context import build_context
+
+    ev = dataclasses.replace(evidence, quality=None, layer_ranking=None, stability=None, reason_codes=None,
+                             validation=None, previous=None)
+    ctx = build_context(ev)
+    assert ctx["explainability"]["quality"]["missing"].startswith("Not provided")
+    assert ctx["explainability"]["layers"]["missing"].startswith("Not provided")
+    assert ctx["explainability"]["stability"]["missing"].startswith("Not provided")
+    assert ctx["decisions"]["missing"].startswith("Not provided")
+    assert ctx["data"]["validation"]["missing"].startswith("Not provided")
+    assert "no earlier version" in ctx["changes"]["missing"]
+
+
+def test_report_options_are_validated():
+    with pytest.raises(ReportError, match="unknown key"):
+        parse_report_options({"titel": "x"})
+    with pytest.raises(ReportError, match="select"):
+        parse_report_options({"sample_decisions": {"select": "worst"}})
+    with pytest.raises(ReportError, match="positive integer"):
+        parse_report_options({"top_features": 0})
+    opts = parse_report_options({"out_of_scope": "Pricing", "sample_decisions": {"n": 3, "select": "first"}})
+    assert opts.out_of_scope == ["Pricing"] and opts.sample_decisions.n == 3
+    with pytest.raises(ReportError, match="model_card: unknown"):
+        parse_model_card_options({"owner": "me"})
+
+
+def test_sample_selection_by_ids(evidence):
+    from governance.report.context import build_context
+
+    cfg = dict(evidence.config, report={"sample_decisions": {"select": "ids", "ids": [3, 5], "n": 10}})
+    ctx = build_context(dataclasses.replace(evidence, config=cfg))
+    assert [r["id"] for r in ctx["decisions"]["rows"]] == ["3", "5"]

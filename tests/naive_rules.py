@@ -209,6 +209,7 @@ class UnitResult:
     bias: float = 0.0  # share absorbed by the bias
     dropped: float = 0.0  # relevance that arrived and passed nowhere
     rerouted: bool = False  # a side was zeroed by saturation
+    rerouted_amount: float = 0.0  # what the zeroed side would have received unsaturated
 
 
 def unit_default(R_j: float, contribs, b: float, sat=(None, None), signed: bool = False) -> UnitResult:
@@ -234,6 +235,9 @@ def unit_default(R_j: float, contribs, b: float, sat=(None, None), signed: bool 
     keep_neg = not (hi is not None and t > hi)
     den = (P if keep_pos else 0.0) + (N if keep_neg else 0.0) + abs(b)
     res = UnitResult(rerouted=(not keep_pos and P > 0) or (not keep_neg and N > 0))
+    full = P + N + abs(b)
+    if res.rerouted and full > 0:
+        res.rerouted_amount = R_j * ((0.0 if keep_pos else P) + (0.0 if keep_neg else N)) / full
     if den == 0.0:
         res.dropped = R_j
         return res
@@ -310,6 +314,7 @@ class LayerResult:
     bias: torch.Tensor  # (N,) absorbed by biases
     dropped: torch.Tensor  # (N,) passed nowhere
     rerouted_units: int = 0
+    rerouted: torch.Tensor | None = None  # (N,) relevance saturation moved to the other side
 
 
 def affine_forward(x: torch.Tensor, units) -> torch.Tensor:
@@ -330,7 +335,7 @@ def affine_rule(x: torch.Tensor, units, R, mode: str, act: str = "none") -> Laye
     n = x.shape[0]
     n_in = prod(x.shape[1:])
     sat = SATURATION[act]
-    outs, outs_p, outs_n, biases, drops = [], [], [], [], []
+    outs, outs_p, outs_n, biases, drops, moved = [], [], [], [], [], []
     rerouted = 0
     for s in range(n):
         xs = flat(x[s])
@@ -344,6 +349,7 @@ def affine_rule(x: torch.Tensor, units, R, mode: str, act: str = "none") -> Laye
             acc = [0.0] * n_in
         bias = 0.0
         drop = 0.0
+        rer = 0.0
         for j, (contribs, b) in enumerate(units):
             zs = [(i, w * xs[i]) for i, w in contribs]
             if mode == "contrastive":
@@ -357,10 +363,12 @@ def affine_rule(x: torch.Tensor, units, R, mode: str, act: str = "none") -> Laye
                 for i, v in u.shares.items():
                     acc[i] += v
                 rerouted += int(u.rerouted)
+                rer += u.rerouted_amount
             bias += u.bias
             drop += u.dropped
         biases.append(bias)
         drops.append(drop)
+        moved.append(rer)
         if mode == "contrastive":
             outs_p.append(accp)
             outs_n.append(accn)
@@ -372,7 +380,8 @@ def affine_rule(x: torch.Tensor, units, R, mode: str, act: str = "none") -> Laye
     else:
         rel = to_tensor(outs, shape)
     return LayerResult(rel, torch.tensor(biases, dtype=torch.float64),
-                       torch.tensor(drops, dtype=torch.float64), rerouted)
+                       torch.tensor(drops, dtype=torch.float64), rerouted,
+                       torch.tensor(moved, dtype=torch.float64))
 
 
 def linear_units(W: torch.Tensor, b: torch.Tensor | None):

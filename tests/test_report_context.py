@@ -96,3 +96,25 @@ def test_sample_selection_by_ids(evidence):
     cfg = dict(evidence.config, report={"sample_decisions": {"select": "ids", "ids": [3, 5], "n": 10}})
     ctx = build_context(dataclasses.replace(evidence, config=cfg))
     assert [r["id"] for r in ctx["decisions"]["rows"]] == ["3", "5"]
+
+
+def test_templates_ship_inside_the_wheel(tmp_path):
+    """`pip wheel` packs templates/ as governance/templates, and the lookup finds them installed."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "w"), str(root)], check=True, capture_output=True)
+    wheel = next((tmp_path / "w").glob("*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for t in ("audit_report.html.j2", "model_card.md.j2", "model_card.html.j2", "report.css"):
+        assert f"governance/templates/{t}" in names
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = ("from governance.report.render import template_dir; d = template_dir(); "
+            "print(d); assert (d / 'audit_report.html.j2').is_file()")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}).stdout
+    assert str(tmp_path / "site") in out

@@ -829,7 +829,10 @@ RTOL = 1e-9
 def explain(model, x, mode, task="regression", **kw):
     from governance.backtrace import Backtrace
 
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:  # the pt2 module mlflow.pytorch.load_model returns
+        pass
     return Backtrace(model).explain(x, mode=mode, task=task, **kw)
 
 

@@ -423,12 +423,15 @@ def test_global_torch_state_unchanged():
     params = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         torch.set_num_threads(2)
+        _bt(model).explain(x, mode="default", task="multiclass-classification")
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(threads)
         for grad in (True, False):
             for mode in MODES:
                 with torch.set_grad_enabled(grad):
                     _bt(model).explain(x, mode=mode, task="multiclass-classification")
                     assert torch.is_grad_enabled() is grad
-                assert torch.get_num_threads() == 2
+                assert torch.get_num_threads() == threads
                 assert torch.are_deterministic_algorithms_enabled() is det
                 assert torch.get_default_dtype() is dtype
         from governance.backtrace import Backtrace

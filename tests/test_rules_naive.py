@@ -87,6 +87,7 @@ CONV_CASES = {
                             dilation=(1, 2), groups=2),
     "conv2d_same_even": dict(nd=2, cin=2, cout=3, k=(2, 4), L=(5, 6), stride=1, padding="same", dilation=1, groups=1),
     "conv2d_depthwise": dict(nd=2, cin=3, cout=3, k=3, L=(5, 5), stride=2, padding=1, dilation=1, groups=3),
+    "conv2d_k1_pad_only_border": dict(nd=2, cin=2, cout=3, k=1, L=(3, 4), stride=1, padding=1, dilation=1, groups=1),
     "conv3d": dict(nd=3, cin=2, cout=2, k=2, L=(3, 4, 3), stride=(1, 2, 1), padding=1, dilation=1, groups=1),
     "conv3d_dil_g2": dict(nd=3, cin=2, cout=4, k=(2, 2, 1), L=(4, 3, 3), stride=1, padding=(1, 0, 0),
                           dilation=(2, 1, 1), groups=2),
@@ -387,7 +388,7 @@ def test_contrastive_ignores_saturation(act, side):
 
 CONV_ACTS = {"conv1d_s2_p1_g2": "tanh", "conv1d_same_even": "leaky_relu", "conv1d_dil2_same_even": "none",
              "conv1d_dil2_p2": "sigmoid", "conv2d_mixed_g2": "tanh", "conv2d_same_even": "sigmoid",
-             "conv2d_depthwise": "silu", "conv3d": "tanh", "conv3d_dil_g2": "leaky_relu",
+             "conv2d_depthwise": "silu", "conv2d_k1_pad_only_border": "tanh", "conv3d": "tanh", "conv3d_dil_g2": "leaky_relu",
              "convT1d_s2_op1_g2": "tanh", "convT1d_dil2": "sigmoid", "convT2d": "leaky_relu"}
 
 
@@ -550,17 +551,19 @@ AVGPOOL_CASES = {
     "avg1d_k4_s1": (1, dict(kernel=4, stride=1, padding=0)),
     "avg2d_k3_s1_p1": (2, dict(kernel=3, stride=1, padding=1)),
     "avg2d_k2_s1_p1": (2, dict(kernel=(2, 3), stride=(1, 2), padding=(1, 1))),
+    "avg2d_k3_s2_p1_nopadcount": (2, dict(kernel=3, stride=2, padding=1), dict(count_include_pad=False)),
 }
 
 
 @pytest.mark.parametrize("name", list(AVGPOOL_CASES))
 @pytest.mark.parametrize("mode", MODES)
 def test_avgpool(mode, name):
-    nd, kw = AVGPOOL_CASES[name]
+    nd, kw, *extra = AVGPOOL_CASES[name]
     torch.manual_seed(12)
     shape = (2, 2, 9) if nd == 1 else (2, 2, 5, 6)
     x = torch.randn(shape, dtype=DTYPE)
-    pool = (nn.AvgPool1d if nd == 1 else nn.AvgPool2d)(kw["kernel"], kw["stride"], kw["padding"])
+    pool = (nn.AvgPool1d if nd == 1 else nn.AvgPool2d)(kw["kernel"], kw["stride"], kw["padding"],
+                                                       **(extra[0] if extra else {}))
     model = nn.Sequential(pool, nn.Flatten()).eval()
     with torch.no_grad():
         y = model(x)
@@ -814,3 +817,41 @@ def test_shape_ops(mode, name):
     R = _seed_for(y, mode, _task(mode))
     (rx,) = nr.shape_rule(fn, [x], R, mode)
     nr.check_engine(model, x, mode, rx, f"{name} {mode}", task=_task(mode))
+
+
+# ============================================================================================
+# 6. matmul with a parameter, Linear on token sequences
+# ============================================================================================
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 3, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("mode", MODES)
+def test_matmul_with_parameter(mode, shape):
+    """x @ W with W a parameter is an affine map without bias: unit j is column j of W."""
+    torch.manual_seed(19)
+    W = nn.Parameter(torch.randn(5, 4, dtype=DTYPE) * 2)
+    model = Op(lambda m, x: x @ m.W, W=W).eval()
+    x = torch.randn(*shape, dtype=DTYPE)
+    with torch.no_grad():
+        y = model(x)
+    R = _seed_for(y, mode, _task(mode))
+    # tokens are independent samples of the same affine map
+    xf = x.reshape(-1, 5)
+    Rf = _map(R, mode, lambda r: r.reshape(-1, 4))
+    exp_R = _map(nr.linear_rule(xf, W.detach().T, None, Rf, mode).relevance, mode, lambda r: r.reshape(shape))
+    nr.check_engine(model, x, mode, exp_R, f"matmul param {shape} {mode}", task=_task(mode))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_linear_on_token_sequences(mode):
+    """nn.Linear on (N, T, d) followed by tanh: every token is a unit set of its own."""
+    lin, x, _ = _linear_case("tanh")
+    xs = x.reshape(2, 3, 5)
+    model = nn.Sequential(lin, nn.Tanh()).eval()
+    with torch.no_grad():
+        y = model(xs)
+    R = _seed_for(y, mode, _task(mode))
+    Rf = _map(R, mode, lambda r: r.reshape(6, -1))
+    exp_R = _map(nr.linear_rule(x, lin.weight, lin.bias, Rf, mode, "tanh").relevance, mode,
+                 lambda r: r.reshape(2, 3, 5))
+    nr.check_engine(model, xs, mode, exp_R, f"linear tokens {mode}", task=_task(mode))

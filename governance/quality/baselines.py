@@ -37,6 +37,9 @@ class Explainer:
     """Base class: ``name`` and ``explain(model, x, target) -> Attribution``."""
 
     name: str = "explainer"
+    #: False for magnitude maps (one-signed importance, e.g. DLBacktrace's default mode): they
+    #: rank features without saying in which direction, so they are never negated.
+    signed: bool = True
 
     def explain(self, model: nn.Module, x: Tensor, target: Tensor) -> Attribution:  # pragma: no cover
         raise NotImplementedError
@@ -188,12 +191,18 @@ class IntegratedGradients(Explainer):
 
 class RandomAttribution(Explainer):
     """Independent standard-normal attribution per input element (per token for ids), drawn from
-    a generator seeded once: the chance level every metric is compared against."""
+    a generator seeded once: the chance level every metric is compared against.
+
+    The generator is seeded with ``seed + 104729`` (a fixed offset) so that its stream never
+    coincides with data drawn as ``torch.randn`` from a generator seeded with the same small
+    integer (the "random" attribution would then equal the input).
+    """
 
     name = "random"
+    SEED_OFFSET = 104729
 
     def __init__(self, seed: int = 0) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed + self.SEED_OFFSET)
 
     def explain(self, model: nn.Module, x: Tensor, target: Tensor) -> Attribution:
         dtype = x.dtype if torch.is_floating_point(x) else torch.float32
@@ -206,16 +215,18 @@ class BacktraceExplainer(Explainer):
     or ``signed``.
 
     Relevance is proportional to the seeded output (``multiplier * y``), so it is multiplied by
-    the sign of the seed: positive then reads "supports the explained output", as it does for the
-    other methods (no change when the seed is positive, as for probabilities). ``total`` is the
+    the sign of the seed (contrastive: of the R+ seed): positive then reads "supports the
+    explained output", as it does for the other methods (no change when the seed is positive, as
+    for probabilities). ``total`` is the
     seed (contrastive: seed+ - seed-), the amount a conservative walk would hand to the inputs.
     One engine is built per model object (a randomised copy gets its own).
     """
 
-    def __init__(self, mode: str, task: str, batch_size: int = 128, **explain_kwargs) -> None:
+    def __init__(self, mode: str, task: str, batch_size: int = 256, **explain_kwargs) -> None:
         self.mode = mode
         self.task = task
         self.name = f"backtrace_{mode}"
+        self.signed = mode != "default"
         self.batch_size = batch_size
         self.explain_kwargs = explain_kwargs
         self._engines: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
@@ -232,8 +243,13 @@ class BacktraceExplainer(Explainer):
     def explain(self, model: nn.Module, x: Tensor, target: Tensor) -> Attribution:
         eng = self._engine(model)
         vals, totals = [], []
-        for i in range(0, x.shape[0], self.batch_size):
-            xb, tb = x[i : i + self.batch_size], target[i : i + self.batch_size]
+        n, bs = x.shape[0], self.batch_size
+        for i in range(0, n, bs):
+            xb, tb = x[i : i + bs], target[i : i + bs]
+            keep = xb.shape[0]
+            if n > bs and keep < bs:  # pad the last chunk: the engine exports once per input shape
+                pad = torch.arange(bs - keep, device=x.device) % keep
+                xb, tb = torch.cat([xb, xb[pad]]), torch.cat([tb, tb[pad]])
             single = self.task in ("binary-classification", "regression") and bool((tb == 0).all())
             exp = eng.explain(xb, mode=self.mode, task=self.task, target=None if single else tb,
                               **self.explain_kwargs)
@@ -245,13 +261,15 @@ class BacktraceExplainer(Explainer):
             if self.mode == "contrastive" and getattr(exp, "positive", None) is not None \
                     and getattr(exp, "negative", None) is not None:
                 seed = exp.positive.seed_relevance - exp.negative.seed_relevance
+                oriented_by = exp.positive.seed_relevance  # R+ - R- already reads "for vs against"
             else:
                 seed = exp.seed_relevance
+                oriented_by = seed
             seed = seed.detach().to(torch.float32).reshape(-1)
-            sign = torch.where(seed < 0, -1.0, 1.0).to(seed)
+            sign = torch.where(oriented_by.detach().reshape(-1) < 0, -1.0, 1.0).to(seed)
             rel = rel.detach().to(torch.float32)
-            vals.append(rel * sign.view((-1,) + (1,) * (rel.dim() - 1)))
-            totals.append(seed * sign)
+            vals.append((rel * sign.view((-1,) + (1,) * (rel.dim() - 1)))[:keep])
+            totals.append((seed * sign)[:keep])
         return Attribution(torch.cat(vals), torch.cat(totals))
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from governance.quality.features import FeatureSpace, forward, select
+from governance.quality.features import FeatureSpace, forward, perturbed_scores, select
 
 Tensor = torch.Tensor
 
@@ -36,13 +36,15 @@ def _ranks(key: Tensor, descending: bool) -> Tensor:
 
 
 def flipping_curves(model: nn.Module, x: Tensor, attr: Tensor, space: FeatureSpace, target: Tensor, *,
-                    n_steps: int | None = None, transform: str = "raw",
-                    batch_size: int = 256) -> dict[str, Tensor]:
+                    n_steps: int | None = None, transform: str = "raw", polarity: Tensor | None = None,
+                    batch_size: int = 512) -> dict[str, Tensor]:
     """MoRF and LeRF perturbation curves.
 
     Units are ranked by their summed attribution (``space.aggregate``); protected units are never
     removed. At step s = 0..S the first ``round(s / S * n_valid)`` units of the order are set to
-    the baseline and the score ``select(model(x'), target, transform)`` is recorded.
+    the baseline and the score ``select(model(x'), target, transform)`` is recorded; where
+    ``polarity`` is -1 (a binary model's class-0 decisions) the score is ``1 - p``, the
+    confidence in the decision.
     Returns ``{"fractions": (S+1,), "morf": (N, S+1), "lerf": (N, S+1)}``.
     """
     a = space.aggregate(attr).to(torch.float32)
@@ -57,11 +59,11 @@ def flipping_curves(model: nn.Module, x: Tensor, attr: Tensor, space: FeatureSpa
     for name, desc in (("morf", True), ("lerf", False)):
         fill = float("-inf") if desc else float("inf")
         ranks = _ranks(torch.where(valid, a, torch.full_like(a, fill)), desc)  # (N, F)
-        scores = []
-        for s in range(steps + 1):  # one batched forward per step keeps memory at one batch of inputs
-            xs = space.perturb(x, ranks < k[s].unsqueeze(1))
-            scores.append(select(forward(model, xs, batch_size), target, transform))
-        curves[name] = torch.stack(scores, dim=1)
+        masks = ranks.unsqueeze(0) < k.unsqueeze(-1)  # (S+1, N, F)
+        sc = perturbed_scores(model, x, masks, space, target, transform, batch_size)  # (S+1, N)
+        if polarity is not None:
+            sc = torch.where(polarity.view(1, -1) < 0, 1.0 - sc, sc)
+        curves[name] = sc.T
     curves["fractions"] = fractions
     return curves
 
@@ -84,13 +86,15 @@ def pearson(a: Tensor, b: Tensor, dim: int = -1) -> Tensor:
 
 def faithfulness_correlation(model: nn.Module, x: Tensor, attr: Tensor, space: FeatureSpace, target: Tensor, *,
                              n_runs: int = 64, subset_fraction: float = 0.2, subset_size: int | None = None,
-                             transform: str = "raw", seed: int = 0, batch_size: int = 256) -> Tensor:
+                             transform: str = "raw", polarity: Tensor | None = None, seed: int = 0,
+                             batch_size: int = 512) -> Tensor:
     """Faithfulness correlation per sample (N,), NaN where undefined (constant attribution sums or
     a model that ignores every subset).
 
     For run r a subset S_r of ``subset_size`` valid units (default ``round(subset_fraction *
     n_valid)``, at least 1) is drawn uniformly without replacement from a generator seeded with
-    ``seed``; ``corr_r( sum_{i in S_r} a_i , f(x) - f(x with S_r at the baseline) )``.
+    ``seed``; ``corr_r( sum_{i in S_r} a_i , f(x) - f(x with S_r at the baseline) )``. The drop is
+    multiplied by ``polarity`` (N,) when given (-1: the decision explained is the other class).
     """
     a = space.aggregate(attr).to(torch.float32)
     valid = space.valid(x)
@@ -106,8 +110,9 @@ def faithfulness_correlation(model: nn.Module, x: Tensor, attr: Tensor, space: F
     ranks = torch.argsort(torch.argsort(u, dim=2), dim=2)
     masks = ranks < k.view(1, -1, 1)  # (R, N, F)
     f0 = select(forward(model, x, batch_size), target, transform)
-    fp = torch.stack([select(forward(model, space.perturb(x, masks[r]), batch_size), target, transform)
-                      for r in range(n_runs)])  # (R, N)
+    fp = perturbed_scores(model, x, masks, space, target, transform, batch_size)  # (R, N)
     drop = (f0.unsqueeze(0) - fp).T  # (N, R)
+    if polarity is not None:
+        drop = drop * polarity.view(-1, 1).to(drop)
     summed = (a.unsqueeze(0) * masks).sum(-1).T  # (N, R)
     return pearson(summed.double(), drop.double()).float()

@@ -177,7 +177,7 @@ def raw_output(model: nn.Module, x: Tensor) -> Tensor:
     return out.reshape(out.shape[0], -1)
 
 
-def forward(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
+def forward(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     """The model's raw output for ``x`` in chunks, (N, K), without gradients."""
     with torch.no_grad():
         return torch.cat([raw_output(model, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)], 0)
@@ -221,6 +221,25 @@ def select(out: Tensor, target: Tensor, transform: str = "raw") -> Tensor:
     elif transform != "raw":
         raise ValueError(f"transform must be 'raw', 'softmax' or 'sigmoid', got {transform!r}")
     return out.gather(1, target.view(-1, 1)).squeeze(1)
+
+
+def perturbed_scores(model: nn.Module, x: Tensor, masks: Tensor, space: FeatureSpace, target: Tensor,
+                     transform: str = "raw", batch_size: int = 512, budget: int = 1 << 24) -> Tensor:
+    """Scores (K, N) of x with the units of ``masks[k]`` (K, N, F) at the baseline.
+
+    Perturbed copies are stacked and scored in large batches; at most ``budget`` input elements
+    are materialised at a time.
+    """
+    k_total, n, f = masks.shape
+    per = max(1, x[0].numel() * n)
+    group = max(1, budget // per)
+    rows = []
+    for k0 in range(0, k_total, group):
+        m = masks[k0 : k0 + group]
+        g = m.shape[0]
+        xs = space.perturb(x.repeat((g,) + (1,) * (x.dim() - 1)), m.reshape(-1, f))
+        rows.append(select(forward(model, xs, batch_size), target.repeat(g), transform).reshape(g, n))
+    return torch.cat(rows, 0)
 
 
 def score(model: nn.Module, x: Tensor, target: Tensor, transform: str = "raw", batch_size: int = 256) -> Tensor:

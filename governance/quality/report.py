@@ -93,7 +93,7 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
                    protected_ids: Sequence[int] | None = None, flip_steps: int | None = None,
                    faithfulness_runs: int = 64, subset_fraction: float = 0.2, sensitivity_perturbations: int = 8,
                    sensitivity_radius: float = 0.05, ig_steps: int = 32, mprt_layers: Sequence[str] | None = None,
-                   batch_size: int = 256, timings: bool = False,
+                   batch_size: int = 512, timings: bool = False,
                    progress: Callable[[str], None] | None = None) -> dict:
     """Explanation-quality metrics for DLBacktrace in each of ``modes`` and the baselines
     (gradient x input, integrated gradients, random) on the same ``n_samples`` rows of ``X``
@@ -114,6 +114,10 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
     "mean" (default), "zero", a number or a tensor. ``metrics``: a subset of
     ``METRIC_GROUPS`` (default: all that apply). ``ground_truth``: names of the true drivers
     (needs ``feature_names`` or a DataFrame).
+
+    Every method explains the model's decision (``decision_polarity``): the target's output, or
+    for a one-output binary classifier ``p`` (class 1) / ``1 - p`` (class 0). The model is put in
+    eval mode for the computation and its mode restored; no global torch state is changed.
     """
     X, df_names = _as_tensor(X)
     feature_names = list(feature_names) if feature_names is not None else df_names
@@ -166,6 +170,7 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
         out = forward(model, x, batch_size)
         tgt = resolve_target(out, task, tgt_in)
         transform = confidence_transform(out)
+        polarity = decision_polarity(out, task, transform)
         valid = space.valid(x)
         if explainers is None:
             explainers = default_explainers(task, modes, seed=seed, ig_steps=ig_steps, baseline_token_id=baseline_token_id,
@@ -208,6 +213,10 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
                 continue
             t_explain = time.perf_counter() - t0
             a = att.values.to(torch.float32)
+            total = att.total
+            if ex.signed:  # explain the decision: class-0 decisions of a one-output binary model
+                a = a * polarity.view((-1,) + (1,) * (a.dim() - 1))
+                total = None if total is None else total * polarity
             row: dict[str, float | None] = {}
             det: dict[str, Any] = {}
 
@@ -220,14 +229,15 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
             if "faithfulness_correlation" in groups:
                 def _fc() -> None:
                     fc = faithfulness.faithfulness_correlation(model, x, a, space, tgt, n_runs=faithfulness_runs,
-                                                               subset_fraction=subset_fraction, seed=seed,
+                                                               subset_fraction=subset_fraction, seed=seed, polarity=polarity,
                                                                batch_size=batch_size)
                     row["faithfulness_correlation"] = _mean(fc)
                 guarded("faithfulness_correlation", _fc)
             if "flipping" in groups:
                 def _flip() -> None:
                     curves = faithfulness.flipping_curves(model, x, a, space, tgt, n_steps=flip_steps,
-                                                          transform=transform, batch_size=batch_size)
+                                                          transform=transform, polarity=polarity,
+                                                          batch_size=batch_size)
                     for k, v in faithfulness.flipping_scores(curves).items():
                         row[k] = _mean(v)
                     det["morf_curve"] = [float(c) for c in curves["morf"].mean(0)]
@@ -235,14 +245,15 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
                 guarded("flipping", _flip)
             if "max_sensitivity" in groups:
                 def _ms() -> None:
-                    ms = robustness.max_sensitivity(lambda xs, ts: ex(model, xs, ts), x, tgt, space, attr=a,
+                    ms = robustness.max_sensitivity(lambda xs, ts: ex(model, xs, ts), x, tgt, space,
+                                                    attr=att.values.to(torch.float32),
                                                     n_perturb=sensitivity_perturbations, radius=sensitivity_radius,
                                                     scale=std_x, seed=seed)
                     row["max_sensitivity"] = _mean(ms)
                     det["max_sensitivity_undefined"] = int((~torch.isfinite(ms)).sum())
                 guarded("max_sensitivity", _ms)
-            if "completeness" in groups and att.total is not None:
-                row["completeness_gap"] = _mean(robustness.completeness_gap(a, att.total))
+            if "completeness" in groups and total is not None:
+                row["completeness_gap"] = _mean(robustness.completeness_gap(a, total))
             if "complexity" in groups:
                 agg = space.aggregate(a)
                 row["entropy"] = _mean(complexity.entropy(agg, valid))
@@ -276,6 +287,20 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
     finally:
         model.train(was_training)
     return _clean(doc)
+
+
+def decision_polarity(out: Tensor, task: str, transform: str) -> Tensor:
+    """(N,) +1, or -1 where a binary classifier with one output decided class 0 (p < 0.5).
+
+    Every metric explains the model's *decision*: for a one-output binary model that is ``p`` for
+    class-1 decisions and ``1 - p`` for class-0 decisions, whose signed attribution is the negated
+    attribution of ``p``. Multi-output models explain the target's output; regression: +1.
+    """
+    n = out.shape[0]
+    if task != "binary-classification" or out.shape[1] != 1:
+        return torch.ones(n, device=out.device)
+    p = out[:, 0].sigmoid() if transform == "sigmoid" else out[:, 0]
+    return torch.where(p < 0.5, -1.0, 1.0).to(out.device)
 
 
 def _describe(baseline: Any, token: bool, token_id: int | None) -> Any:

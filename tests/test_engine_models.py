@@ -259,6 +259,46 @@ def test_resnet_block_end_to_end(mode):
         nr.compare_rel(nr.engine_layer(exp, mode, name), naive[name], mode, f"resnet layer {name} {mode}")
 
 
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fa = nn.Linear(3, 2)
+        self.fb = nn.Linear(4, 2)
+        self.act = nn.Tanh()
+
+    def forward(self, a, b):
+        return self.act(self.fa(a) + self.fb(b))
+
+
+@pytest.mark.parametrize("as_dict", [True, False], ids=["dict", "tuple"])
+@pytest.mark.parametrize("mode", MODES)
+def test_two_input_model(mode, as_dict):
+    """Several inputs: input_relevance is a dict by argument name. tanh(fa(a) + fb(b)): the add
+    splits ∝ |term|; each Linear has no activation of its own (it feeds the add)."""
+    torch.manual_seed(22)
+    model = TwoInputs().to(DTYPE).eval()
+    a = torch.randn(3, 3, dtype=DTYPE)
+    b = torch.randn(3, 4, dtype=DTYPE)
+    with torch.no_grad():
+        ta, tb = model.fa(a), model.fb(b)
+        y = model(a, b)
+    task = "bbox-regression" if mode == "contrastive" else "regression"
+    R, _ = nr.seed(task, y, mode=mode)
+    (Ra, Rb), _ = nr.add_rule([ta, tb], R, mode)
+    ea = nr.linear_rule(a, model.fa.weight, model.fa.bias, Ra, mode).relevance
+    eb = nr.linear_rule(b, model.fb.weight, model.fb.bias, Rb, mode).relevance
+    exp = _bt(model).explain({"a": a, "b": b} if as_dict else (a, b), mode=mode, task=task)
+    got = exp.input_relevance
+    assert isinstance(got, dict) and set(got) == {"a", "b"}, type(got)
+    if mode == "contrastive":
+        for key, e in (("a", ea), ("b", eb)):
+            nr.compare(exp.positive.input_relevance[key], e[0], RTOL, f"two inputs {key} R+")
+            nr.compare(exp.negative.input_relevance[key], e[1], RTOL, f"two inputs {key} R-")
+    else:
+        nr.compare(got["a"], ea, RTOL, "two inputs a")
+        nr.compare(got["b"], eb, RTOL, "two inputs b")
+
+
 # ============================================================================================
 # float32 models, batching, determinism
 # ============================================================================================

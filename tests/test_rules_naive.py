@@ -481,6 +481,50 @@ def test_batchnorm_folded(mode, kind):
     nr.check_engine(model, x, mode, exp_R, f"{kind}+bn folded {mode}", task=_task(mode))
 
 
+def fold_bn_transposed(W, b, bn, groups):
+    """BN after a transposed conv: the output channel oc = g·(C_out/groups) + ocl is dim 1 of
+    W (C_in, C_out/groups, *K): W'[ic, ocl] = W[ic, ocl]·γ_oc/√(var_oc+eps) for ic in group g,
+    b'_oc = (b_oc − μ_oc)·γ_oc/√(var_oc+eps) + β_oc (a loop over channels)."""
+    import math
+
+    W2 = W.detach().to(torch.float64).clone()
+    cin, cout_g = W2.shape[0], W2.shape[1]
+    cin_g = cin // groups
+    bl = nr.flat(b)
+    b2 = []
+    for oc in range(cout_g * groups):
+        g, ocl = divmod(oc, cout_g)
+        scale = float(bn.weight[oc]) / math.sqrt(float(bn.running_var[oc]) + bn.eps)
+        for ic in range(g * cin_g, (g + 1) * cin_g):
+            W2[ic, ocl] = W2[ic, ocl] * scale
+        b2.append((bl[oc] - float(bn.running_mean[oc])) * scale + float(bn.bias[oc]))
+    return W2, torch.tensor(b2, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("mode", MODES)
+def test_batchnorm_after_conv_transpose(mode, groups):
+    """ConvTranspose2d -> BN -> tanh: the BN folds along the transposed weight's output axis."""
+    g = torch.Generator().manual_seed(8)
+    torch.manual_seed(8)
+    conv = nn.ConvTranspose2d(4, 4, 2, stride=2, groups=groups).to(DTYPE)
+    bn = _randomise_bn(nn.BatchNorm2d(4).to(DTYPE), g)
+    with torch.no_grad():
+        conv.weight.mul_(5.0)
+    x = torch.randn(2, 4, 2, 3, generator=g, dtype=DTYPE)
+    model = nn.Sequential(conv, bn, nn.Tanh(), nn.Flatten()).eval()
+    with torch.no_grad():
+        t = bn(conv(x))
+        y = model(x)
+    assert (t < -2).any() and (t > 2).any() and ((t.abs() - 2).abs().min() > MARGIN)
+    W2, b2 = fold_bn_transposed(conv.weight, conv.bias, bn, groups)
+    with torch.no_grad():
+        assert torch.allclose(F.conv_transpose2d(x, W2, b2, stride=2, groups=groups), t, atol=1e-12)
+    R = _map(_seed_for(y, mode, _task(mode)), mode, lambda r: r.reshape(t.shape))
+    exp_R = nr.conv_transpose_rule(x, W2, b2, R, mode, "tanh", stride=2, groups=groups).relevance
+    nr.check_engine(model, x, mode, exp_R, f"convT+bn folded g{groups} {mode}", task=_task(mode))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_batchnorm_standalone(mode):
     """BN that follows no conv/linear: a per-channel affine map with the section-3 rule
@@ -576,6 +620,7 @@ def test_avgpool(mode, name):
 ADAPTIVE_CASES = {
     "adaptive_avg1d_7to4": (nn.AdaptiveAvgPool1d(4), (2, 2, 7), 4, "avg"),
     "adaptive_avg2d_5x7to2x3": (nn.AdaptiveAvgPool2d((2, 3)), (2, 2, 5, 7), (2, 3), "avg"),
+    "adaptive_avg1d_3to5_upsample": (nn.AdaptiveAvgPool1d(5), (2, 2, 3), 5, "avg"),
     "global_avg2d": (nn.AdaptiveAvgPool2d(1), (2, 3, 3, 4), 1, "avg"),
     "global_avg1d": (nn.AdaptiveAvgPool1d(1), (2, 3, 5), 1, "avg"),
     "adaptive_max2d_5x7to2x3": (nn.AdaptiveMaxPool2d((2, 3)), (2, 2, 5, 7), (2, 3), "max"),

@@ -111,31 +111,6 @@ def gradient_x_input(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rel, out.detach().numpy()
 
 
-def aggregate(rel: np.ndarray, seed: int = 0, n_boot: int = 50) -> list[dict]:
-    """Per feature: mean |share|, mean signed share, std, bootstrap 95% CI, rank."""
-    l1 = np.abs(rel).sum(axis=1, keepdims=True)
-    share = rel / np.where(l1 > 0, l1, 1.0)
-    imp = np.abs(share).mean(axis=0)
-    rng = np.random.default_rng(seed)
-    boots = np.stack([np.abs(share[rng.integers(0, len(share), len(share))]).mean(axis=0) for _ in range(n_boot)])
-    order = np.argsort(-imp, kind="stable")
-    ranks = np.empty(len(imp), dtype=int)
-    ranks[order] = np.arange(1, len(imp) + 1)
-    rows = [
-        {
-            "feature": f,
-            "importance": float(imp[i]),
-            "signed": float(share[:, i].mean()),
-            "std": float(np.abs(share[:, i]).std()),
-            "ci_low": float(np.quantile(boots[:, i], 0.025)),
-            "ci_high": float(np.quantile(boots[:, i], 0.975)),
-            "rank": int(ranks[i]),
-        }
-        for i, f in enumerate(FEATURES)
-    ]
-    return sorted(rows, key=lambda r: r["rank"])
-
-
 def validation_result(n: int, success: bool = True) -> dict:
     """A great-expectations 1.x validation result document (``to_json_dict`` shape)."""
     results = []
@@ -173,25 +148,43 @@ def validation_result(n: int, success: bool = True) -> dict:
 
 def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *, passed: bool, seed: int) -> str:
     """Log an explanation run with every artifact of the contract; return its run id."""
+    from governance.aggregate import (
+        BatchDraws,
+        ImportanceAccumulator,
+        decision_direction,
+        global_importance_document,
+        reason_codes,
+        stability_document,
+    )
+
     rel, prob = gradient_x_input(model, x)
     pred = (prob > 0.5).astype(int)
-    modes = {}
+    # The explanation stage's own reductions (governance.aggregate) over the three "modes":
+    # signed = gradient x input, default/contrastive = magnitudes (as the default rule spreads them).
+    accs = {}
+    draws = BatchDraws.make(seed, 0, len(x), 50)
     for k, mode in enumerate(("signed", "default", "contrastive")):
         r = rel if mode == "signed" else np.abs(rel) * (1 + 0.1 * k)
-        modes[mode] = {"features": aggregate(r, seed=seed)}
-    gi = {"method": "dlbacktrace", "primary_mode": "signed", "n_samples": int(len(x)),
-          "features": modes["signed"]["features"], "modes": modes}
-    half = len(rel) // 2
-    a = np.abs(rel[:half]).mean(axis=0)
-    b = np.abs(rel[half:]).mean(axis=0)
-    rho = float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
+        accs[mode] = ImportanceAccumulator(list(FEATURES), n_bootstrap=50)
+        accs[mode].update(r, draws, pred)
+    gi, gi_long = global_importance_document(accs, "signed")
+    stability = stability_document(accs, "signed", seed)
+    rho = stability["stability"]
+    shares = rel / np.abs(rel).sum(axis=1, keepdims=True)
+    reasons = reason_codes(shares, decision_direction("binary-classification", prob, pred), list(FEATURES),
+                           top_n=2, dictionary=DICTIONARY)
+    reasons.insert(0, "prediction", pred)
+    reasons.insert(0, "sample_id", np.arange(len(x)))
     layers = [
-        {"module": "0", "type": "Linear", "share": 0.46, "rank": 1, "bias_share": 0.04,
-         "saturation_rerouted": 0.0, "branch_share": None, "top_units": [{"unit": 3, "relevance": 0.21}]},
-        {"module": "2", "type": "Linear", "share": 0.33, "rank": 2, "bias_share": 0.11,
-         "saturation_rerouted": 0.0, "branch_share": None, "top_units": [{"unit": 1, "relevance": 0.4}]},
-        {"module": "4", "type": "Linear", "share": 0.21, "rank": 3, "bias_share": 0.02,
-         "saturation_rerouted": 0.0, "branch_share": None, "top_units": [{"unit": 0, "relevance": 1.0}]},
+        {"module": "0", "type": "Linear", "share": 0.46, "rank": 1, "bias_share": 0.04, "relevance": 46.0,
+         "branch_share": None, "n_units": 8,
+         "top_units": [{"unit": 3, "mean_relevance": 0.21, "mean_abs_relevance": 0.3}]},
+        {"module": "2", "type": "Linear", "share": 0.33, "rank": 2, "bias_share": 0.11, "relevance": 33.0,
+         "branch_share": None, "n_units": 4,
+         "top_units": [{"unit": 1, "mean_relevance": 0.4, "mean_abs_relevance": 0.5}]},
+        {"module": "4", "type": "Linear", "share": 0.21, "rank": 3, "bias_share": 0.02, "relevance": 21.0,
+         "branch_share": None, "n_units": 1,
+         "top_units": [{"unit": 0, "mean_relevance": 1.0, "mean_abs_relevance": 1.0}]},
     ]
     quality = {
         "n_samples": 128,
@@ -225,14 +218,6 @@ def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *,
     local = pd.DataFrame(rel, columns=FEATURES)
     local.insert(0, "prediction", pred)
     local.insert(0, "sample_id", np.arange(len(x)))
-    adverse, support = [], []
-    for row in rel:
-        order = np.argsort(-row, kind="stable")
-        adverse.append([FEATURES[i] for i in order[:2] if row[i] > 0])
-        support.append([FEATURES[i] for i in order[::-1][:2] if row[i] < 0])
-    reasons = pd.DataFrame({"sample_id": np.arange(len(x)), "prediction": pred,
-                            "adverse": adverse, "supporting": support})
-    gi_rows = [dict(r, mode=m) for m, v in modes.items() for r in v["features"]]
     with mlflow.start_run(run_name="explain") as run, tempfile.TemporaryDirectory() as tmp:
         g = Path(tmp) / "governance"
         (g / "explanations" / "plots").mkdir(parents=True)
@@ -241,12 +226,11 @@ def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *,
         (g / "data_quality" / "validation_result.json").write_text(json.dumps(validation_result(len(x)), indent=2))
         e = g / "explanations"
         (e / "global_importance.json").write_text(json.dumps(gi, indent=2))
-        pd.DataFrame(gi_rows).to_parquet(e / "global_importance.parquet", index=False)
-        (e / "layer_ranking.json").write_text(json.dumps({"layers": layers}, indent=2))
+        gi_long.to_parquet(e / "global_importance.parquet", index=False)
+        (e / "layer_ranking.json").write_text(json.dumps({"primary_mode": "signed", "layers": layers}, indent=2))
         local.to_parquet(e / "local_relevance.parquet", index=False)
         reasons.to_parquet(e / "reason_codes.parquet", index=False)
-        (e / "stability.json").write_text(json.dumps({"method": "spearman_split_half", "spearman": rho,
-                                                      "n_samples": int(len(x)), "seed": seed}))
+        (e / "stability.json").write_text(json.dumps(stability, indent=2))
         (e / "quality.json").write_text(json.dumps(quality, indent=2))
         (e / "gates.json").write_text(json.dumps(gates, indent=2))
         import matplotlib

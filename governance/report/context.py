@@ -152,28 +152,37 @@ def _pred_column(df: pd.DataFrame) -> str | None:
     return None
 
 
-def _reason_list(row: pd.Series, side: str) -> list[str]:
-    """Reason features of one side ("adverse" / "supporting") from the accepted layouts."""
-    names = {"adverse": ("adverse", "adverse_features", "against", "negative"),
-             "supporting": ("supporting", "supporting_features", "for", "positive")}[side]
-    for c in names:
-        if c in row.index:
-            v = row[c]
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                return []
-            items = list(v) if not isinstance(v, str) else [v]
-            out = []
-            for it in items:
-                if isinstance(it, dict):
-                    label = str(it.get("feature"))
-                    val = it.get("share", it.get("relevance"))
-                    out.append(label if is_missing(val) else f"{label}\u0000{fnum(val)}")
-                else:
-                    out.append(str(it))
-            return out
+def _reason_list(row: pd.Series, side: str) -> list[tuple[str, str, str | None]]:
+    """(feature, share, text) of one side ("supporting" / "adverse") of a reason-codes row.
+
+    The explanation stage writes numbered slots ``<side>_k``, ``<side>_k_share`` and
+    ``<side>_k_text`` (empty slots are None / NaN); a list column ``<side>`` of names or of
+    ``{feature, share}`` objects is accepted too.
+    """
+    out: list[tuple[str, str, str | None]] = []
     numbered = sorted((c for c in row.index if str(c).startswith(f"{side}_") and str(c)[len(side) + 1:].isdigit()),
                       key=lambda c: int(str(c)[len(side) + 1:]))
-    return [str(row[c]) for c in numbered if not is_missing(row[c]) and str(row[c]) != ""]
+    if numbered:
+        for c in numbered:
+            v = row[c]
+            if v is None or is_missing(v) or str(v) == "":
+                continue
+            share = row.get(f"{c}_share")
+            text = row.get(f"{c}_text")
+            out.append((str(v), "" if share is None or is_missing(share) else fpct(share),
+                        None if text is None or is_missing(text) else str(text)))
+        return out
+    if side in row.index:
+        v = row[side]
+        if v is None or is_missing(v):
+            return []
+        for it in (list(v) if not isinstance(v, str) else [v]):
+            if isinstance(it, dict):
+                val = it.get("share", it.get("relevance"))
+                out.append((str(it.get("feature")), "" if is_missing(val) else fpct(val), it.get("text")))
+            else:
+                out.append((str(it), "", None))
+    return out
 
 
 def _decisions(ev: RunEvidence, opts: ReportOptions, dictionary: dict[str, str]) -> dict[str, Any]:
@@ -185,7 +194,7 @@ def _decisions(ev: RunEvidence, opts: ReportOptions, dictionary: dict[str, str])
                 "no plain-language dictionary in the configuration (reason_codes.dictionary); "
                 "reasons are shown by feature name")}
     if rc is None or rc.empty:
-        return dict(base, rows=[], selection=None,
+        return dict(base, rows=[], selection=None, undefined=[],
                     missing=_missing("the run has no explanations/reason_codes.parquet"))
     idc, pc = _id_column(rc), _pred_column(rc)
     df = rc.copy()
@@ -195,7 +204,7 @@ def _decisions(ev: RunEvidence, opts: ReportOptions, dictionary: dict[str, str])
     df = df.sort_values(idc, kind="stable")
     if cfg.select == "adverse":
         if pc is None:
-            return dict(base, rows=[], selection=None,
+            return dict(base, rows=[], selection=None, undefined=[],
                         missing=_missing("reason_codes.parquet has no prediction column to select adverse decisions"))
         wanted = {str(v) for v in cfg.adverse_predictions}
         sel = df[df[pc].astype(str).isin(wanted)]
@@ -215,21 +224,30 @@ def _decisions(ev: RunEvidence, opts: ReportOptions, dictionary: dict[str, str])
     undefined: set[str] = set()
     for _, r in sel.head(cfg.n).iterrows():
         sides = {}
-        for side in ("adverse", "supporting"):
+        for side in ("supporting", "adverse"):
             items = []
-            for raw in _reason_list(r, side):
-                feat, _, val = raw.partition("\u0000")
-                text = dictionary.get(feat)
+            for feat, share, given in _reason_list(r, side):
+                text = dictionary.get(feat) or (given if given and given != feat else None)
                 if text is None:
                     undefined.add(feat)
                 items.append({"feature": feat, "text": text or "no plain-language text configured",
-                              "value": val})
+                              "value": share})
             sides[side] = items
         rows.append({"id": ftext(r[idc]), "prediction": ftext(r[pc]) if pc else "n/a",
                      "adverse": sides["adverse"], "supporting": sides["supporting"]})
     note = None if rows else _missing(f"no decision matched the selection ({what})")
     return dict(base, rows=rows, selection=what, missing=note,
                 undefined=sorted(undefined), n_total=fnum(len(df)))
+
+
+def stability_value(st: dict[str, Any] | None) -> float | None:
+    """The primary mode's split-half rank correlation from stability.json (None if absent)."""
+    st = st or {}
+    for key in ("stability", "spearman", "rank_correlation"):
+        v = st.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
 
 
 def _validation(ev: RunEvidence) -> dict[str, Any]:
@@ -356,7 +374,8 @@ def _layers(ev: RunEvidence, top: int) -> dict[str, Any]:
     for x in layers[:top]:
         units = x.get("top_units") or []
         unit_txt = ", ".join(
-            f"{u.get('unit')} ({fnum(u.get('relevance'))})" if isinstance(u, dict) else str(u) for u in units[:5]
+            f"{u.get('unit')} ({fnum(u.get('mean_relevance', u.get('relevance')))})" if isinstance(u, dict) else str(u)
+            for u in units[:5]
         ) or "n/a"
         rows.append({"rank": fnum(x.get("rank")), "module": ftext(x.get("module")), "type": ftext(x.get("type")),
                      "share": fpct(x.get("share")), "extras": [fpct(x.get(k)) for k, _ in extras],
@@ -392,6 +411,16 @@ def _modes(ev: RunEvidence, features: list[str]) -> dict[str, Any]:
 
 
 def _per_class(ev: RunEvidence, shares: pd.DataFrame | None, features: list[str]) -> dict[str, Any]:
+    by_class = ev.global_importance.get("by_class")
+    if isinstance(by_class, dict) and by_class:
+        classes = sorted(by_class, key=str)
+        lookup = {c: {str(f["feature"]): f for f in (by_class[c] or {}).get("features", [])} for c in classes}
+        counts = {str(c): int((by_class[c] or {}).get("n_samples") or 0) for c in classes}
+        rows = [{"feature": feat, "cells": [
+            f"{fpct(lookup[c][feat].get('importance'))} (rank {fnum(lookup[c][feat].get('rank'))})"
+            if feat in lookup[c] else "n/a" for c in classes]} for feat in features]
+        return {"missing": None, "classes": [f"{c} (n={counts[str(c)]:,})" for c in classes], "rows": rows,
+                "counts": counts}
     df = ev.local_relevance
     if shares is None or df is None or _pred_column(df) is None:
         return {"missing": _missing("local relevance with a prediction column is needed for per-class importance"),
@@ -452,8 +481,8 @@ def _flags(ev: RunEvidence, opts: ReportOptions, gates: dict, layers: dict, per_
                       + ". The model must not be approved on this evidence."})
     if validation.get("failed"):
         flags.append({"severity": "high", "text": "The data contract (great-expectations) did not pass."})
-    st = (ev.stability or {}).get("spearman", (ev.stability or {}).get("rank_correlation"))
-    if not is_missing(st) and st is not None and float(st) < 0.8:
+    st = stability_value(ev.stability)
+    if st is not None and not math.isnan(st) and st < 0.8:
         flags.append({"severity": "medium", "text": f"Global importance is unstable between random halves of the "
                       f"data (rank correlation {fnum(st)} < 0.800)."})
     if unstable:
@@ -538,14 +567,18 @@ def build_context(ev: RunEvidence) -> dict[str, Any]:
     gates = _gates(ev)
     validation = _validation(ev)
     st = ev.stability or {}
-    st_value = st.get("spearman", st.get("rank_correlation"))
+    st_value = stability_value(st)
+    st_modes = st.get("modes") if isinstance(st.get("modes"), dict) else {}
     stability = {
         "missing": None if st else _missing("the run has no explanations/stability.json"),
         "rows": _rows([(k.replace("_", " "), fnum(v) if isinstance(v, (int, float)) else v)
-                       for k, v in sorted(st.items())]),
+                       for k, v in sorted(st.items()) if k != "modes"]),
+        "modes": [{"mode": m, "value": fnum((v or {}).get("spearman")),
+                   "halves": f"{fnum((v or {}).get('n_half_a'))} / {fnum((v or {}).get('n_half_b'))}"}
+                  for m, v in sorted(st_modes.items())],
         "value": fnum(st_value),
-        "verdict": "n/a" if is_missing(st_value) or st_value is None else (
-            "stable" if float(st_value) >= 0.9 else "moderately stable" if float(st_value) >= 0.8 else "UNSTABLE"),
+        "verdict": "n/a" if st_value is None or math.isnan(st_value) else (
+            "stable" if st_value >= 0.9 else "moderately stable" if st_value >= 0.8 else "UNSTABLE"),
     }
     flags = _flags(ev, opts, gates, layers, per_class, validation, unstable)
     primary = str(gi.get("primary_mode") or ev.tags.get("governance.primary_mode") or "n/a")

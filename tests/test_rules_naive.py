@@ -900,3 +900,23 @@ def test_linear_on_token_sequences(mode):
     exp_R = _map(nr.linear_rule(x, lin.weight, lin.bias, Rf, mode, "tanh").relevance, mode,
                  lambda r: r.reshape(2, 3, 5))
     nr.check_engine(model, xs, mode, exp_R, f"linear tokens {mode}", task=_task(mode))
+
+
+@pytest.mark.parametrize("between", ["dropout_eval", "unflatten"])
+@pytest.mark.parametrize("mode", ["default", "signed"])
+def test_saturation_seen_through_identity_ops(mode, between):
+    """Linear -> Dropout(eval) -> sigmoid (or Linear -> unflatten -> sigmoid): the ops between
+    change no value (spec 5: "pass through" / "move relevance exactly as the op moves values"),
+    so the layer's output still feeds the sigmoid and its saturation applies (spec 3: "When the
+    layer's output feeds an activation φ ..."). Reading of the spec; see the test report."""
+    lin, x, _ = _linear_case("sigmoid")
+    if between == "dropout_eval":
+        model = nn.Sequential(lin, nn.Dropout(0.2), nn.Sigmoid())
+    else:
+        model = nn.Sequential(lin, nn.Unflatten(1, (2, 4)), nn.Sigmoid(), nn.Flatten())
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    R = _seed_for(y, mode, "regression")
+    exp_R = nr.linear_rule(x, lin.weight, lin.bias, R, mode, "sigmoid").relevance
+    nr.check_engine(model, x, mode, exp_R, f"saturation through {between} {mode}")

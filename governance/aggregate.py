@@ -287,6 +287,8 @@ class LayerAccumulator:
         self.n += n
         for rec in summary.to_dict("records"):
             module = str(rec["module"])
+            if not module:  # the root module: its output is the seed itself
+                continue
             if module not in self.types:
                 self.types[module] = str(rec.get("type", ""))
                 self.order.append(module)
@@ -302,6 +304,8 @@ class LayerAccumulator:
                 acc["branch_share"] = acc.get("branch_share", 0.0) + float(b) * n
                 acc["branch_w"] += n
         for module, rel in (layer_relevance or {}).items():
+            if not module:
+                continue
             t = rel.detach() if hasattr(rel, "detach") else rel
             arr = np.asarray(t.float().cpu() if hasattr(t, "float") else t, dtype=np.float64)
             if arr.ndim < 2:

@@ -60,7 +60,9 @@ class ValidationOutcome:
         if self.success:
             return f"data contract passed ({len(self.expectations)} expectations, {self.contract_source})"
         lines = [f"data contract failed: {len(self.failures)} of {len(self.expectations)} expectations"]
-        lines += [f"  - {f}" for f in self.failures]
+        lines += [f"  - {f}" for f in self.failures[:40]]
+        if len(self.failures) > 40:
+            lines.append(f"  ... and {len(self.failures) - 40} more (see validation_result.json)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,42 +80,54 @@ class ValidationOutcome:
         }
 
 
+def _table_checks(columns: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"type": "expect_table_row_count_to_be_between", "min_value": 1},
+        {"type": "expect_table_columns_to_match_set", "column_set": list(columns), "exact_match": False},
+    ]
+
+
+def _column_checks(col: str, low: float, high: float) -> list[dict[str, Any]]:
+    return [
+        {"type": "expect_column_values_to_be_in_type_list", "column": col, "type_list": NUMERIC_TYPES},
+        {"type": "expect_column_values_to_not_be_null", "column": col},
+        {"type": "expect_column_values_to_be_between", "column": col, "min_value": low, "max_value": high},
+    ]
+
+
 def feature_checks(feature_columns: list[str]) -> list[dict[str, Any]]:
-    """The checks every contract carries: each feature exists, is numeric, not null, finite."""
-    out: list[dict[str, Any]] = [{"type": "expect_table_row_count_to_be_between", "min_value": 1}]
+    """The checks every contract carries: rows exist, every feature column exists and is numeric,
+    not null and finite (a between-check with the float64 range)."""
+    out = _table_checks(feature_columns)
     for col in feature_columns:
-        out += [
-            {"type": "expect_column_to_exist", "column": col},
-            {"type": "expect_column_values_to_be_in_type_list", "column": col, "type_list": NUMERIC_TYPES},
-            {"type": "expect_column_values_to_not_be_null", "column": col},
-            {"type": "expect_column_values_to_be_between", "column": col,
-             "min_value": -FINITE_BOUND, "max_value": FINITE_BOUND},
-        ]
+        out += _column_checks(col, -FINITE_BOUND, FINITE_BOUND)
     return out
 
 
 def derive_contract(
-    reference: pd.DataFrame, feature_columns: list[str], *, mostly: float = 0.99, margin: float = 0.05
+    reference: pd.DataFrame, feature_columns: list[str], *, margin: float = 0.5
 ) -> list[dict[str, Any]]:
     """A contract derived from reference (training) data: column set, numeric types, not-null,
-    finiteness, and the observed range widened by ``margin`` of its width (``mostly`` of values
-    must fall inside, so a few new extremes do not fail the gate but a shift does)."""
-    out = feature_checks(feature_columns)
+    and the observed min/max widened by ``margin`` times the observed width on each side (a
+    finite range, so it also rejects infinities). Values far outside what the model was trained
+    on fail the gate; ordinary new extremes do not."""
+    out = _table_checks(feature_columns)
     for col in feature_columns:
-        if col not in reference.columns:
-            continue
-        s = pd.to_numeric(reference[col], errors="coerce")
-        lo, hi = float(s.min()), float(s.max())
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            continue
-        pad = (hi - lo) * margin
-        out.append({"type": "expect_column_values_to_be_between", "column": col,
-                    "min_value": lo - pad, "max_value": hi + pad, "mostly": mostly})
+        s = pd.to_numeric(reference[col], errors="coerce") if col in reference.columns else pd.Series([], dtype=float)
+        lo, hi = (float(s.min()), float(s.max())) if len(s) else (math.nan, math.nan)
+        if math.isfinite(lo) and math.isfinite(hi):
+            pad = max((hi - lo) * margin, 1e-9)
+            out += _column_checks(col, lo - pad, hi + pad)
+        else:
+            out += _column_checks(col, -FINITE_BOUND, FINITE_BOUND)
     return out
 
 
 def _gx_context():
+    import logging
+
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -133,6 +147,9 @@ def _detail(result: Any) -> str:
     if raised:
         return "could not be evaluated: " + str(raised[0].get("exception_message", "error"))
     r = result.result or {}
+    missing = (r.get("details") or {}).get("mismatched", {}).get("missing")
+    if missing:
+        return f"missing column(s) {sorted(missing)}"
     parts = []
     if "unexpected_count" in r:
         parts.append(f"{r['unexpected_count']} unexpected value(s) ({r.get('unexpected_percent', 0):.3g}%)")
@@ -143,39 +160,70 @@ def _detail(result: Any) -> str:
     return ", ".join(parts) or "failed"
 
 
+def _for_validation(df: pd.DataFrame) -> pd.DataFrame:
+    """Small floats widened to float64 (GX's vectorised range check only takes native floats)."""
+    small = [c for c in df.columns if str(df[c].dtype) in ("float32", "float16")]
+    if not small:
+        return df
+    return df.astype({c: "float64" for c in small})
+
+
+def _run_suite(gx: Any, batch: Any, specs: list[dict[str, Any]], result_format: str) -> Any:
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    exps = [
+        ExpectationConfiguration(type=s["type"], kwargs={k: v for k, v in s.items() if k != "type"}).to_domain_obj()
+        for s in specs
+    ]
+    suite = gx.ExpectationSuite(name="governance_contract", expectations=exps)
+    return batch.validate(suite, result_format=result_format)
+
+
+def _spec_of(result: Any) -> dict[str, Any]:
+    cfg = result.expectation_config
+    return {"type": cfg.type, **{k: v for k, v in cfg.kwargs.items() if k != "batch_id"}}
+
+
+def _type_detail(col: pd.Series) -> str:
+    bad = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()]
+    example = f", non-numeric value(s) such as {[str(v) for v in bad.head(3)]}" if len(bad) else ""
+    return f"column type '{col.dtype}' is not numeric{example} ({len(bad)} row(s))"
+
+
 def validate_table(
     df: pd.DataFrame, expectations: list[dict[str, Any]], *, contract_source: str = "config"
 ) -> ValidationOutcome:
-    """Check ``df`` against ``expectations`` with great-expectations; never raises on failure."""
-    gx, ctx = _gx_context()
-    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+    """Check ``df`` against ``expectations`` with great-expectations; never raises on failure.
 
-    asset = ctx.data_sources.add_pandas("governance").add_dataframe_asset("validation_data")
-    batch_def = asset.add_batch_definition_whole_dataframe("whole")
-    suite = ctx.suites.add(gx.ExpectationSuite(name="governance_contract"))
-    by_id: dict[str, dict[str, Any]] = {}
-    for spec in expectations:
-        kwargs = {k: v for k, v in spec.items() if k != "type"}
-        exp = suite.add_expectation(ExpectationConfiguration(type=spec["type"], kwargs=kwargs).to_domain_obj())
-        by_id[str(exp.id)] = spec
-    vd = ctx.validation_definitions.add(
-        gx.ValidationDefinition(name="governance_validation", data=batch_def, suite=suite)
-    )
-    res = vd.run(batch_parameters={"dataframe": df}, result_format="SUMMARY")
-    failures = []
-    for r in res.results:
-        if r.success:
-            continue
-        spec = by_id.get(str(r.expectation_config.id), {})
-        failures.append(Failure(
-            expectation=r.expectation_config.type,
-            column=spec.get("column", r.expectation_config.kwargs.get("column")),
-            detail=_detail(r),
-        ))
-    failures.sort(key=lambda f: (str(f.column), f.expectation))
-    doc = res.to_json_dict()
+    The whole suite runs once with ``BOOLEAN_ONLY`` results (GX's per-expectation cost is the
+    bottleneck on wide tables); only when something fails are the failed expectations run again
+    with ``SUMMARY`` results, whose counts and examples go into the messages and the document.
+    """
+    gx, ctx = _gx_context()
+    batch_def = ctx.data_sources.add_pandas("governance").add_dataframe_asset(
+        "validation_data").add_batch_definition_whole_dataframe("whole")
+    batch = batch_def.get_batch(batch_parameters={"dataframe": _for_validation(df)})
+    quick = _run_suite(gx, batch, expectations, "BOOLEAN_ONLY")
+    doc = quick.to_json_dict()
+    failures: list[Failure] = []
+    if not quick.success:
+        failed_specs = [_spec_of(r) for r in quick.results if not r.success]
+        detailed = _run_suite(gx, batch, failed_specs, "SUMMARY")
+        for r in detailed.results:
+            if r.success:
+                continue
+            failures.append(Failure(
+                expectation=r.expectation_config.type,
+                column=r.expectation_config.kwargs.get("column"),
+                detail=_detail(r),
+            ))
+        for f in failures:
+            if f.expectation == "expect_column_values_to_be_in_type_list" and f.column in df.columns:
+                f.detail = _type_detail(df[f.column])
+        failures.sort(key=lambda f: (str(f.column), f.expectation))
+        doc["failed_expectations"] = detailed.to_json_dict()["results"]
     doc.pop("id", None)
     return ValidationOutcome(
-        success=bool(res.success), contract_source=contract_source,
+        success=bool(quick.success), contract_source=contract_source,
         expectations=expectations, failures=failures, gx_result=doc,
     )

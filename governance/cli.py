@@ -25,6 +25,9 @@ main.add_command(report_command)
 main.add_command(card_command)
 main.add_command(verify_command)
 main.add_command(approve_command)
+from governance.cli_explain import explain_command  # noqa: E402
+
+main.add_command(explain_command)
 
 if __name__ == "__main__":
     main()

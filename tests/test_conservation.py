@@ -259,3 +259,25 @@ def test_contrastive_t_zero_drops_both_maps():
                torch.tensor([0.0], dtype=torch.float64), RTOL, "t=0 R+ lost", atol=1e-12)
     df = exp.negative.layer_summary(per_sample=True)
     nr.compare(_col(df, "0", "dropped", 1), torch.tensor([100.0], dtype=torch.float64), RTOL, "t=0 dropped")
+
+
+@pytest.mark.parametrize("mode,task", [("default", "multiclass-classification"), ("default", "regression"),
+                                       ("signed", "multiclass-classification"), ("contrastive", "bbox-regression")])
+def test_summary_abs_relevance_and_share(mode, task):
+    """abs_relevance_in = Σ|relevance at the module's output| and share = that / |seed|, also
+    when the maps carry both signs (signed mode, a regression seed of mixed signs)."""
+    m = make_chain()
+    x, target = _inputs()
+    if task != "multiclass-classification":
+        m = nn.Sequential(*list(m)[:-1]).eval()  # end in the Linear: raw outputs of both signs
+        target = None
+    exp = _bt(m).explain(x, mode=mode, task=task, target=target)
+    subs = [exp.positive, exp.negative] if mode == "contrastive" else [exp]
+    n = x.shape[0]
+    for sub in subs:
+        df = sub.layer_summary(per_sample=True)
+        seed_abs = sub.seed_relevance.double().abs()
+        for name, rel in sub.layer_relevance.items():
+            a = rel.double().reshape(n, -1).abs().sum(1)
+            nr.compare(_col(df, name, "abs_relevance_in", n), a, RTOL, f"{mode} {task} {name} abs", atol=1e-12)
+            nr.compare(_col(df, name, "share", n), a / seed_abs, RTOL, f"{mode} {task} {name} share", atol=1e-12)

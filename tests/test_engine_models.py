@@ -485,3 +485,31 @@ def test_global_torch_state_unchanged():
         assert all(p.requires_grad for p in model.parameters())
     finally:
         torch.set_num_threads(threads)
+
+
+def test_register_rule_makes_an_unsupported_op_explainable():
+    """The documented way out of UnsupportedOperationError: register a rule for the op."""
+    from governance.backtrace import register_rule
+    from governance.backtrace import registry
+
+    torch.manual_seed(6)
+    model = Outer(lambda x: torch.cumsum(x, dim=1)).to(DTYPE).eval()
+    x = torch.randn(2, 4, dtype=DTYPE)
+    before = dict(registry._RULES)
+    try:
+        @register_rule(torch.ops.aten.cumsum)
+        def cumsum_all_to_input(ctx, node, R):  # a deliberately simple rule: reverse cumsum
+            return {node.args[0]: R.flip(1).cumsum(1).flip(1)}
+
+        exp = _bt(model).explain(x, mode="default", task="regression")
+    finally:
+        registry._RULES.clear()
+        registry._RULES.update(before)
+    with torch.no_grad():
+        h = model.block[0](model.fc(x))
+        c = torch.cumsum(h, 1)
+    R, _ = nr.seed("regression", model(x).detach())
+    (rc,) = [nr.reduce_rule(c, R, "default", (1,), keepdim=True)]
+    rh = rc.flip(1).cumsum(1).flip(1)
+    expected = nr.linear_rule(x, model.fc.weight, model.fc.bias, rh, "default", "relu").relevance
+    nr.compare(exp.input_relevance, expected, RTOL, "registered cumsum rule")

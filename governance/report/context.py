@@ -337,8 +337,11 @@ def _quality(ev: RunEvidence) -> dict[str, Any]:
     rows = []
     for name in metrics:
         meta = (q.get("metrics") or {}).get(name) or {}
-        rows.append({"metric": name, "direction": f"{meta.get('direction', 'n/a')} is better",
-                     "cells": [fnum((q["methods"][m] or {}).get(name)) for m in methods]})
+        cells = []
+        for m in methods:
+            v = (q["methods"][m] or {}).get(name)
+            cells.append(fnum(v) if v is None or isinstance(v, (int, float)) else "see evidence")
+        rows.append({"metric": name, "direction": f"{meta.get('direction', 'n/a')} is better", "cells": cells})
     return {"missing": None, "methods": methods, "rows": rows, "n_samples": fnum(q.get("n_samples"))}
 
 
@@ -351,9 +354,15 @@ def _gates(ev: RunEvidence) -> dict[str, Any]:
                 "passed": tag == "true", "rows": []}
     rows = []
     for x in g.get("gates", []):
+        rule = f"{x.get('op', '')} {fnum(x.get('threshold'))}"
+        if x.get("threshold_value") is not None and isinstance(x.get("threshold"), str):
+            rule += f" ({fnum(x.get('threshold_value'))})"
+        result = "pass" if x.get("passed") else "FAIL" + (f": {x['reason']}" if x.get("reason") else "")
         rows.append({"name": ftext(x.get("name")), "metric": ftext(x.get("metric")), "method": ftext(x.get("method")),
-                     "rule": f"{x.get('op', '')} {fnum(x.get('threshold'))}", "value": fnum(x.get("value")),
-                     "passed": "pass" if x.get("passed") else "FAIL", "failed": not x.get("passed")})
+                     "rule": rule, "value": fnum(x.get("value")), "passed": result, "failed": not x.get("passed")})
+    if g.get("error"):
+        rows.append({"name": "evaluation", "metric": "n/a", "method": "n/a", "rule": "n/a", "value": "n/a",
+                     "passed": f"FAIL: {g['error']}", "failed": True})
     passed = bool(g.get("passed")) and tag != "false"
     return {"missing": None if rows else _missing("no policy gates were configured"),
             "status": "passed" if passed else "FAILED", "passed": passed, "rows": rows}

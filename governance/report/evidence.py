@@ -195,6 +195,15 @@ def resolve_model_version(client, uri: str | None):
             return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+    m = re.fullmatch(r"runs:/([0-9a-f]+)/.+", uri)
+    if m:
+        try:
+            hits = client.search_model_versions(f"run_id = '{m.group(1)}'")
+        except MlflowException:
+            hits = []
+        if len(hits) == 1:
+            return hits[0]
+        return None
     m = re.fullmatch(r"models:/(m-[0-9a-f]+)", uri)
     if m:
         try:
@@ -333,9 +342,10 @@ def find_governance_run(client, name: str, version: str) -> str | None:
         mv = client.get_model_version(name, version)
     except MlflowException:
         return None
-    rid = (mv.tags or {}).get("governance.run_id")
-    if rid:
-        return rid
+    for key in ("governance.run_id", "governance.explained_run_id"):
+        rid = (mv.tags or {}).get(key)
+        if rid:
+            return rid
     candidates = {f"models:/{name}/{version}"}
     if mv.source:
         candidates.add(mv.source)

@@ -1,0 +1,79 @@
+"""End to end: train the bundled credit-risk example, run the real explanation stage, then
+`report`, `verify` and `approve` through the command line on a fresh sqlite store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+pytestmark = pytest.mark.slow
+
+
+def test_explain_then_report_then_verify_then_approve(tmp_path, monkeypatch):
+    import mlflow
+
+    from examples.credit_risk.generator import REASON_TEXT, STRONG_DRIVERS, TARGET
+    from examples.credit_risk.train import train_and_log
+    from governance.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("e2e", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=exp)
+    with mlflow.start_run(run_name="train"):
+        trained = train_and_log(n_train=3000, n_valid=400, epochs=3, seed=0, registered_model_name="credit-e2e",
+                                data_dir=tmp_path / "data")
+    cfg = tmp_path / "governance.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "task": "binary-classification", "target_column": TARGET, "batch_size": 200,
+        "reason_codes": {"top_n": 4, "dictionary": dict(REASON_TEXT)},
+        "quality": {"enabled": True, "n_samples": 32},
+        "gates": [{"name": "primary beats random on delta AUC", "metric": "delta_auc", "method": "primary",
+                   "op": ">", "threshold": "random"}],
+        "report": {"intended_purpose": "Probability of default for consumer loans.",
+                   "sample_decisions": {"n": 4, "select": "adverse", "adverse_predictions": [1]}},
+        "model_card": {"developed_by": "Credit model team"},
+    }))
+    runner = CliRunner()
+    res = runner.invoke(main, ["explain", "--model-uri", "models:/credit-e2e/1", "--data", trained["validation_path"],
+                               "--target-column", TARGET, "--config", str(cfg), "--experiment-name", "e2e", "--quiet"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    run_id = res.output.strip().splitlines()[-1]
+
+    out = tmp_path / "out"
+    res = runner.invoke(main, ["report", "--run-id", run_id, "--output-dir", str(out)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    res = runner.invoke(main, ["verify", "--run-id", run_id])
+    assert res.exit_code == 0, res.output
+    assert runner.invoke(main, ["verify", str(out)]).exit_code == 0
+
+    gi = json.loads((out / "governance/explanations/global_importance.json").read_text())
+    pdf = out / "governance/reports/audit_report.pdf"
+    text = subprocess.run(["pdftotext", str(pdf), "-"], check=True, capture_output=True, text=True).stdout
+    for f in gi["features"][:3]:
+        assert f["feature"] in text
+    assert set(STRONG_DRIVERS) & {f["feature"] for f in gi["features"][:5]}
+    for title in ("1. Cover and control block", "5. Explainability", "6. Individual decisions", "9. Appendix"):
+        assert title in text
+    assert "governance_evidence.json" in subprocess.run(["pdfdetach", "-list", str(pdf)], check=True,
+                                                        capture_output=True, text=True).stdout
+    html = (out / "governance/reports/audit_report.html").read_text()
+    decisions = html[html.index('id="sec-decisions"'):html.index('id="sec-risks"')]
+    assert "adverse decisions (prediction in 1)" in decisions
+    assert any(t in decisions for t in REASON_TEXT.values())  # plain-language reason texts
+
+    client = mlflow.MlflowClient()
+    gates_passed = client.get_run(run_id).data.tags.get("governance.gates_passed")
+    res = runner.invoke(main, ["approve", "--model-name", "credit-e2e", "--version", "1", "--approver", "E2E",
+                               "--role", "Validator"])
+    if gates_passed == "true":
+        assert res.exit_code == 0, res.output
+        assert str(client.get_model_version_by_alias("credit-e2e", "audited").version) == "1"
+        assert runner.invoke(main, ["verify", "--run-id", run_id]).exit_code == 0
+    else:
+        assert res.exit_code == 3 and "policy gates failed" in res.output

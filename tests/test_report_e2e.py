@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -36,7 +37,7 @@ def test_explain_then_report_then_verify_then_approve(tmp_path, monkeypatch):
         "gates": [{"name": "primary beats random on delta AUC", "metric": "delta_auc", "method": "primary",
                    "op": ">", "threshold": "random"}],
         "report": {"intended_purpose": "Probability of default for consumer loans.",
-                   "sample_decisions": {"n": 4, "select": "adverse", "adverse_predictions": [1]}},
+                   "sample_decisions": {"n": 4, "select": "all"}},
         "model_card": {"developed_by": "Credit model team"},
     }))
     runner = CliRunner()
@@ -64,8 +65,10 @@ def test_explain_then_report_then_verify_then_approve(tmp_path, monkeypatch):
                                                         capture_output=True, text=True).stdout
     html = (out / "governance/reports/audit_report.html").read_text()
     decisions = html[html.index('id="sec-decisions"'):html.index('id="sec-risks"')]
-    assert "adverse decisions (prediction in 1)" in decisions
-    assert any(t in decisions for t in REASON_TEXT.values())  # plain-language reason texts
+    assert "all decisions (400)" in decisions
+    table = decisions[:decisions.index("Plain-language dictionary")]
+    assert len(re.findall(r"<tr><td>\d+</td>", table)) == 4
+    assert any(t in table for t in REASON_TEXT.values())  # plain-language reason texts per decision
 
     client = mlflow.MlflowClient()
     gates_passed = client.get_run(run_id).data.tags.get("governance.gates_passed")

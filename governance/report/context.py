@@ -250,40 +250,73 @@ def stability_value(st: dict[str, Any] | None) -> float | None:
     return None
 
 
-def _validation(ev: RunEvidence) -> dict[str, Any]:
-    v = ev.validation
-    if not v:
-        return {"missing": _missing("the run has no data_quality/validation_result.json"), "rows": []}
+def _param_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"[{len(value)} values]" if len(value) > 6 else "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def _validation(ev: RunEvidence, max_rows: int = 40) -> dict[str, Any]:
+    """The data-contract section: summary, expectations by type, failures, and every row when few.
+
+    Accepts the explanation stage's wrapper (``success``, ``contract_source``, ``failures``,
+    ``great_expectations``: the GX result) or a bare GX ``to_json_dict`` result.
+    """
+    doc = ev.validation
+    if not doc:
+        return {"missing": _missing("the run has no data_quality/validation_result.json"), "rows": [], "by_type": [],
+                "failures": []}
+    v = doc.get("great_expectations") if isinstance(doc.get("great_expectations"), dict) else doc
     rows = []
-    for r in v.get("results", []):
+    by_type: dict[str, dict[str, Any]] = {}
+    for r in v.get("results", []) or []:
         ec = r.get("expectation_config") or {}
         kwargs = dict(ec.get("kwargs") or {})
-        etype = ec.get("type") or ec.get("expectation_type") or "unknown"
-        column = kwargs.pop("column", None) or ", ".join(map(str, kwargs.pop("column_list", []) or [])) or "table"
+        etype = str(ec.get("type") or ec.get("expectation_type") or "unknown")
+        column = kwargs.pop("column", None) or "table"
         kwargs.pop("batch_id", None)
         res = r.get("result") or {}
         observed = res.get("observed_value")
+        ok = bool(r.get("success"))
+        t = by_type.setdefault(etype, {"n": 0, "passed": 0, "columns": set()})
+        t["n"] += 1
+        t["passed"] += ok
+        t["columns"].add(str(column))
         rows.append({
-            "expectation": str(etype), "column": str(column),
-            "parameters": ", ".join(f"{k}={kwargs[k]}" for k in sorted(kwargs)) or "none",
-            "success": "pass" if r.get("success") else "FAIL",
-            "failed": not r.get("success"),
+            "expectation": etype, "column": str(column),
+            "parameters": ", ".join(f"{k}={_param_text(kwargs[k])}" for k in sorted(kwargs)) or "none",
+            "success": "pass" if ok else "FAIL", "failed": not ok,
             "unexpected": fnum(res.get("unexpected_count")) if "unexpected_count" in res else "n/a",
-            "observed": ftext(observed) if observed is not None else "n/a",
+            "observed": _param_text(observed) if observed is not None else "n/a",
         })
+    failures = [{"expectation": str(f.get("expectation")), "column": str(f.get("column") or "table"),
+                 "detail": str(f.get("detail") or "")} for f in doc.get("failures", []) or []]
+    if not failures:
+        failures = [{"expectation": r["expectation"], "column": r["column"],
+                     "detail": f"unexpected {r['unexpected']}, observed {r['observed']}"} for r in rows if r["failed"]]
     stats = v.get("statistics") or {}
+    success = doc.get("success", v.get("success"))
     return {
         "missing": None,
-        "success": "passed" if v.get("success") else "FAILED",
-        "failed": not v.get("success"),
+        "success": "passed" if success else "FAILED",
+        "failed": not success,
         "suite": ftext(v.get("suite_name") or (v.get("meta") or {}).get("expectation_suite_name")),
+        "source": ftext(doc.get("contract_source")),
         "stats": _rows([
-            ("Expectations evaluated", fnum(stats.get("evaluated_expectations"))),
+            ("Contract derived from", doc.get("contract_source")),
+            ("Expectations evaluated", fnum(stats.get("evaluated_expectations", doc.get("n_expectations")))),
             ("Successful", fnum(stats.get("successful_expectations"))),
-            ("Unsuccessful", fnum(stats.get("unsuccessful_expectations"))),
+            ("Unsuccessful", fnum(stats.get("unsuccessful_expectations", len(failures)))),
             ("Success rate", "n/a" if stats.get("success_percent") is None else f"{float(stats['success_percent']):.1f}%"),
         ]),
-        "rows": rows,
+        "by_type": [{"type": k, "n": fnum(t["n"]), "passed": fnum(t["passed"]), "failed": fnum(t["n"] - t["passed"]),
+                     "columns": fnum(len(t["columns"])), "alert": t["n"] != t["passed"]}
+                    for k, t in sorted(by_type.items())],
+        "failures": failures,
+        "rows": rows if len(rows) <= max_rows else [],
+        "rows_note": None if len(rows) <= max_rows else (
+            f"{len(rows):,} expectations: the full list is in governance/data_quality/validation_result.json "
+            "(listed in the manifest and attached to the PDF)."),
     }
 
 

@@ -559,16 +559,24 @@ def _each_map(R, mode, fn):
     return fn(R)
 
 
-def pool_windows(L, kernel, stride, padding, dilation):
+def pool_windows(L, kernel, stride, padding, dilation, ceil_mode=False):
     """Windows of an N-d pooling: {output position: [input positions inside the input]}.
     Padded positions are left out (max pooling pads with −inf, average pooling with 0: they
-    never win a max and add |0| to an average's denominator)."""
+    never win a max and add |0| to an average's denominator). ``ceil_mode``: PyTorch's output
+    size (rounded up, but the last window must start inside the input or the left padding);
+    windows running past the end are clipped."""
     nd = len(L)
     k = _tuple(kernel, nd)
     s = _tuple(stride if stride is not None else kernel, nd)
     p = _tuple(padding, nd)
     d = _tuple(dilation, nd)
-    Lout = [(L[a] + 2 * p[a] - d[a] * (k[a] - 1) - 1) // s[a] + 1 for a in range(nd)]
+    Lout = []
+    for a in range(nd):
+        span = L[a] + 2 * p[a] - d[a] * (k[a] - 1) - 1
+        out = (-(-span // s[a]) if ceil_mode else span // s[a]) + 1
+        if ceil_mode and (out - 1) * s[a] >= L[a] + p[a]:
+            out -= 1
+        Lout.append(out)
     wins = {}
     for o in itertools.product(*[range(v) for v in Lout]):
         members = []
@@ -580,9 +588,9 @@ def pool_windows(L, kernel, stride, padding, dilation):
     return wins, Lout
 
 
-def maxpool_forward(x, kernel, stride=None, padding=0, dilation=1):
+def maxpool_forward(x, kernel, stride=None, padding=0, dilation=1, ceil_mode=False):
     N, C, *L = x.shape
-    wins, Lout = pool_windows(L, kernel, stride, padding, dilation)
+    wins, Lout = pool_windows(L, kernel, stride, padding, dilation, ceil_mode)
     out = torch.zeros(N, C, *Lout, dtype=torch.float64)
     for s in range(N):
         for c in range(C):
@@ -591,11 +599,11 @@ def maxpool_forward(x, kernel, stride=None, padding=0, dilation=1):
     return out
 
 
-def maxpool_rule(x, R, mode, kernel, stride=None, padding=0, dilation=1):
+def maxpool_rule(x, R, mode, kernel, stride=None, padding=0, dilation=1, ceil_mode=False):
     """Spec 5, max pooling: the window's maximum element(s) take the window's relevance; ties
     share equally; overlapping windows accumulate. Contrastive: same, per map."""
     N, C, *L = x.shape
-    wins, _ = pool_windows(L, kernel, stride, padding, dilation)
+    wins, _ = pool_windows(L, kernel, stride, padding, dilation, ceil_mode)
 
     def one(Rm):
         out = torch.zeros(x.shape, dtype=torch.float64)
@@ -632,10 +640,10 @@ def _abs_share(x, R, groups):
     return to_tensor(out, tuple(x.shape[1:]))
 
 
-def avgpool_rule(x, R, mode, kernel, stride=None, padding=0):
+def avgpool_rule(x, R, mode, kernel, stride=None, padding=0, ceil_mode=False):
     """Spec 5, average pooling: per window R_i = R · |x_i| / Σ_window |x_k| (padding adds 0)."""
     N, C, *L = x.shape
-    wins, Lout = pool_windows(L, kernel, stride, padding, 1)
+    wins, Lout = pool_windows(L, kernel, stride, padding, 1, ceil_mode)
     groups = {}
     for c in range(C):
         for o, members in wins.items():

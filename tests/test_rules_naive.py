@@ -566,6 +566,8 @@ MAXPOOL_CASES = {
     "max1d_k2_s1_d2": (1, dict(kernel=2, stride=1, padding=0, dilation=2)),
     "max2d_k3_s1_p1": (2, dict(kernel=3, stride=1, padding=1, dilation=1)),
     "max2d_mixed": (2, dict(kernel=(2, 3), stride=(1, 2), padding=1, dilation=(2, 1))),
+    "max1d_k4_s2_ceil": (1, dict(kernel=4, stride=2, padding=0, dilation=1, ceil_mode=True)),
+    "max2d_k2_s2_ceil": (2, dict(kernel=2, stride=2, padding=0, dilation=1, ceil_mode=True)),
 }
 
 
@@ -579,12 +581,16 @@ def test_maxpool(mode, name):
     shape = (2, 2, 9) if nd == 1 else (2, 2, 5, 6)
     x = torch.randint(-3, 3, shape).to(DTYPE)
     x[0, 0].fill_(-2.0)  # one map all equal and negative
-    pool = (nn.MaxPool1d if nd == 1 else nn.MaxPool2d)(kw["kernel"], kw["stride"], kw["padding"], kw["dilation"])
+    pool = (nn.MaxPool1d if nd == 1 else nn.MaxPool2d)(kw["kernel"], kw["stride"], kw["padding"], kw["dilation"],
+                                                       ceil_mode=kw.get("ceil_mode", False))
     model = nn.Sequential(pool, nn.Flatten()).eval()
     with torch.no_grad():
         y = model(x)
         py = pool(x)
     assert torch.equal(nr.maxpool_forward(x, **kw), py.double())
+    if kw.get("ceil_mode"):  # the case does produce a clipped last window
+        assert nr.pool_windows(shape[2:], kw["kernel"], kw["stride"], kw["padding"], 1, True)[1] != \
+            nr.pool_windows(shape[2:], kw["kernel"], kw["stride"], kw["padding"], 1, False)[1]
     R = _map(_seed_for(y, mode, _task(mode)), mode, lambda r: r.reshape(py.shape))
     exp_R = nr.maxpool_rule(x, R, mode, **kw)
     nr.check_engine(model, x, mode, exp_R, f"{name} {mode}", task=_task(mode))
@@ -596,6 +602,8 @@ AVGPOOL_CASES = {
     "avg2d_k3_s1_p1": (2, dict(kernel=3, stride=1, padding=1)),
     "avg2d_k2_s1_p1": (2, dict(kernel=(2, 3), stride=(1, 2), padding=(1, 1))),
     "avg2d_k3_s2_p1_nopadcount": (2, dict(kernel=3, stride=2, padding=1), dict(count_include_pad=False)),
+    "avg1d_k2_s2_ceil": (1, dict(kernel=2, stride=2, padding=0, ceil_mode=True), dict(ceil_mode=True)),
+    "avg2d_k3_s2_p1_ceil": (2, dict(kernel=3, stride=2, padding=1, ceil_mode=True), dict(ceil_mode=True)),
 }
 
 
@@ -608,6 +616,9 @@ def test_avgpool(mode, name):
     x = torch.randn(shape, dtype=DTYPE)
     pool = (nn.AvgPool1d if nd == 1 else nn.AvgPool2d)(kw["kernel"], kw["stride"], kw["padding"],
                                                        **(extra[0] if extra else {}))
+    if name.endswith("ceil"):
+        assert nr.pool_windows(shape[2:], kw["kernel"], kw["stride"], kw["padding"], 1, True)[1] != \
+            nr.pool_windows(shape[2:], kw["kernel"], kw["stride"], kw["padding"], 1, False)[1]
     model = nn.Sequential(pool, nn.Flatten()).eval()
     with torch.no_grad():
         y = model(x)
@@ -693,7 +704,7 @@ def test_sum_mean(mode, name):
 # ============================================================================================
 
 
-BIN_CASES = ["add", "add_bcast", "sub", "mul_two", "mul_two_bcast"]
+BIN_CASES = ["add", "add_bcast", "sub", "mul_two", "mul_two_bcast", "add_same_operand", "mul_same_operand"]
 
 
 @pytest.mark.parametrize("name", BIN_CASES)
@@ -709,6 +720,10 @@ def test_binary_ops_of_two_activations(mode, name):
         "sub": lambda m, x: x[:, :4] - x[:, 4:],
         "mul_two": lambda m, x: x[:, :4] * x[:, 4:],
         "mul_two_bcast": lambda m, x: x[:, :4] * x[:, 4:5],
+        # both operands the very same tensor: each of the two terms/factors still gets its
+        # share, and both shares land on it (x + x: R/2 + R/2; x * x: R/2 + R/2)
+        "add_same_operand": lambda m, x: (lambda a: a + a)(x[:, :4]),
+        "mul_same_operand": lambda m, x: (lambda a: a * a)(x[:, :4]),
     }
     model = Op(fns[name]).eval()
     with torch.no_grad():
@@ -716,6 +731,20 @@ def test_binary_ops_of_two_activations(mode, name):
     R = _seed_for(y, mode, _task(mode))
     a = x[:, :4]
     b = x[:, 4:5] if "bcast" in name else x[:, 4:]
+    if name == "add_same_operand":
+        (ra, rb), _ = nr.add_rule([a, a], R, mode)
+        exp_R = _map(R, mode, lambda r: torch.cat([r.double(), torch.zeros(3, 4, dtype=torch.float64)], 1))
+        naive_sum = (ra[0] + rb[0], ra[1] + rb[1]) if mode == "contrastive" else ra + rb
+        nr.compare_rel(_map(naive_sum, mode, lambda r: torch.cat([r, torch.zeros(3, 4, dtype=torch.float64)], 1)),
+                       exp_R, mode, "naive x + x", rtol=1e-12)
+        nr.check_engine(model, x, mode, exp_R, f"{name} {mode}", task=_task(mode))
+        return
+    if name == "mul_same_operand":
+        ra, rb = nr.mul_two_rule(tuple(a.shape), tuple(a.shape), R, mode)
+        naive_sum = (ra[0] + rb[0], ra[1] + rb[1]) if mode == "contrastive" else ra + rb
+        exp_R = _map(naive_sum, mode, lambda r: torch.cat([r, torch.zeros(3, 4, dtype=torch.float64)], 1))
+        nr.check_engine(model, x, mode, exp_R, f"{name} {mode}", task=_task(mode))
+        return
     if name.startswith("add"):
         (ra, rb), _ = nr.add_rule([a, b], R, mode)
     elif name == "sub":

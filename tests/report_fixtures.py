@@ -164,6 +164,7 @@ def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *,
         ImportanceAccumulator,
         decision_direction,
         global_importance_document,
+        reason_code_summary,
         reason_codes,
         stability_document,
     )
@@ -184,6 +185,7 @@ def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *,
     shares = rel / np.abs(rel).sum(axis=1, keepdims=True)
     reasons = reason_codes(shares, decision_direction("binary-classification", prob, pred), list(FEATURES),
                            top_n=2, dictionary=DICTIONARY)
+    gi["reason_code_leaders"] = reason_code_summary([reasons[["supporting_1", "adverse_1"]]], 2)
     reasons.insert(0, "prediction", pred)
     reasons.insert(0, "sample_id", np.arange(len(x)))
     layers = [

@@ -178,6 +178,8 @@ def test_individual_decisions_show_adverse_sample_with_plain_language(published)
     assert len(rows) == 5 and all(p == "1" for _, p in rows)
     assert "Income is too low for the amount requested" in section
     assert "Plain-language dictionary" in section
+    leaders = section[section.index("Features leading the reason codes"):section.index("Plain-language dictionary")]
+    assert re.search(r"<td>\w[^<]*</td><td class=\"num\">\d+ \(\d+\.\d%\)</td>", leaders)
 
 
 def test_crosswalk_maps_sections_to_the_frameworks(published):

@@ -185,11 +185,33 @@ def _reason_list(row: pd.Series, side: str) -> list[tuple[str, str, str | None]]
     return out
 
 
+def _leaders(ev: RunEvidence, dictionary: dict[str, str], top: int = 8) -> list[dict[str, str]]:
+    """Features that most often lead the reason codes (global_importance.json reason_code_leaders)."""
+    doc = ev.global_importance.get("reason_code_leaders") or {}
+    n = ev.global_importance.get("n_samples") or 0
+    sides = {}
+    for side in ("supporting", "adverse"):
+        counts = doc.get(side) or {}
+        sides[side] = sorted(((str(k), int(v)) for k, v in counts.items()), key=lambda kv: (-kv[1], kv[0]))[:top]
+    rows = []
+    for i in range(max((len(v) for v in sides.values()), default=0)):
+        row = {}
+        for side, items in sides.items():
+            if i < len(items):
+                f, c = items[i]
+                row[side] = f"{f} ({dictionary[f]})" if f in dictionary else f
+                row[f"{side}_n"] = f"{c:,}" + (f" ({100.0 * c / n:.1f}%)" if n else "")
+            else:
+                row[side], row[f"{side}_n"] = "", ""
+        rows.append(row)
+    return rows
+
+
 def _decisions(ev: RunEvidence, opts: ReportOptions, dictionary: dict[str, str]) -> dict[str, Any]:
     rc = ev.reason_codes
     cfg = opts.sample_decisions
     dict_rows = [{"feature": k, "text": v} for k, v in sorted(dictionary.items())]
-    base = {"dictionary": dict_rows,
+    base = {"dictionary": dict_rows, "leaders": _leaders(ev, dictionary),
             "dictionary_missing": None if dict_rows else _missing(
                 "no plain-language dictionary in the configuration (reason_codes.dictionary); "
                 "reasons are shown by feature name")}

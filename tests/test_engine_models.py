@@ -407,6 +407,14 @@ def test_mlflow_logged_model_explains_identically(tmp_path, monkeypatch):
         a = _bt(model).explain(x, mode=mode, task="multiclass-classification")
         b = nr.explain(loaded, x, mode, task="multiclass-classification")
         nr.compare(b.input_relevance, a.input_relevance, 0.0, f"mlflow round trip {mode}", atol=1e-6)
+        # the layer view (what the layer ranking is built from) survives the round trip too
+        assert sorted(b.layer_relevance) == sorted(a.layer_relevance)
+        for k, v in a.layer_relevance.items():
+            nr.compare(b.layer_relevance[k], v, 0.0, f"mlflow round trip layer {k}", atol=1e-6)
+        sa, sb = a.layer_summary(), b.layer_summary()
+        assert list(sa["module"]) == list(sb["module"])
+        for col in ("relevance_in", "relevance_out", "bias_absorbed", "dropped"):
+            assert (sa[col] - sb[col]).abs().max() <= 1e-6, col
         if mode == "contrastive":
             nr.compare(b.positive.input_relevance, a.positive.input_relevance, 0.0, "R+", atol=1e-6)
             nr.compare(b.negative.input_relevance, a.negative.input_relevance, 0.0, "R-", atol=1e-6)

@@ -281,3 +281,35 @@ def test_summary_abs_relevance_and_share(mode, task):
             a = rel.double().reshape(n, -1).abs().sum(1)
             nr.compare(_col(df, name, "abs_relevance_in", n), a, RTOL, f"{mode} {task} {name} abs", atol=1e-12)
             nr.compare(_col(df, name, "share", n), a / seed_abs, RTOL, f"{mode} {task} {name} share", atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["default", "contrastive"])
+def test_resnet_block_books_and_branch_share(mode):
+    """The residual block: seed = input + bias-absorbed (default; contrastive: both totals kept),
+    and branch_share of the block = relevance entering its add through the conv branch over
+    all that entered it (naive: the add rule's split ∝ |branch| vs |skip|)."""
+    from test_engine_models import naive_blocknet
+
+    net = make_blocknet()
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 5, 5, dtype=DTYPE)
+    n = x.shape[0]
+    target = torch.tensor([0, 1, 2, 3])
+    naive, _ = naive_blocknet(net, x, mode, target)
+    exp = _bt(net).explain(x, mode=mode, task="multiclass-classification", target=target)
+    subs = [(exp.positive, 0), (exp.negative, 1)] if mode == "contrastive" else [(exp, None)]
+    for sub, k in subs:
+        branch = naive["block.bn2"] if k is None else naive["block.bn2"][k]
+        around = naive["block"] if k is None else naive["block"][k]
+        b_tot = branch.reshape(n, -1).sum(1)
+        a_tot = around.reshape(n, -1).sum(1)
+        df = sub.layer_summary(per_sample=True)
+        nr.compare(_col(df, "block", "branch_share", n), b_tot / a_tot, RTOL, f"{mode} branch share")
+        leaves = [name for name, mod in net.named_modules() if name and not list(mod.children())]
+        bias = sum(_col(df, name, "bias_absorbed", n) for name in leaves)
+        drop = sum(_col(df, name, "dropped", n) for name in leaves)
+        nr.compare(sub.input_total().double() + bias + drop, sub.seed_relevance.double(), RTOL,
+                   f"{mode} block seed = input + bias + dropped")
+        assert float(drop.abs().max()) <= 1e-9 * float(sub.seed_relevance.abs().max())
+        if mode == "default":
+            assert float(bias.min()) > 0

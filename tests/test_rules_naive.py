@@ -949,3 +949,53 @@ def test_saturation_seen_through_identity_ops(mode, between):
     R = _seed_for(y, mode, "regression")
     exp_R = nr.linear_rule(x, lin.weight, lin.bias, R, mode, "sigmoid").relevance
     nr.check_engine(model, x, mode, exp_R, f"saturation through {between} {mode}")
+
+
+# ============================================================================================
+# 7. the same rules on float32 models (what users run): float32 round-off only
+# ============================================================================================
+
+
+@pytest.mark.parametrize("name", ["conv2d_mixed_g2", "conv1d_same_even", "conv3d", "convT2d"])
+@pytest.mark.parametrize("mode", MODES)
+def test_conv_float32(mode, name):
+    transposed = name in CONVT_CASES
+    c, act, conv, x = _conv_case(name, transposed)
+    conv = conv.float()
+    x = x.float()
+    layers = [conv] + ([] if ACTS[act] is None else [ACTS[act]()])
+    model = nn.Sequential(*layers, nn.Flatten()).eval()
+    with torch.no_grad():
+        y = model(x)
+        t = conv(x)
+    lo, hi = nr.SATURATION[act]
+    for bound in (lo, hi):
+        if bound is not None:
+            assert (t - bound).abs().min() > 1e-4
+    R = _map(_seed_for(y, mode, _task(mode)), mode, lambda r: r.reshape(t.shape))
+    fn = nr.conv_transpose_rule if transposed else nr.conv_rule
+    exp_R = fn(x, conv.weight, conv.bias, R, mode, act, **_conv_kw(c, transposed)).relevance
+    nr.check_engine(model, x, mode, exp_R, f"{name}+{act} f32 {mode}", task=_task(mode), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_linear_and_pooling_float32(mode):
+    lin, x, _ = _linear_case("tanh")
+    lin = lin.float()
+    x = x.float()
+    model = nn.Sequential(lin, nn.Tanh()).eval()
+    with torch.no_grad():
+        y = model(x)
+    R = _seed_for(y, mode, _task(mode))
+    exp_R = nr.linear_rule(x, lin.weight, lin.bias, R, mode, "tanh").relevance
+    nr.check_engine(model, x, mode, exp_R, f"linear+tanh f32 {mode}", task=_task(mode), rtol=1e-5)
+    torch.manual_seed(12)
+    x = torch.randn(2, 2, 5, 6)
+    for pool, rule in ((nn.MaxPool2d(3, 1, 1), lambda x, R: nr.maxpool_rule(x, R, mode, 3, 1, 1)),
+                       (nn.AvgPool2d(3, 2, 1), lambda x, R: nr.avgpool_rule(x, R, mode, 3, 2, 1))):
+        model = nn.Sequential(pool, nn.Flatten()).eval()
+        with torch.no_grad():
+            y = model(x)
+            py = pool(x)
+        R = _map(_seed_for(y, mode, _task(mode)), mode, lambda r: r.reshape(py.shape))
+        nr.check_engine(model, x, mode, rule(x, R), f"{type(pool).__name__} f32 {mode}", task=_task(mode), rtol=1e-5)

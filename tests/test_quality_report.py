@@ -174,3 +174,41 @@ def test_gates_missing_values_fail_with_reason_and_bad_config_raises():
         evaluate_gates(Q, [{"metric": "delta_auc", "method": "random", "op": "~", "threshold": 0}])
     with pytest.raises(ValueError, match="threshold"):
         evaluate_gates(Q, [{"metric": "delta_auc", "method": "random", "op": ">"}])
+
+
+def test_token_path_on_a_tiny_bert_with_every_method():
+    """quality_report on (N, T) ids of a small random BERT + head: every method (DLBacktrace included
+    when the engine is importable) produces (N, T) attributions; [CLS]/[SEP]/[PAD] are never ranked."""
+    transformers = pytest.importorskip("transformers")
+    try:
+        from governance.backtrace import Backtrace  # noqa: F401
+        modes = ("default", "signed")
+    except ImportError:
+        modes = ()
+
+    class TinyBert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=32, max_position_embeddings=16)
+                self.encoder = transformers.BertModel(cfg, add_pooling_layer=False)
+                self.head = nn.Linear(16, 2)
+
+        def forward(self, input_ids):
+            mask = (input_ids != 0).long()
+            h = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            return self.head(h[:, 0])
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 40, (12, 8), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3  # [CLS] ... [SEP]
+    ids[:4, 5:] = 0  # padded rows
+    ids[:4, 5] = 3
+    q = quality_report(TinyBert().eval(), ids, task="multiclass-classification", modes=modes, baseline_token_id=4,
+                       protected_ids=(0, 2, 3), metrics=("flipping", "complexity", "completeness"), ig_steps=64)
+    assert not q["errors"], q["errors"]
+    assert set(q["methods"]) == {f"backtrace_{m}" for m in modes} | {"gradient_x_input", "integrated_gradients", "random"}
+    assert q["metrics"]["morf_auc"]["parameters"]["n_steps"] == 6  # the longest row has 6 free tokens
+    assert q["methods"]["integrated_gradients"]["completeness_gap"] < 0.05

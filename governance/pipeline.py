@@ -329,6 +329,76 @@ def _plots(tables: dict[str, pd.DataFrame], primary: str, layer_doc: dict, local
                                 title=f"Layer ranking ({primary} mode)")
 
 
+@dataclass
+class _Prepared:
+    cfg: GovernanceConfig
+    handle: Any
+    loaded: LoadedData
+    names: list[str]
+    outcome: ValidationOutcome
+    source: str
+
+
+def _prepare(model: Any, data: Any, config: Any, overrides: Mapping[str, Any],
+             timings: dict[str, float]) -> _Prepared:
+    """Config, model, data, feature columns, and the data contract's outcome (not raised yet)."""
+    t0 = time.perf_counter()
+    # the stage shows its own progress bar; MLflow's download bars would only add noise
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    cfg = _resolve_config(config, overrides)
+    handle = _resolve_model(model, cfg.device)
+    loaded = data if isinstance(data, LoadedData) else load_data(data)
+    names = feature_columns(loaded.frame, cfg)
+    contract, source = build_contract(cfg, names, handle, loaded.frame)
+    timings["load"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    outcome = validate_table(loaded.frame, contract, contract_source=source)
+    timings["contract"] = time.perf_counter() - t
+    return _Prepared(cfg, handle, loaded, names, outcome, source)
+
+
+def _log_validation(rid: str, p: _Prepared) -> str | None:
+    """Log config.yaml, the validation result, the dataset input and the first tags."""
+    from governance import tracking
+
+    with tracking.StagingArea() as first:
+        first.path("config.yaml").write_text(p.cfg.to_yaml())
+        write_json(first.path("data_quality/validation_result.json"), p.outcome.to_dict())
+        first.commit(rid)
+    try:
+        digest = tracking.log_dataset(rid, p.loaded.frame, source=p.loaded.source, name=p.loaded.name,
+                                      target_column=p.cfg.target_column)
+    except Exception:  # a broken table may not even have a schema; the contract says why
+        digest = None
+    tags = {"status": "validated" if p.outcome.success else "failed", "primary_mode": p.cfg.primary_mode,
+            "model_uri": p.handle.uri, "contract_source": p.source}
+    if digest:
+        tags["dataset_digest"] = digest
+    tracking.set_tags(rid, tags)
+    return digest
+
+
+def validate_data(
+    model: Any, data: Any, *, config: Any = None, run_id: str | None = None,
+    experiment_name: str | None = None, log: bool = True, **overrides: Any,
+) -> ValidationOutcome:
+    """Only the data contract (the ``validate`` pipeline step): check, log the result, and raise
+    :class:`ContractViolation` when it fails."""
+    from governance import tracking
+
+    p = _prepare(model, data, config, overrides, {})
+    rid, created = tracking.resolve_run(run_id, experiment_name, "governance-validate") if log else (None, False)
+    try:
+        if log:
+            _log_validation(rid, p)
+        if not p.outcome.success:
+            raise ContractViolation(p.outcome)
+        return p.outcome
+    finally:
+        if created:
+            tracking.finish_run(rid, p.outcome.success)
+
+
 def explain_model(
     model: Any,
     data: str | Path | pd.DataFrame | LoadedData,
@@ -352,39 +422,14 @@ def explain_model(
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    # the stage shows its own progress bar; MLflow's download bars would only add noise
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    cfg = _resolve_config(config, overrides)
-    handle = _resolve_model(model, cfg.device)
-    loaded = data if isinstance(data, LoadedData) else load_data(data)
+    p = _prepare(model, data, config, overrides, timings)
+    cfg, handle, loaded, names, outcome = p.cfg, p.handle, p.loaded, p.names, p.outcome
     frame = loaded.frame
-    names = feature_columns(frame, cfg)
-    contract, source = build_contract(cfg, names, handle, frame)
-    timings["load"] = time.perf_counter() - t0
-
-    t = time.perf_counter()
-    outcome = validate_table(frame, contract, contract_source=source)
-    timings["contract"] = time.perf_counter() - t
 
     rid, created = (tracking.resolve_run(run_id, experiment_name) if log else (None, False))
     ok = False
     try:
-        digest = None
-        if log:
-            with tracking.StagingArea() as first:
-                first.path("config.yaml").write_text(cfg.to_yaml())
-                write_json(first.path("data_quality/validation_result.json"), outcome.to_dict())
-                first.commit(rid)
-            try:
-                digest = tracking.log_dataset(rid, frame, source=loaded.source, name=loaded.name,
-                                              target_column=cfg.target_column)
-            except Exception:  # a broken table may not even have a schema; the contract says why
-                digest = None
-            tags = {"status": "validated" if outcome.success else "failed", "primary_mode": cfg.primary_mode,
-                    "model_uri": handle.uri, "contract_source": source}
-            if digest:
-                tags["dataset_digest"] = digest
-            tracking.set_tags(rid, tags)
+        digest = _log_validation(rid, p) if log else None
         if not outcome.success:
             raise ContractViolation(outcome)
 

@@ -292,7 +292,7 @@ def tag_model_version(handle: ModelHandle, tags: Mapping[str, Any]) -> bool:
 def artifact_files(run_id: str, path: str = ARTIFACT_ROOT) -> Iterator[str]:
     """Every artifact file path under ``path`` in the run (for tests and checks)."""
     c = client()
-    for f in c.list_artifacts(run_id, path):
+    for f in c.list_artifacts(run_id, path or None):
         if f.is_dir:
             yield from artifact_files(run_id, f.path)
         else:

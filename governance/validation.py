@@ -127,9 +127,10 @@ def _gx_context():
     import logging
 
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
     ctx = gx.get_context(mode="ephemeral")
     try:

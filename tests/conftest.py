@@ -7,3 +7,4 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from report_fixtures import governance_store, published, tracking  # noqa: E402,F401
+from explain_fixtures import credit_store, credit_store_session  # noqa: E402,F401

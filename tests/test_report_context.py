@@ -118,3 +118,24 @@ def test_templates_ship_inside_the_wheel(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True,
                          env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}).stdout
     assert str(tmp_path / "site") in out
+
+
+def test_local_relevance_is_read_bounded(tmp_path):
+    """Large local relevance: evenly spaced rows, and only the top features when the norm is stored."""
+    import pandas as pd
+
+    from governance.report import evidence as E
+
+    n, feats = 120_000, [f"f{i}" for i in range(60)]
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(rng.normal(size=(n, len(feats))).astype("float32"), columns=feats)
+    df.insert(0, "relevance_l1", np.abs(df.to_numpy()).sum(1))
+    df.insert(0, "prediction", rng.integers(0, 2, n))
+    df.insert(0, "sample_id", np.arange(n))
+    path = tmp_path / "local_relevance.parquet"
+    df.to_parquet(path, index=False)
+    out = E._read_local_relevance(path, feats)
+    assert len(out) <= E.MAX_LOCAL_ROWS and out.attrs["n_rows_total"] == n
+    assert list(out["sample_id"][:3]) == [0, 3, 6]  # every third row of 120,000
+    assert len([c for c in out.columns if c.startswith("f")]) == E.MAX_LOCAL_FEATURES
+    assert {"sample_id", "prediction", "relevance_l1"} <= set(out.columns)

@@ -132,7 +132,10 @@ def _shares(ev: RunEvidence, features: list[str]) -> tuple[pd.DataFrame | None, 
     if not cols:
         return None, "local_relevance.parquet has no column per feature"
     rel = df[[cols[f] for f in all_features if f in cols]].to_numpy(dtype=float)
-    l1 = np.abs(rel).sum(axis=1, keepdims=True)
+    if "relevance_l1" in df.columns:  # the stored norm over every feature (only some are read)
+        l1 = df["relevance_l1"].to_numpy(dtype=float)[:, None]
+    else:
+        l1 = np.abs(rel).sum(axis=1, keepdims=True)
     share = rel / np.where(l1 > 0, l1, 1.0)
     out = pd.DataFrame(share, columns=[f for f in all_features if f in cols])
     return out[[f for f in features if f in out.columns]], None
@@ -621,7 +624,9 @@ def build_context(ev: RunEvidence) -> dict[str, Any]:
                                 for f in shares.columns]
         distribution["chart"] = plots.data_uri(plots.distribution_chart(
             list(shares.columns), [shares[f].to_numpy() for f in shares.columns]))
-        distribution["n"] = fnum(len(shares))
+        total = (ev.local_relevance.attrs or {}).get("n_rows_total", len(shares))
+        distribution["n"] = fnum(len(shares)) if total == len(shares) else \
+            f"{len(shares):,} evenly spaced of {total:,}"
     all_shares, _ = _shares(ev, top_names)
     per_class = _per_class(ev, all_shares, top_names[:10])
     unstable = [str(f["feature"]) for f in features

@@ -130,6 +130,48 @@ def _read_parquet(path: Path) -> pd.DataFrame | None:
     return pd.read_parquet(path)
 
 
+#: Rows of local_relevance.parquet read for the distribution views (evenly spaced, deterministic).
+MAX_LOCAL_ROWS = 50_000
+#: Features (by rank) whose local relevance columns are read when the L1 norm is stored.
+MAX_LOCAL_FEATURES = 40
+_META_COLUMNS = ("sample_id", "id", "sample", "row", "index", "prediction", "predicted", "predicted_class",
+                 "pred", "label", "score", "relevance_l1")
+
+
+def _read_local_relevance(path: Path, ranked_features: list[str]) -> pd.DataFrame | None:
+    """Local relevance, bounded: at most ``MAX_LOCAL_ROWS`` evenly spaced rows; when the file
+    stores each row's L1 norm (``relevance_l1``) only the top ``MAX_LOCAL_FEATURES`` features."""
+    if not path.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if "relevance_l1" in names:
+        wanted = [c for c in names if c in _META_COLUMNS]
+        for f in ranked_features[:MAX_LOCAL_FEATURES]:
+            for cand in (f, f"relevance_{f}"):
+                if cand in names and cand not in wanted:
+                    wanted.append(cand)
+                    break
+    else:
+        wanted = names
+    n = pf.metadata.num_rows
+    step = max(1, -(-n // MAX_LOCAL_ROWS))
+    parts, seen = [], 0
+    for batch in pf.iter_batches(columns=wanted, batch_size=65536):
+        frame = batch.to_pandas()
+        import numpy as np
+
+        parts.append(frame.iloc[np.nonzero(np.arange(seen, seen + len(frame)) % step == 0)[0]])
+        seen += len(frame)
+    if not parts:
+        return pd.DataFrame(columns=wanted)
+    out = pd.concat(parts, ignore_index=True)
+    out.attrs["n_rows_total"] = n
+    return out
+
+
 def _dataset_inputs(run) -> list[dict[str, Any]]:
     out = []
     for di in getattr(run.inputs, "dataset_inputs", None) or []:
@@ -499,7 +541,9 @@ def load_run_evidence(run_id: str, *, tracking_uri: str | None = None, config_ov
         global_importance=gi,
         global_importance_table=_read_parquet(expl / "global_importance.parquet"),
         layer_ranking=layer_ranking,
-        local_relevance=_read_parquet(expl / "local_relevance.parquet"),
+        local_relevance=_read_local_relevance(
+            expl / "local_relevance.parquet",
+            [str(f["feature"]) for f in sorted(gi["features"], key=lambda f: f.get("rank", 0))]),
         reason_codes=_read_parquet(expl / "reason_codes.parquet"),
         stability=_read_json(expl / "stability.json"),
         quality=_read_json(expl / "quality.json"),

@@ -483,3 +483,16 @@ def test_upsampling_conserves(mode):
     torch.testing.assert_close(e.input_total(), e.seed_relevance, rtol=1e-4, atol=1e-4)
     one = bt.explain(x[1:], task="binary-segmentation")
     torch.testing.assert_close(e.input_relevance[1:], one.input_relevance, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_summary_ranks_experts():
+    blk = zm.moe_block()
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
+    e = Backtrace(blk).explain(x, task="regression")
+    df = e.expert_summary()
+    assert list(df.expert.sort_values()) == [0, 1, 2, 3]
+    assert df.abs_relevance.is_monotonic_decreasing
+    assert abs(df.share.sum() - 1.0) < 1e-9
+    er = e.expert_relevance[""]
+    assert abs(df.abs_relevance.sum() - float(er.double().abs().sum(1).sum(1).mean())) < 1e-6
+    assert abs(df.tokens.sum() - 5 * 2) < 1e-9  # top-2 routing: 2 experts per token

@@ -69,6 +69,30 @@ class Explanation:
         term per token}; summed over experts it is the relevance at the block's output."""
         return self.extras.get("expert_relevance", {})
 
+    def expert_summary(self) -> pd.DataFrame:
+        """One row per (MoE block, expert), ranked within each block: the batch mean of the
+        expert's total relevance, its absolute relevance, its share of the block's absolute
+        relevance and the mean number of tokens per sample that gave it any (what pruning
+        ranks by)."""
+        rows = []
+        for block, er in self.expert_relevance.items():
+            er = er.double()
+            tot = er.reshape(er.shape[0], -1, er.shape[-1])
+            absd = tot.abs().sum(1)  # (N, E)
+            block_abs = absd.sum(1, keepdim=True)
+            share = torch.where(block_abs > 0, absd / torch.where(block_abs > 0, block_abs, torch.ones_like(block_abs)),
+                                torch.zeros_like(absd))
+            for e in range(tot.shape[-1]):
+                rows.append({
+                    "block": block, "expert": e,
+                    "relevance": float(tot[..., e].sum(1).mean()),
+                    "abs_relevance": float(absd[:, e].mean()),
+                    "share": float(share[:, e].mean()),
+                    "tokens": float((tot[..., e] != 0).sum(1).double().mean()),
+                })
+        df = pd.DataFrame(rows, columns=["block", "expert", "relevance", "abs_relevance", "share", "tokens"])
+        return df.sort_values(["block", "abs_relevance"], ascending=[True, False], ignore_index=True)
+
     @property
     def batch_size(self) -> int:
         return int(self.seed_relevance.shape[0])

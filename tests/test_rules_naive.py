@@ -827,11 +827,13 @@ PASS_CASES = {
     "leaky_relu": lambda m, x: F.leaky_relu(x, 0.2),
     "dropout_eval": lambda m, x: F.dropout(x, 0.5, training=False),
     "contiguous": lambda m, x: x.transpose(1, 2).contiguous().transpose(1, 2),
+    # spec 5: "division by an activation-derived normaliser: all to the numerator"
+    "div_by_activation_normaliser": lambda m, x: x / (x.sum(-1, keepdim=True) + 10.0),
 }
 PASS_CASES.pop("log_softmax")
 
 
-@pytest.mark.parametrize("name", list(PASS_CASES) + ["layer_norm", "layer_norm_affine", "identity"])
+@pytest.mark.parametrize("name", list(PASS_CASES) + ["layer_norm", "layer_norm_affine", "rms_norm", "identity"])
 @pytest.mark.parametrize("mode", MODES)
 def test_passthrough_ops(mode, name):
     """Activations, softmax, layer norm, dropout (eval), identity: relevance passes unchanged."""
@@ -844,6 +846,10 @@ def test_passthrough_ops(mode, name):
         with torch.no_grad():
             model.weight.uniform_(-2, 2)
             model.bias.uniform_(-1, 1)
+    elif name == "rms_norm":
+        model = nn.RMSNorm(5).to(DTYPE)
+        with torch.no_grad():
+            model.weight.uniform_(-2, 2)
     elif name == "identity":
         model = nn.Sequential(nn.Identity(), nn.Dropout(0.3))
     else:

@@ -1005,3 +1005,22 @@ def test_linear_and_pooling_float32(mode):
             py = pool(x)
         R = _map(_seed_for(y, mode, _task(mode)), mode, lambda r: r.reshape(py.shape))
         nr.check_engine(model, x, mode, rule(x, R), f"{type(pool).__name__} f32 {mode}", task=_task(mode), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batchnorm_after_activation_is_not_folded(mode):
+    """Conv -> ReLU -> BN: the BN does not directly follow the conv, so it is a standalone
+    per-channel affine map (spec 5) and the conv keeps its own weights with ReLU saturation."""
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    conv = nn.Conv1d(2, 3, 3, padding=1).to(DTYPE)
+    bn = _randomise_bn(nn.BatchNorm1d(3).to(DTYPE), g)
+    model = nn.Sequential(conv, nn.ReLU(), bn, nn.Flatten()).eval()
+    x = torch.randn(2, 2, 6, generator=g, dtype=DTYPE)
+    with torch.no_grad():
+        h = torch.relu(conv(x))
+        y = model(x)
+    R = _map(_seed_for(y, mode, _task(mode)), mode, lambda r: r.reshape(h.shape))
+    Rh = nr.batchnorm_rule(h, bn, R, mode).relevance
+    exp_R = nr.conv_rule(x, conv.weight, conv.bias, Rh, mode, "relu", padding=1).relevance
+    nr.check_engine(model, x, mode, exp_R, f"conv-relu-bn {mode}", task=_task(mode))

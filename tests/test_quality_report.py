@@ -212,3 +212,16 @@ def test_token_path_on_a_tiny_bert_with_every_method():
     assert set(q["methods"]) == {f"backtrace_{m}" for m in modes} | {"gradient_x_input", "integrated_gradients", "random"}
     assert q["metrics"]["morf_auc"]["parameters"]["n_steps"] == 6  # the longest row has 6 free tokens
     assert q["methods"]["integrated_gradients"]["completeness_gap"] < 0.05
+
+
+def test_exported_graph_module_as_mlflow_loads_it():
+    """MLflow's pt2 flavour hands back torch.export's GraphModule: no eval()/train(), parameters read
+    with get_attr. MPRT still finds the layers (top-down) and the report runs."""
+    m = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1), nn.Sigmoid()).eval()
+    x = _data(40)
+    gm = torch.export.export(m, (x[:4],), dynamic_shapes={"input": {0: torch.export.Dim("batch")}}).module()
+    q = quality_report(gm, x, task="binary-classification", modes=(), explainers=BASELINES, n_samples=24,
+                       metrics=("mprt", "flipping"))
+    assert not q["errors"], q["errors"]
+    assert list(q["details"]["gradient_x_input"]["mprt_spearman_per_layer"]) == ["2", "0"]
+    assert q["methods"]["gradient_x_input"]["mprt_spearman"] < 0.95

@@ -34,7 +34,8 @@ Tensor = torch.Tensor
 
 def parameter_layers(model: nn.Module, x_probe: Tensor) -> list[str]:
     """Names of the modules that own parameters directly, in the order a forward pass of
-    ``x_probe`` first calls them (modules never called are left out)."""
+    ``x_probe`` first calls them (modules never called are left out); for an exported graph
+    module, in the order its graph first reads their parameters."""
     owners = {name: m for name, m in model.named_modules()
               if any(p.numel() > 0 for p in m.parameters(recurse=False))}
     order: list[str] = []
@@ -47,8 +48,18 @@ def parameter_layers(model: nn.Module, x_probe: Tensor) -> list[str]:
     finally:
         for h in handles:
             h.remove()
-    # parameters the root owns directly (e.g. a flattened GraphModule) count as one last layer
-    return order if order else ([""] if "" in owners else [])
+    if order:
+        return order
+    # an exported graph (torch.export / MLflow pt2) reads parameters with get_attr instead of
+    # calling submodules: order the owners by the first graph node that reads their parameters
+    graph = getattr(model, "graph", None)
+    if graph is not None:
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                owner = node.target.rsplit(".", 1)[0] if "." in node.target else ""
+                if owner in owners and owner not in order:
+                    order.append(owner)
+    return order or list(owners)
 
 
 @torch.no_grad()

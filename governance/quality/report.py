@@ -165,7 +165,7 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
             raise ValueError(f"ground-truth drivers not among the features: {missing}")
 
     was_training = model.training
-    model.eval()
+    _set_mode(model, False)
     try:
         out = forward(model, x, batch_size)
         tgt = resolve_target(out, task, tgt_in)
@@ -285,8 +285,17 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
             if timings:
                 doc["timings"][name] = {"explain_s": t_explain, "metrics_s": time.perf_counter() - t0 - t_explain}
     finally:
-        model.train(was_training)
+        _set_mode(model, was_training)
     return _clean(doc)
+
+
+def _set_mode(model: nn.Module, training: bool) -> None:
+    """``model.train(training)``; exported graphs (torch.export / MLflow pt2) refuse mode switches
+    and are already captured in eval form, so they are left as they are."""
+    try:
+        model.train(training)
+    except NotImplementedError:
+        pass
 
 
 def decision_polarity(out: Tensor, task: str, transform: str) -> Tensor:

@@ -474,6 +474,10 @@ def test_global_torch_state_unchanged():
         _bt(model).explain(x, mode="default", task="multiclass-classification")
         assert torch.get_num_threads() == 2
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(not det)
+        _bt(model).explain(x, mode="contrastive", task="multiclass-classification")
+        assert torch.are_deterministic_algorithms_enabled() is (not det)
+        torch.use_deterministic_algorithms(det)
         for grad in (True, False):
             for mode in MODES:
                 with torch.set_grad_enabled(grad):
@@ -493,6 +497,7 @@ def test_global_torch_state_unchanged():
         assert all(p.requires_grad for p in model.parameters())
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
 
 
 def test_register_rule_makes_an_unsupported_op_explainable():

@@ -102,6 +102,7 @@ def approve(model_name: str, version: str, approver: str, role: str, decision: s
     reasons: list[str] = []
     with tempfile.TemporaryDirectory(prefix="governance-approve-") as tmp:
         folder: Path | None = None
+        gate_reasons: list[str] = []
         verified = False
         manifest_sha = None
         if run_id is None:
@@ -112,7 +113,8 @@ def approve(model_name: str, version: str, approver: str, role: str, decision: s
                 folder = download_governance(run_id, tmp, tracking_uri)
             except ArchiveError as exc:
                 reasons.append(str(exc))
-            reasons += _gate_reasons(client, run_id, folder)
+            gate_reasons = _gate_reasons(client, run_id, folder)
+            reasons += gate_reasons
             if folder is not None:
                 if not (folder / MANIFEST_PATH).is_file():
                     reasons.append(f"run {run_id} has no {MANIFEST_PATH}; run `mlflow-governance report` first")
@@ -135,7 +137,7 @@ def approve(model_name: str, version: str, approver: str, role: str, decision: s
             "decision": decision,
             "comment": comment or "",
             "date": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "gates_passed": not any("gate" in r for r in reasons),
+            "gates_passed": run_id is not None and not gate_reasons,
             "verified": verified,
             "manifest_sha256": manifest_sha,
         }

@@ -139,3 +139,18 @@ def test_local_relevance_is_read_bounded(tmp_path):
     assert list(out["sample_id"][:3]) == [0, 3, 6]  # every third row of 120,000
     assert len([c for c in out.columns if c.startswith("f")]) == E.MAX_LOCAL_FEATURES
     assert {"sample_id", "prediction", "relevance_l1"} <= set(out.columns)
+
+
+def test_report_renders_without_any_model_metadata(evidence):
+    """A run whose model URI is unknown still renders, saying what is not provided."""
+    from governance.report.context import build_context
+    from governance.report.evidence import ModelFacts
+    from governance.report.render import render_html
+
+    ev = dataclasses.replace(evidence, model=ModelFacts(architecture_note="model URI not recorded"),
+                             previous=None, datasets=[], metrics={}, plots={})
+    html = render_html(build_context(ev))
+    assert "Not provided: the model is not registered" in html
+    assert "Not provided: model URI not recorded" in html
+    assert "Not provided: no dataset was logged as an input of the run" in html
+    assert "the model is not registered" in html[html.index('id="sec-changes"'):]

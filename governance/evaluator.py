@@ -36,12 +36,14 @@ class GovernanceEvaluator(ModelEvaluator):
         from governance.pipeline import explain_model
         from governance.tracking import ModelHandle
 
-        if model is None:
-            raise ValueError("the governance evaluator needs a model (it explains the model, not predictions)")
-        try:
-            torch_model = model.get_raw_model()
-        except Exception as exc:
-            raise ValueError(f"the governance evaluator needs a PyTorch-flavour model: {exc}") from exc
+        import warnings
+
+        flavors = getattr(getattr(model, "metadata", None), "flavors", None) or {}
+        if model is None or "pytorch" not in flavors:
+            # evaluators=None asks every registered evaluator; never break evaluation of other models
+            warnings.warn("the governance evaluator explains PyTorch-flavour models only; skipped", stacklevel=2)
+            return EvaluationResult(metrics={}, artifacts={})
+        torch_model = model.get_raw_model()
         meta = getattr(model, "metadata", None)
         uri = getattr(meta, "model_uri", None) or f"models:/{getattr(model, 'model_id', None) or 'unknown'}"
         handle = ModelHandle(model=torch_model, uri=str(uri), model_id=getattr(model, "model_id", None),

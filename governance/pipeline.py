@@ -121,21 +121,26 @@ def feature_columns(frame: pd.DataFrame, cfg: GovernanceConfig) -> list[str]:
     return cols
 
 
-def build_contract(cfg: GovernanceConfig, features: list[str], handle: Any,
-                   frame: pd.DataFrame) -> tuple[list[dict[str, Any]], str]:
-    """Config expectations, else a contract derived from the model's training data, else the
-    validation data's own schema; feature checks are always included."""
+def build_contract(cfg: GovernanceConfig, handle: Any,
+                   frame: pd.DataFrame) -> tuple[list[dict[str, Any]], str, list[str]]:
+    """The contract, where it came from, and the feature columns.
+
+    Config expectations, else a contract derived from the model's training data (whose columns,
+    less the target, are then the features the model expects), else the validation data's own
+    schema; the feature checks are always included."""
     if cfg.expectations:
-        return feature_checks(features) + [dict(e) for e in cfg.expectations], "config"
+        names = feature_columns(frame, cfg)
+        return feature_checks(names) + [dict(e) for e in cfg.expectations], "config", names
     from governance.tracking import training_frame
 
     found = training_frame(handle) if getattr(handle, "source_run_id", None) else None
     if found is not None:
         train, where = found
-        present = [c for c in features if c in train.columns]
-        if present:
-            return derive_contract(train, features), where
-    return feature_checks(features), "validation data schema"
+        names = list(cfg.feature_columns) if cfg.feature_columns else feature_columns(train, cfg)
+        if all(c in train.columns for c in names):
+            return derive_contract(train, names), where, names
+    names = feature_columns(frame, cfg)
+    return feature_checks(names), "validation data schema", names
 
 
 # ----------------------------------------------------------------------------- the walk
@@ -230,7 +235,13 @@ def run_backtrace(model: Any, x: np.ndarray, names: list[str], cfg: GovernanceCo
             ids = np.arange(start, start + m_rows, dtype=np.int64)
             pred = score = direction = None
             for mode in cfg.modes:
-                exp = bt.explain(xb, mode=mode, task=cfg.task, multiplier=cfg.multiplier)
+                try:
+                    exp = bt.explain(xb, mode=mode, task=cfg.task, multiplier=cfg.multiplier)
+                except RuntimeError as exc:
+                    if start == 0 and "shape" in str(exc):
+                        raise StageError(f"the model rejected a batch of {x.shape[1]} feature columns "
+                                         f"({exc}); check feature_columns and target_column") from exc
+                    raise
                 rel = _to_numpy(exp.input_relevance).reshape(m_rows, -1)
                 if pred is None:
                     output = _to_numpy(exp.output)
@@ -348,8 +359,7 @@ def _prepare(model: Any, data: Any, config: Any, overrides: Mapping[str, Any],
     cfg = _resolve_config(config, overrides)
     handle = _resolve_model(model, cfg.device)
     loaded = data if isinstance(data, LoadedData) else load_data(data)
-    names = feature_columns(loaded.frame, cfg)
-    contract, source = build_contract(cfg, names, handle, loaded.frame)
+    contract, source, names = build_contract(cfg, handle, loaded.frame)
     timings["load"] = time.perf_counter() - t0
     t = time.perf_counter()
     outcome = validate_table(loaded.frame, contract, contract_source=source)

@@ -20,7 +20,6 @@ SATURATION: dict[str, tuple[float | None, float | None]] = {
     "leaky_relu": (0.0, None),
     "leaky_relu_": (0.0, None),
     "relu6": (0.0, None),
-    "hardtanh": (None, None),
     "sigmoid": (-4.0, 4.0),
     "tanh": (-2.0, 2.0),
     "softmax": (-1.0, 2.0),
@@ -29,13 +28,21 @@ SATURATION: dict[str, tuple[float | None, float | None]] = {
     "gelu": (-6.0, None),
 }
 
+# Ops between a layer and its activation that hand the values on unchanged (eval mode).
+VALUE_PRESERVING = {
+    "dropout", "feature_dropout", "alpha_dropout", "clone", "contiguous", "alias", "detach",
+    "view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
+}
+
 STABILISER = 1e-9
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num / den where den != 0, else 0 (a unit with nothing to split passes nothing)."""
-    nz = den != 0
-    return torch.where(nz, num / torch.where(nz, den, torch.ones_like(den)), torch.zeros_like(num))
+    """num / den where den != 0, else 0 (a unit with nothing to split passes nothing).
+
+    Dividing by zero gives ±inf or nan exactly where den == 0 (den is finite elsewhere), so
+    zeroing the non-finite results is the same as masking, in two passes instead of four."""
+    return torch.nan_to_num_(num / den, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class RuleContext:
@@ -50,6 +57,9 @@ class RuleContext:
         self.rerouted: dict[fx.Node, torch.Tensor] = {}
         self._current: fx.Node | None = None
         self.fused: dict[fx.Node, Any] = {}
+        # Default and contrastive maps keep the sign of their seed: with a non-negative seed
+        # every relevance is >= 0 and |R| sums equal R sums (set by the engine after seeding).
+        self.one_signed = False
         # rule-specific reports that end up in Explanation.extras (e.g. "expert_relevance")
         self.extras: dict[str, Any] = {}
 
@@ -72,18 +82,27 @@ class RuleContext:
 
     # saturation -------------------------------------------------------------------------
     def saturation(self, node: fx.Node) -> tuple[float | None, float | None]:
-        """(l, u) of the activation that ``node``'s output feeds directly, or (None, None)."""
+        """(l, u) of the activation that ``node``'s output feeds, or (None, None).
+
+        The activation must be the only consumer; ops that hand the same values on unchanged
+        (eval dropout, reshapes, a folded batch norm's output) are looked through, since the
+        activation still sees the layer's output."""
         users = list(node.users)
         if len(users) != 1:
             return (None, None)
         user = users[0]
         if user in self.fused:  # batch norm folded into this layer: look past it
             return self.saturation(user)
-        if user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0:
-            return self.saturation(user)
         if user.op != "call_function":
             return (None, None)
+        if user.target is operator.getitem:
+            return self.saturation(user) if user.args[1] == 0 else (None, None)
         name = getattr(user.target, "_opname", getattr(user.target, "__name__", ""))
+        if name in VALUE_PRESERVING:
+            return self.saturation(user)
+        if name in ("hardtanh", "hardtanh_"):  # relu6 exports as hardtanh(x, 0, 6)
+            low = user.args[1] if len(user.args) > 1 else user.kwargs.get("min_val", -1.0)
+            return (0.0, None) if low == 0 else (None, None)
         return SATURATION.get(name, (None, None))
 
     # books ------------------------------------------------------------------------------
@@ -91,14 +110,28 @@ class RuleContext:
         """Sum of ``t`` per sample: (N,). The batch is the leading axis (or folded into it)."""
         n = self.batch_size
         if t.dim() == 0:
-            return t.expand(n).clone()
-        if t.shape[0] == n:
-            return t.reshape(n, -1).sum(1)
-        return t.reshape(n, -1).sum(1)
+            return t.to(torch.float64).expand(n).clone()
+        return t.reshape(n, -1).sum(1).to(torch.float64)
+
+    def per_sample_abs(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of |t| per sample: (N,), without materialising |t|."""
+        n = self.batch_size
+        if t.dim() == 0:
+            return t.abs().to(torch.float64).expand(n).clone()
+        if self.one_signed:
+            return self.per_sample(t)
+        return torch.linalg.vector_norm(t.reshape(n, -1), ord=1, dim=1).to(torch.float64)
 
     def absorb(self, amount: torch.Tensor) -> None:
         """Book relevance taken out of the walk by a bias or a constant operand."""
         self._book(self.absorbed, amount)
+
+    def absorb_product(self, s: torch.Tensor, b: torch.Tensor) -> None:
+        """Book Σ s·b per sample for a bias b broadcast over s, without forming s·b."""
+        keep = [0] + [d for d in range(1, s.dim()) if d < s.dim() - b.dim() or b.shape[d - (s.dim() - b.dim())] != 1]
+        red = [d for d in range(1, s.dim()) if d not in keep]
+        s_red = (s.sum(red, keepdim=True) if red else s).to(torch.float64)
+        self._book(self.absorbed, s_red * b.to(torch.float64))
 
     def reroute(self, amount: torch.Tensor) -> None:
         """Book relevance that saturation moved from one side of a unit to the other."""
@@ -106,7 +139,7 @@ class RuleContext:
 
     def _book(self, table: dict, amount: torch.Tensor) -> None:
         node = self._current
-        ps = self.per_sample(amount).to(torch.float64)
+        ps = self.per_sample(amount)
         table[node] = table[node] + ps if node in table else ps
 
     def set_current(self, node: fx.Node | None) -> None:

@@ -85,6 +85,8 @@ class Backtrace:
         task = task or infer_task(y)
         seeds, tgt = make_seed(y, task, mode, target, multiplier, seed, threshold)
         ctxs = [RuleContext(recording, modules, mode, n) for _ in seeds]
+        for c, s in zip(ctxs, seeds):
+            c.one_signed = mode != "signed" and bool((s >= 0).all())
         fused = mark_foldable_batch_norms(gm, ctxs[0])
         for c in ctxs:
             c.fused = fused

@@ -4,6 +4,7 @@ say which tensors carry relevance (float tensors that depend on the model inputs
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,8 @@ class Recording:
 
 
 def _is_float_tensor(v: Any) -> bool:
-    return isinstance(v, torch.Tensor) and v.is_floating_point()
+    """Float (or complex) tensors can carry relevance; complex ones then need a rule."""
+    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
 
 
 def _arg_nodes(node: fx.Node) -> list[fx.Node]:
@@ -43,19 +45,40 @@ def _packet_name(target: Any) -> str:
     return getattr(target, "__name__", "")
 
 
-class _Recorder(fx.Interpreter):
-    def run_node(self, n: fx.Node) -> Any:
-        if n.op == "call_module" and n.target == "_guards_fn":
-            return None  # export's guard check: shapes are ours by construction
-        return super().run_node(n)
+_RECORDERS: "weakref.WeakKeyDictionary[fx.GraphModule, tuple[fx.GraphModule, list[fx.Node]]]"
+_RECORDERS = weakref.WeakKeyDictionary()
+
+
+def _recorder(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """A compiled copy of ``gm`` that returns every node's value (no interpreter overhead)."""
+    if gm in _RECORDERS:
+        return _RECORDERS[gm]
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    kept: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        if node.op == "call_module" and node.target == "_guards_fn":
+            continue  # export's guard check: shapes are ours by construction
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.op != "placeholder":
+            kept.append(node)
+    graph.output(tuple(env[n] for n in kept))
+    rec = fx.GraphModule(gm, graph)
+    _RECORDERS[gm] = (rec, kept)
+    return rec, kept
 
 
 def record(gm: fx.GraphModule, flat_inputs: list[Any]) -> Recording:
     """Run the graph once (no grad) and keep every value; then mark the relevant nodes."""
-    interp = _Recorder(gm, garbage_collect_values=False)
+    rec, kept = _recorder(gm)
     with torch.no_grad():
-        out = interp.run(*flat_inputs, enable_io_processing=False)
-    values = dict(interp.env)
+        outs = rec(*flat_inputs)
+    values: dict[fx.Node, Any] = dict(zip(kept, outs))
+    values.update(zip([n for n in gm.graph.nodes if n.op == "placeholder"], flat_inputs))
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    out = fx.node.map_arg(out_node.args[0], lambda n: values[n])
     depends: set[fx.Node] = set()
     relevant: set[fx.Node] = set()
     embedding_indices: list[fx.Node] = []

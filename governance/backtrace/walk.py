@@ -57,6 +57,11 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
     branch: list[dict[str, list[torch.Tensor]]] = [{} for _ in range(n_maps)]
     ctx0 = ctxs[0]
     contrastive = ctx0.mode == "contrastive"
+    paths = ctx0.modules.paths
+
+    def crossing(user: fx.Node, arg: fx.Node) -> bool:
+        return arg.op == "placeholder" or paths.get(user) != paths.get(arg)
+
     for node in reversed(list(gm.graph.nodes)):
         if node.op != "call_function":
             continue
@@ -97,8 +102,8 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
                 if r is None or not ctx0.is_relevant(arg):
                     continue
                 _accumulate(maps[k], arg, r)
-                s = ctx0.per_sample(r.to(torch.float64))
-                edges[k].append((node, arg, s, ctx0.per_sample(r.abs().to(torch.float64))))
+                if crossing(node, arg):  # only edges that enter or leave a module count in the books
+                    edges[k].append((node, arg, ctx0.per_sample(r), ctx0.per_sample_abs(r)))
             if _name(node.target) in ("add", "sub") and sum(ctx0.is_relevant(a) for a in node.args) >= 2:
                 mod = ctx0.module_path(node)
                 rec = branch[k].setdefault(mod, [0.0, 0.0])
@@ -106,7 +111,7 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
                     if not ctx0.is_relevant(arg):
                         continue
                     inside = mod in ctx0.modules.path_set(arg) if arg.op != "placeholder" else False
-                    rec[0 if inside else 1] = rec[0 if inside else 1] + ctx0.per_sample(r.to(torch.float64))
+                    rec[0 if inside else 1] = rec[0 if inside else 1] + ctx0.per_sample(r)
     results = []
     for k in range(n_maps):
         results.append(WalkResult(maps[k], _books(ctxs[k], seeds[k], edges[k], branch[k])))
@@ -136,8 +141,8 @@ def _books(ctx: RuleContext, seeds: dict, edges: list, branch: dict) -> dict[str
     for node, r in seeds.items():
         for m in paths(node):
             if m in rin:
-                rin[m] += ctx.per_sample(r.to(torch.float64))
-                rabs[m] += ctx.per_sample(r.abs().to(torch.float64))
+                rin[m] += ctx.per_sample(r)
+                rabs[m] += ctx.per_sample_abs(r)
     for user, arg, s, a in edges:
         pu, pa = paths(user), paths(arg)
         for m in pu - pa:

@@ -44,6 +44,21 @@ class AffineUnit:
     fwd: Fwd
     bwd: Bwd
     pre_activation: torch.Tensor  # t_j as the following activation saw it (after a folded BN)
+    # (cotangent dim, weight dim) along which output units can be stacked so that a sum of
+    # transposed products Σ_k bwd(c_k, W_k) is one product; None where the op can't (groups).
+    stack: tuple[int, int] | None = None
+
+    def bwd_sum(self, terms: list[tuple[torch.Tensor, torch.Tensor]], shape: torch.Size) -> torch.Tensor:
+        """Σ_k bwd(c_k, W_k): one transposed product over units stacked side by side."""
+        if self.stack is None:
+            out = self.bwd(terms[0][0], terms[0][1], shape)
+            for c, w in terms[1:]:
+                out = out + self.bwd(c, w, shape)
+            return out
+        cdim, wdim = self.stack
+        c = torch.cat([c for c, _ in terms], dim=cdim)
+        w = torch.cat([w for _, w in terms], dim=wdim)
+        return self.bwd(c, w, shape)
 
 
 # --- op descriptions ---------------------------------------------------------------------------
@@ -181,6 +196,7 @@ def affine_unit(node: fx.Node, ctx: RuleContext) -> AffineUnit:
     """Describe ``node`` as an affine unit, folding a batch norm that directly follows it."""
     name = node.target._opname
     args = list(node.args)
+    stack: tuple[int, int] | None = (-1, 0)
     if name == "linear":
         x_node, w = args[0], ctx.value(args[1])
         b = ctx.value(args[2]) if len(args) > 2 and args[2] is not None else None
@@ -203,10 +219,12 @@ def affine_unit(node: fx.Node, ctx: RuleContext) -> AffineUnit:
             fwd = lambda x, w: torch.matmul(w, x)  # noqa: E731
             bwd = lambda s, w, shape: _sum_to(torch.matmul(w.transpose(-1, -2), s), shape)  # noqa: E731
             w = c
+            stack = (-2, -2)
         out_dim, transposed, groups = None, False, 1
     elif name.startswith("conv"):
         x_node, w, b, fwd, bwd, transposed, groups = _conv_desc(node, ctx)
         out_dim = 1 if transposed else 0
+        stack = (1, out_dim) if groups == 1 else None
     elif name in ("batch_norm", "_native_batch_norm_legit_no_training"):
         scale, shift = _bn_params(node, ctx)
         x = ctx.value(args[0])
@@ -231,7 +249,7 @@ def affine_unit(node: fx.Node, ctx: RuleContext) -> AffineUnit:
         base = b.reshape(-1) if b is not None else torch.zeros_like(scale)
         b = (base * scale + shift).reshape(bshape)
         pre = _bn_output(bn, ctx)
-    return AffineUnit(x_node, w, b, fwd, bwd, pre)
+    return AffineUnit(x_node, w, b, fwd, bwd, pre, stack)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -256,22 +274,25 @@ def _pos_neg(u: AffineUnit, xp, xn, wp, wn) -> tuple[torch.Tensor, torch.Tensor]
     return fp[:n] + fn[n:], -(fn[:n] + fp[n:])
 
 
-def _pos_neg_rel(u: AffineUnit, xp, xn, wp, wn, cpos: torch.Tensor, cneg: torch.Tensor, shape):
-    """(Σ_j cpos_j max(z_ji,0), Σ_j cneg_j max(−z_ji,0)): what positive and negative
-    contributors receive for per-unit coefficients cpos, cneg (stacked: several maps at once)."""
-    m = cpos.shape[0]
-    c = torch.cat([cpos, cneg])
-    bshape = torch.Size([c.shape[0]] + list(shape[1:]))
-    gp, gn = u.bwd(c, wp, bshape), u.bwd(c, wn, bshape)
-    reps = m // xp.shape[0]
-    xp_r = xp.repeat(reps, *([1] * (xp.dim() - 1))) if reps > 1 else xp
-    pos = xp_r * gp[:m]
-    neg = -xp_r * gn[m:]
+def _split_rel(u: AffineUnit, xp, xn, wp, wn, cp: torch.Tensor, cn: torch.Tensor, sign_n: float, shape):
+    """Σ_j cp_j max(z_ji,0) + sign_n · Σ_j cn_j max(−z_ji,0) for every input i.
+
+    With z = W x split by sign classes this is xp ⊙ (Wpᵀcp − sign_n·... ) written as two
+    transposed products over stacked units:
+    xp ⊙ bwd([cp, cn], [Wp, −sign_n·Wn]) + xn ⊙ bwd([cp, cn], [Wn, −sign_n·Wp]).
+    cp / cn may hold several maps stacked on the batch axis (a multiple of x's batch)."""
+    bshape = torch.Size([cp.shape[0]] + list(shape[1:]))
+    reps = cp.shape[0] // xp.shape[0]
+
+    def times(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if reps == 1:
+            return x * g
+        return (g.reshape(reps, *x.shape) * x).reshape(g.shape)
+
+    out = times(xp, u.bwd_sum([(cp, wp), (cn, -sign_n * wn)], bshape))
     if xn is not None:
-        xn_r = xn.repeat(reps, *([1] * (xn.dim() - 1))) if reps > 1 else xn
-        pos = pos + xn_r * gn[:m]
-        neg = neg - xn_r * gp[m:]
-    return pos, neg
+        out = out + times(xn, u.bwd_sum([(cp, wn), (cn, -sign_n * wp)], bshape))
+    return out
 
 
 def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.Tensor, signed: bool,
@@ -291,7 +312,7 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
             den = den + babs
         s = safe_div(R, den)
         if babs is not None:
-            ctx.absorb(s * babs)
+            ctx.absorb_product(s, babs)
         if signed:
             return {u.x_node: x * u.bwd(s, u.weight, x.shape)}
         return {u.x_node: x.abs() * u.bwd(s, u.weight.abs(), x.shape)}
@@ -307,12 +328,11 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
         full = full + babs
     s = safe_div(R, den)
     if babs is not None:
-        ctx.absorb(s * babs)
+        ctx.absorb_product(s, babs)
     ctx.reroute(safe_div(R, full) * (torch.where(keep_p, 0, P) + torch.where(keep_n, 0, N)))
     sp = torch.where(keep_p, s, torch.zeros_like(s))
     sn = torch.where(keep_n, s, torch.zeros_like(s))
-    pos, neg = _pos_neg_rel(u, xp, xn, wp, wn, sp, sn, x.shape)
-    return {u.x_node: pos - neg if signed else pos + neg}
+    return {u.x_node: _split_rel(u, xp, xn, wp, wn, sp, sn, -1.0 if signed else 1.0, x.shape)}
 
 
 def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tensor, Rn: torch.Tensor,
@@ -334,14 +354,14 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     mp = torch.where(only_p | (tpos & le) | (tneg & ge), Rn, zero)
     pn = torch.where(only_n | (tpos & le) | (tneg & ge), Rp, zero)
     mn = torch.where(only_n | (tpos & gt) | (tneg & lt), Rn, zero)
-    pos, neg = _pos_neg_rel(
+    both = _split_rel(
         u, xp, xn, wp, wn,
         torch.cat([safe_div(pp, P), safe_div(mp, P)]),
         torch.cat([safe_div(pn, N), safe_div(mn, N)]),
-        x.shape,
+        1.0, x.shape,
     )
     n = x.shape[0]
-    return {u.x_node: (pos[:n] + neg[:n], pos[n:] + neg[n:])}
+    return {u.x_node: (both[:n], both[n:])}
 
 
 AFFINE_OPS = [

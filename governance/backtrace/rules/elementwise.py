@@ -49,8 +49,8 @@ def _terms(ctx: RuleContext, node: fx.Node) -> list[tuple[object, torch.Tensor]]
     alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
     av = ctx.value(a)
     bv = ctx.value(b)
-    av = av if isinstance(av, torch.Tensor) else torch.tensor(float(av))
-    bv = bv if isinstance(bv, torch.Tensor) else torch.tensor(float(bv))
+    av = av if isinstance(av, torch.Tensor) else torch.tensor(float(av), dtype=torch.float64)
+    bv = bv if isinstance(bv, torch.Tensor) else torch.tensor(float(bv), dtype=torch.float64)
     sign = -1.0 if name in ("sub", "rsub") else 1.0
     if name == "rsub":  # other - alpha * self
         return [(b, bv), (a, -alpha * av)]
@@ -68,7 +68,8 @@ def add_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
     for (arg, val), mag in zip(terms, mags):
         share = s * mag
         if ctx.is_relevant(arg):
-            out[arg] = share.sum_to_size(val.shape) if tuple(val.shape) != tuple(share.shape) else share
+            share = share.sum_to_size(val.shape) if tuple(val.shape) != tuple(share.shape) else share
+            out[arg] = out[arg] + share if arg in out else share  # a + a: both terms land on a
         else:  # a constant term; an infinite one (an additive -inf mask) takes 0, not NaN
             ctx.absorb(torch.nan_to_num(share, nan=0.0))
     return out
@@ -88,7 +89,8 @@ def mul_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
     out = {}
     for x in rel:
         shape = ctx.value(x).shape
-        out[x] = share.sum_to_size(shape) if tuple(shape) != tuple(share.shape) else share
+        part = share.sum_to_size(shape) if tuple(shape) != tuple(share.shape) else share
+        out[x] = out[x] + part if x in out else part  # a * a: both halves land on a
     return out
 
 

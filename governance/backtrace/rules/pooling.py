@@ -101,7 +101,32 @@ def max_pool_rule(ctx: RuleContext, node: fx.Node, R):
     out = out[0] if isinstance(out, (tuple, list)) else out
     nd = 1 if "1d" in node.target._opname else 2
     k, s, p, d, ceil = _pool_params(node, nd)
+    if k == s and all(v == 0 for v in p) and all(v == 1 for v in d) and (
+        not ceil or all(size % kk == 0 for size, kk in zip(x.shape[-nd:], k))
+    ):
+        return {x_node: _max_pool_tiled(x, out, R, k)}
     return {x_node: _max_pool_nd(x, out, R, k, s, p, d, ceil)}
+
+
+def _max_pool_tiled(x: torch.Tensor, out: torch.Tensor, R: torch.Tensor, k: list[int]) -> torch.Tensor:
+    """Non-overlapping windows (stride = kernel, no padding): compare each element with its
+    window's maximum broadcast back, share among ties; no unfold needed."""
+    nd = len(k)
+    lead = list(x.shape[:-nd])
+    sizes = [o * kk for o, kk in zip(out.shape[-nd:], k)]  # rows/cols past the last window drop
+    xs = x[(..., *[slice(0, sz) for sz in sizes])]
+    shape = lead + [v for o, kk in zip(out.shape[-nd:], k) for v in (o, kk)]
+    xw = xs.reshape(shape)
+    exp_dims = [len(lead) + 2 * i + 1 for i in range(nd)]
+    m, r = out, R
+    for dd in exp_dims:
+        m, r = m.unsqueeze(dd), r.unsqueeze(dd)
+    hit = (xw == m).to(R.dtype)
+    cnt = hit.sum(exp_dims, keepdim=True)
+    back = (hit * safe_div(r, cnt)).reshape(lead + sizes)
+    if sizes != list(x.shape[-nd:]):
+        back = torch.nn.functional.pad(back, [v for sz, full in zip(reversed(sizes), reversed(x.shape[-nd:])) for v in (0, full - sz)])
+    return back
 
 
 def _adaptive_windows(size_in: int, size_out: int, device) -> torch.Tensor:

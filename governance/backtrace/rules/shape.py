@@ -47,10 +47,11 @@ def _cotangent(ctx: RuleContext, node: fx.Node, R: Any) -> Any:
     out = ctx.value(node)
     if isinstance(out, (tuple, list)):
         R = R if isinstance(R, dict) else {0: R}
-        return tuple(
+        slots = [
             R[i].to(o.dtype) if i in R else torch.zeros_like(o) if o.is_floating_point() else torch.zeros(o.shape)
             for i, o in enumerate(out)
-        )
+        ]
+        return type(out)(slots)  # the same pytree structure as the op's output (list or tuple)
     return R
 
 

@@ -343,23 +343,21 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     P, N = _pos_neg(u, xp, xn, wp, wn)
     t = u.pre_activation
     zero = torch.zeros_like(Rp)
-    only_p = (P > 0) & (N == 0)
-    only_n = (N > 0) & (P == 0)
-    mixed = (P > 0) & (N > 0)
-    gt, lt = Rp > Rn, Rp < Rn
-    ge, le = ~lt, ~gt
-    tpos, tneg = mixed & (t > 0), mixed & (t < 0)
-    # amounts: (source map) -> (contributor side)
-    pp = torch.where(only_p | (tpos & gt) | (tneg & lt), Rp, zero)
-    mp = torch.where(only_p | (tpos & le) | (tneg & ge), Rn, zero)
-    pn = torch.where(only_n | (tpos & le) | (tneg & ge), Rp, zero)
-    mn = torch.where(only_n | (tpos & gt) | (tneg & lt), Rn, zero)
-    both = _split_rel(
-        u, xp, xn, wp, wn,
-        torch.cat([safe_div(pp, P), safe_div(mp, P)]),
-        torch.cat([safe_div(pn, N), safe_div(mn, N)]),
-        1.0, x.shape,
-    )
+    has_p, has_n = P > 0, N > 0
+    mixed = has_p & has_n
+    only_p, only_n = has_p ^ mixed, has_n ^ mixed
+    # Mixed units with t != 0: "agree" when the larger map and the dominant side match
+    # (t > 0 and R+ > R-, or t < 0 and R+ < R-): then the positive contributors take R+ and the
+    # negative ones R-; otherwise (ties included) the positive take R- and the negative R+.
+    agree = mixed & ((Rp - Rn).sign_().mul_(t.sign()) > 0)
+    swap = (mixed & (t != 0)) ^ agree
+    inv_p = torch.nan_to_num_(P.reciprocal(), posinf=0.0)
+    inv_n = torch.nan_to_num_(N.reciprocal(), posinf=0.0)
+    pp = torch.where(only_p | agree, Rp, zero).mul_(inv_p)  # from R+ to positive contributors
+    mp = torch.where(only_p | swap, Rn, zero).mul_(inv_p)   # from R- to positive contributors
+    pn = torch.where(only_n | swap, Rp, zero).mul_(inv_n)   # from R+ to negative contributors
+    mn = torch.where(only_n | agree, Rn, zero).mul_(inv_n)  # from R- to negative contributors
+    both = _split_rel(u, xp, xn, wp, wn, torch.cat([pp, mp]), torch.cat([pn, mn]), 1.0, x.shape)
     n = x.shape[0]
     return {u.x_node: (both[:n], both[n:])}
 

@@ -126,7 +126,8 @@ def _zeros_like_rel(r: Any) -> Any:
 
 def _books(ctx: RuleContext, seeds: dict, edges: list, branch: dict) -> dict[str, ModuleBooks]:
     n = ctx.batch_size
-    zero = lambda: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+    device = next(iter(seeds.values())).device if seeds else None
+    zero = lambda: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
     mods = ctx.modules
     names = [m for m in mods.types if m == "" or m in mods.outputs]
     rin = {m: zero() for m in names}

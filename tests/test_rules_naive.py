@@ -450,7 +450,7 @@ def _randomise_bn(bn, g):
     return bn.eval()
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "conv2d_bn_no_affine"])
 @pytest.mark.parametrize("mode", MODES)
 def test_batchnorm_folded(mode, kind):
     """Conv/Linear -> BN -> tanh: the naive loop runs on W' = W·γ/√(var+eps),
@@ -461,9 +461,16 @@ def test_batchnorm_folded(mode, kind):
         layer = nn.Linear(5, 6).to(DTYPE)
         bn = _randomise_bn(nn.BatchNorm1d(6).to(DTYPE), g)
         x = torch.randn(4, 5, generator=g, dtype=DTYPE)
-    else:
+    elif kind == "conv2d":
         layer = nn.Conv2d(2, 3, 3, padding=1, stride=1).to(DTYPE)
         bn = _randomise_bn(nn.BatchNorm2d(3).to(DTYPE), g)
+        x = torch.randn(2, 2, 4, 4, generator=g, dtype=DTYPE)
+    else:  # BN without γ, β (affine=False): γ = 1, β = 0 in the fold
+        layer = nn.Conv2d(2, 3, 3, padding=1, stride=1).to(DTYPE)
+        bn = nn.BatchNorm2d(3, affine=False).to(DTYPE).eval()
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.randn(3, generator=g, dtype=torch.float64))
+            bn.running_var.copy_(torch.rand(3, generator=g, dtype=torch.float64) * 2 + 0.3)
         x = torch.randn(2, 2, 4, 4, generator=g, dtype=DTYPE)
     with torch.no_grad():
         layer.weight.mul_(4.0)

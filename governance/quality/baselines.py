@@ -273,6 +273,124 @@ class BacktraceExplainer(Explainer):
         return Attribution(torch.cat(vals), torch.cat(totals))
 
 
+def _numpy_seeded(seed: int):
+    """A context that seeds numpy's global RNG (which SHAP and LIME draw from) and restores it."""
+    import contextlib
+
+    import numpy as np
+
+    @contextlib.contextmanager
+    def ctx():
+        state = np.random.get_state()
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(state)
+
+    return ctx()
+
+
+def _predict_fn(model: nn.Module, dtype: torch.dtype, device: torch.device):
+    import numpy as np
+
+    def predict(z):
+        with torch.no_grad():
+            out = raw_output(model, torch.as_tensor(np.asarray(z), dtype=dtype, device=device))
+        return out.double().cpu().numpy()
+
+    return predict
+
+
+class KernelShap(Explainer):
+    """KernelSHAP (Lundberg & Lee 2017) from the optional ``shap`` package, tabular inputs only:
+    Shapley values of the raw output at the target against ``n_background`` background rows
+    (drawn from ``background`` with ``seed``), ``nsamples`` coalitions per row. ``total`` is
+    ``f(x) - E[f(background)]`` (Shapley values are efficient)."""
+
+    name = "kernel_shap"
+
+    def __init__(self, background: Tensor, nsamples: int = 256, n_background: int = 32, seed: int = 0) -> None:
+        import shap  # noqa: F401  (fails early when not installed)
+
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(background.shape[0], generator=g)[: min(n_background, background.shape[0])]
+        self.background = background[idx].detach().cpu().double().numpy()
+        self.nsamples = nsamples
+        self.seed = seed
+
+    def explain(self, model: nn.Module, x: Tensor, target: Tensor) -> Attribution:
+        import numpy as np
+        import shap
+
+        if x.dim() != 2 or not torch.is_floating_point(x):
+            raise ValueError("kernel_shap supports tabular (N, F) inputs only")
+        f = _predict_fn(model, x.dtype, x.device)
+        with _numpy_seeded(self.seed):
+            ex = shap.KernelExplainer(f, self.background)
+            sv = ex.shap_values(x.detach().cpu().double().numpy(), nsamples=self.nsamples, silent=True)
+        if isinstance(sv, list):  # older shap: one (N, F) array per output
+            sv = np.stack(sv, axis=-1)
+        sv = np.asarray(sv)
+        if sv.ndim == 2:
+            sv = sv[:, :, None]
+        t = target.cpu().numpy()
+        vals = torch.as_tensor(sv[np.arange(len(t)), :, t], dtype=torch.float32, device=x.device)
+        base = np.atleast_1d(np.asarray(ex.expected_value, dtype=np.float64))
+        with torch.no_grad():
+            fx = select(raw_output(model, x), target, "raw").double().cpu().numpy()
+        total = torch.as_tensor(fx - base[t], dtype=torch.float32, device=x.device)
+        return Attribution(vals, total)
+
+
+class Lime(Explainer):
+    """LIME (Ribeiro et al. 2016) from the optional ``lime`` package, tabular inputs only: the
+    coefficients of a local linear surrogate of the raw output at the target, fitted on
+    ``num_samples`` perturbations drawn around each row from the statistics of ``background``
+    (no discretisation). One fit per row: meant for small samples."""
+
+    name = "lime"
+
+    def __init__(self, background: Tensor, num_samples: int = 500, seed: int = 0) -> None:
+        from lime.lime_tabular import LimeTabularExplainer  # noqa: F401
+
+        self.background = background.detach().cpu().double().numpy()
+        self.num_samples = num_samples
+        self.seed = seed
+
+    def explain(self, model: nn.Module, x: Tensor, target: Tensor) -> Attribution:
+        import numpy as np
+        from lime.lime_tabular import LimeTabularExplainer
+
+        if x.dim() != 2 or not torch.is_floating_point(x):
+            raise ValueError("lime supports tabular (N, F) inputs only")
+        f = _predict_fn(model, x.dtype, x.device)
+        lt = LimeTabularExplainer(self.background, mode="regression", discretize_continuous=False,
+                                  random_state=self.seed)
+        rows = x.detach().cpu().double().numpy()
+        out = np.zeros(rows.shape, dtype=np.float64)
+        t = target.cpu().numpy()
+        for i in range(rows.shape[0]):  # LIME fits one surrogate per instance by design
+            fi = (lambda z, k=int(t[i]): f(z)[:, k])
+            e = lt.explain_instance(rows[i], fi, num_features=rows.shape[1], num_samples=self.num_samples)
+            # regression mode keeps the surrogate's coefficients under key 1 (key 0 is their negation)
+            for j, w in e.local_exp[1]:
+                out[i, j] = w
+        return Attribution(torch.as_tensor(out, dtype=torch.float32, device=x.device), None)
+
+
+OPTIONAL_BASELINES = ("kernel_shap", "lime")
+
+
+def optional_explainer(name: str, background: Tensor, seed: int = 0) -> Explainer:
+    """``kernel_shap`` or ``lime``; raises ImportError when the package is not installed."""
+    if name == "kernel_shap":
+        return KernelShap(background, seed=seed)
+    if name == "lime":
+        return Lime(background, seed=seed)
+    raise ValueError(f"unknown optional baseline {name!r}; choose from {OPTIONAL_BASELINES}")
+
+
 def default_explainers(task: str, modes: Sequence[str] = ("default", "contrastive", "signed"), *,
                        seed: int = 0, ig_steps: int = 32, ig_baseline: Tensor | float = 0.0,
                        baseline_token_id: int | None = None, protected_ids: Sequence[int] = ()) -> list[Explainer]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from governance.quality import complexity, faithfulness, randomisation, robustness
-from governance.quality.baselines import Explainer, default_explainers
+from governance.quality.baselines import Explainer, default_explainers, optional_explainer
 from governance.quality.features import confidence_transform, forward, make_space, resolve_target
 
 Tensor = torch.Tensor
@@ -93,7 +93,7 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
                    protected_ids: Sequence[int] | None = None, flip_steps: int | None = None,
                    faithfulness_runs: int = 64, subset_fraction: float = 0.2, sensitivity_perturbations: int = 8,
                    sensitivity_radius: float = 0.05, ig_steps: int = 32, mprt_layers: Sequence[str] | None = None,
-                   batch_size: int = 512, timings: bool = False,
+                   optional_baselines: Sequence[str] = (), batch_size: int = 512, timings: bool = False,
                    progress: Callable[[str], None] | None = None) -> dict:
     """Explanation-quality metrics for DLBacktrace in each of ``modes`` and the baselines
     (gradient x input, integrated gradients, random) on the same ``n_samples`` rows of ``X``
@@ -106,14 +106,16 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
          "methods": {method: {metric: float | None}},      # mean over samples; None = undefined
          "details": {method: {"mprt_spearman_per_layer": {layer: float}, ...}},
          "errors": {method or "method.metric": message},   # e.g. an op the engine cannot explain
-         "timings": {method: {"explain_s", "metrics_s"}}}  # only with timings=True
+         "timings": {method: {"explain_s", "metrics_s", "explain_cpu_s", "metrics_cpu_s"}}}
+                                                            # wall and CPU seconds, only with timings=True
 
     ``X``: (N, F) tabular, (N, C, H, W) image or (N, T) token ids (a tensor, array or DataFrame).
     Token inputs need ``tokenizer`` (its special ids are protected, its [MASK] or [UNK] id is the
     baseline) or ``baseline_token_id``/``protected_ids``. ``baseline`` for continuous inputs:
     "mean" (default), "zero", a number or a tensor. ``metrics``: a subset of
     ``METRIC_GROUPS`` (default: all that apply). ``ground_truth``: names of the true drivers
-    (needs ``feature_names`` or a DataFrame).
+    (needs ``feature_names`` or a DataFrame). ``optional_baselines``: ``"kernel_shap"`` and/or
+    ``"lime"`` (tabular, when the packages are installed; otherwise listed under ``errors``).
 
     Every method explains the model's decision (``decision_polarity``): the target's output, or
     for a one-output binary classifier ``p`` (class 1) / ``1 - p`` (class 0). The model is put in
@@ -175,6 +177,13 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
         if explainers is None:
             explainers = default_explainers(task, modes, seed=seed, ig_steps=ig_steps, baseline_token_id=baseline_token_id,
                                             protected_ids=protected_ids)
+        optional_errors = {}
+        explainers = list(explainers)
+        for opt_name in optional_baselines:
+            try:
+                explainers.append(optional_explainer(opt_name, X.to(device), seed=seed))
+            except ImportError as err:
+                optional_errors[opt_name] = f"not installed ({err})"
         params = {
             "faithfulness_correlation": {"n_runs": faithfulness_runs, "subset_fraction": subset_fraction,
                                          "output": "raw", "baseline": _describe(baseline, token, baseline_token_id)},
@@ -197,7 +206,7 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
             "n_samples": int(x.shape[0]), "modality": space.modality,
             "primary_method": f"backtrace_{modes[0]}" if modes else None,
             "parameters": {"seed": seed, "task": task, "n_features": space.n_features, "modes": list(modes)},
-            "metrics": metrics_doc, "methods": {}, "details": {}, "errors": {},
+            "metrics": metrics_doc, "methods": {}, "details": {}, "errors": dict(optional_errors),
         }
         if timings:
             doc["timings"] = {}
@@ -205,13 +214,13 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
         for ex in explainers:
             name = ex.name
             say(f"quality: {name}")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 att = ex.explain(model, x, tgt)
             except Exception as err:  # an engine that cannot explain this model is evidence too
                 doc["errors"][name] = f"{type(err).__name__}: {err}"
                 continue
-            t_explain = time.perf_counter() - t0
+            t_explain, c_explain = time.perf_counter() - t0, time.process_time() - c0
             a = att.values.to(torch.float32)
             total = att.total
             if ex.signed:  # explain the decision: class-0 decisions of a one-output binary model
@@ -283,7 +292,9 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
             if det:
                 doc["details"][name] = det
             if timings:
-                doc["timings"][name] = {"explain_s": t_explain, "metrics_s": time.perf_counter() - t0 - t_explain}
+                doc["timings"][name] = {"explain_s": t_explain, "metrics_s": time.perf_counter() - t0 - t_explain,
+                                        "explain_cpu_s": c_explain,
+                                        "metrics_cpu_s": time.process_time() - c0 - c_explain}
     finally:
         _set_mode(model, was_training)
     return _clean(doc)

@@ -13,7 +13,8 @@ direction and its parameters), is batched with torch, and is seeded. Modules:
 - ``randomisation``: cascading MPRT (Spearman per layer and overall), efficient MPRT
 - ``complexity``: entropy and Gini sparseness
 - ``robustness``: max-sensitivity, completeness (conservation) gap
-- ``baselines``: DLBacktrace modes, gradient x input, integrated gradients, random
+- ``baselines``: DLBacktrace modes, gradient x input, integrated gradients, random; KernelSHAP
+  and LIME when their packages are installed (never required)
 - ``gates``: policy gates over the quality document
 """
 
@@ -23,6 +24,9 @@ from governance.quality.baselines import (
     Explainer,
     GradientXInput,
     IntegratedGradients,
+    KernelShap,
+    Lime,
+    OPTIONAL_BASELINES,
     RandomAttribution,
     default_explainers,
 )
@@ -41,5 +45,8 @@ __all__ = [
     "GradientXInput",
     "IntegratedGradients",
     "RandomAttribution",
+    "KernelShap",
+    "Lime",
+    "OPTIONAL_BASELINES",
     "default_explainers",
 ]

@@ -12,14 +12,19 @@ and batch. Target (issue 3): default mode at most 3x.
 * ``lstm``: the seed's Embedding(64) + LSTM(100) next-word model, batch 64 x 32 tokens.
 * ``unet``: the test U-Net (base width 16) on 1x64x64, batch 8.
 
-    .venv/bin/python benchmarks/zoo_speed.py [--only moe,lstm,unet] [--repeats 5]
+    .venv/bin/python benchmarks/zoo_speed.py [--only moe,lstm,unet] [--repeats 5] [--clock cpu --threads 1]
+
+On a machine shared with other jobs, wall-clock ratios swing with the load; ``--clock cpu
+--threads 1`` gives stable ratios of the work done.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -27,7 +32,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import zoo_models as zm  # noqa: E402
-from engine_speed import Case, forward_backward, report, run_case  # noqa: E402
+from engine_speed import Case, forward_backward, peak_extra_mib, report, run_case  # noqa: E402
+
+from governance.backtrace import Backtrace  # noqa: E402
 
 
 def moe_forward_backward(model, x, task):
@@ -76,16 +83,46 @@ CASES = {
 }
 
 
+def run_cpu_clock(case: Case, repeats: int | None, baseline) -> dict:
+    """As engine_speed.run_case, timed with the process CPU clock (robust on a shared machine:
+    other processes' load does not count; with --threads 1 it is the work done)."""
+    torch.manual_seed(0)
+    model, x = case.build()
+    model.eval()
+    bt = Backtrace(model)
+    fns = {"fwd+bwd": lambda: baseline(model, x, case.task)}
+    for mode in case.modes:
+        fns[mode] = (lambda m: lambda: bt.explain(x, mode=m, task=case.task))(mode)
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats or case.repeats):
+        for k, fn in fns.items():
+            t = time.process_time()
+            fn()
+            times[k].append(time.process_time() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"case": case.name, "time": med, "mem": {k: peak_extra_mib(fn) for k, fn in fns.items()}}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(CASES))
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: perf_counter (as engine_speed.py); cpu: process CPU time")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
     args = ap.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
     rows = []
     for key in args.only.split(","):
         case, baseline = CASES[key.strip()]
-        rows.append(run_case(case, args.repeats, baseline=baseline))
+        if args.clock == "cpu":
+            rows.append(run_cpu_clock(case, args.repeats, baseline))
+        else:
+            rows.append(run_case(case, args.repeats, baseline=baseline))
         print(report(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(report(rows))

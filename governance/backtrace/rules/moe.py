@@ -17,7 +17,9 @@ afterwards; the model itself is untouched) for an equivalent *dense dispatch*:
   ``g_e · E_e(x)`` by the add rule (|term|), each term's share goes to its expert's output and
   the router weight, a gate, receives nothing. Unrouted experts have ``g_e = 0`` and get 0.
 
-The outputs equal the original block's up to float round-off. The cost: every expert runs on
+Checked on Mixtral, OLMoE, Qwen2-MoE (with its shared expert) and Qwen3-MoE blocks. To log such
+a model in MLflow's pt2 format, export it inside ``with dense_experts(model):`` so the saved
+graph holds the same dense dispatch. The outputs equal the original block's up to float round-off. The cost: every expert runs on
 every token (E/k times the routed expert compute) -- the price of static shapes.
 
 Reported per explanation: ``exp.expert_relevance[block]``, a (N, T, E) tensor -- the relevance

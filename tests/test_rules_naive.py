@@ -574,6 +574,11 @@ MAXPOOL_CASES = {
     "max2d_k3_s1_p1": (2, dict(kernel=3, stride=1, padding=1, dilation=1)),
     "max2d_mixed": (2, dict(kernel=(2, 3), stride=(1, 2), padding=1, dilation=(2, 1))),
     "max1d_k4_s2_ceil": (1, dict(kernel=4, stride=2, padding=0, dilation=1, ceil_mode=True)),
+    # non-overlapping windows (stride = kernel), the last row / column left out of every window
+    "max1d_k2_s2_tiled_crop": (1, dict(kernel=2, stride=2, padding=0, dilation=1)),
+    "max2d_k2_s2_tiled_crop": (2, dict(kernel=2, stride=2, padding=0, dilation=1)),
+    "max2d_k2x3_tiled_crop": (2, dict(kernel=(2, 3), stride=(2, 3), padding=0, dilation=1)),
+    "max2d_k3x2_s3x2_tiled_ceil": (2, dict(kernel=(3, 2), stride=(3, 2), padding=0, dilation=1, ceil_mode=True)),
     "max2d_k2_s2_ceil": (2, dict(kernel=2, stride=2, padding=0, dilation=1, ceil_mode=True)),
 }
 

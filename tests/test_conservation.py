@@ -313,3 +313,33 @@ def test_resnet_block_books_and_branch_share(mode):
         assert float(drop.abs().max()) <= 1e-9 * float(sub.seed_relevance.abs().max())
         if mode == "default":
             assert float(bias.min()) > 0
+
+
+@pytest.mark.parametrize("mode", ["default", "contrastive"])
+def test_books_float32_model(mode):
+    """The same books on a float32 model (what users run): the totals add up to float32
+    round-off (1e-5 of the seed), and the per-layer bias shares match the naive loop."""
+    m = make_chain().float()
+    x, target = _inputs()
+    x = x.float()
+    n = x.shape[0]
+    exp = _bt(m).explain(x, mode=mode, task="multiclass-classification", target=target)
+    names = [str(i) for i in range(10)]
+    subs = [exp.positive, exp.negative] if mode == "contrastive" else [exp]
+    for sub in subs:
+        df = sub.layer_summary(per_sample=True)
+        seed = sub.seed_relevance.double()
+        scale = float(seed.abs().max())
+        bias = sum(_col(df, k, "bias_absorbed", n) for k in names)
+        drop = sum(_col(df, k, "dropped", n) for k in names)
+        nr.compare(sub.input_total().double() + bias + drop, seed, 1e-5, f"f32 {mode} seed = input + bias + dropped")
+        assert float(drop.abs().max()) <= 1e-5 * scale
+        if mode == "contrastive":
+            nr.compare(sub.input_total().double(), seed, 1e-5, "f32 contrastive total kept")
+    if mode == "default":
+        _, _, books, _ = naive_chain(m, x, "default", target)
+        df = exp.layer_summary(per_sample=True)
+        nr.compare(_col(df, "8", "bias_absorbed", n), books["8"].bias, 1e-5, "f32 fc8 bias")
+        nr.compare(_col(df, "4", "bias_absorbed", n), books["4"].bias, 1e-5, "f32 conv4 bias")
+        nr.compare(_col(df, "0", "bias_absorbed", n) + _col(df, "1", "bias_absorbed", n), books["0"].bias, 1e-5,
+                   "f32 conv0+bn bias")

@@ -79,6 +79,11 @@ def fpct(v: Any, digits: int = 1) -> str:
     return f"{100.0 * float(v):.{digits}f}%"
 
 
+def breakable(name: str) -> str:
+    """A label that may wrap after underscores (zero-width spaces), for narrow table headers."""
+    return str(name).replace("_", "_\u200b")
+
+
 def ftext(v: Any) -> str:
     """Text of any value; empty -> "not provided"."""
     if v is None or v == "" or v == [] or v == {}:
@@ -399,8 +404,10 @@ def _quality(ev: RunEvidence) -> dict[str, Any]:
         for m in methods:
             v = (q["methods"][m] or {}).get(name)
             cells.append(fnum(v) if v is None or isinstance(v, (int, float)) else "see evidence")
-        rows.append({"metric": name, "direction": f"{meta.get('direction', 'n/a')} is better", "cells": cells})
-    return {"missing": None, "methods": methods, "rows": rows, "n_samples": fnum(q.get("n_samples"))}
+        rows.append({"metric": breakable(name), "direction": f"{meta.get('direction', 'n/a')} is better",
+                     "cells": cells})
+    return {"missing": None, "methods": [breakable(m) for m in methods], "rows": rows,
+            "n_samples": fnum(q.get("n_samples")), "wide": len(methods) > 4}
 
 
 def _gates(ev: RunEvidence) -> dict[str, Any]:

@@ -49,7 +49,10 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="governance.yaml")
     p.add_argument("--registered-model-name", default="credit-risk-mlp")
+    p.add_argument("--steps", default="train,validate,explain,report",
+                   help="Which steps to run after train (report runs only when MLproject declares it).")
     a = p.parse_args()
+    steps = {s.strip() for s in a.steps.split(",") if s.strip()}
     parent = os.environ.get("MLFLOW_RUN_ID")
     config = _common.config_path(a.config) or ""
     train_run = _step("train", {"n_train": a.n_train, "n_valid": a.n_valid, "epochs": a.epochs,
@@ -57,11 +60,13 @@ def main() -> int:
     model_uri = _model_uri(train_run)
     data = f"mlflow-dataset:{train_run}/validation"
     common = {"model_uri": model_uri, "data": data, "target_column": TARGET, "config": config}
-    validate_run = _step("validate", common, parent)
+    runs = {"train": train_run}
+    if "validate" in steps:
+        runs["validate"] = _step("validate", common, parent)
     explain_run = _step("explain", common, parent)
-    runs = {"train": train_run, "validate": validate_run, "explain": explain_run}
-    if _declared("report"):  # the report step, once the report package declares it in MLproject
-        runs["report"] = _step("report", {"run_id": explain_run}, parent)
+    runs["explain"] = explain_run
+    if "report" in steps and _declared("report"):  # the report step (governance/report)
+        runs["report"] = _step("report", {"run_id": explain_run, "config": config}, parent)
     if parent:
         MlflowClient().log_batch(parent, tags=[
             mlflow.entities.RunTag(f"governance.{k}_run_id", v) for k, v in sorted(runs.items())

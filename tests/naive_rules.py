@@ -17,6 +17,7 @@ Conventions
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -24,10 +25,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-
-# The comparisons use tiny tensors: on a loaded 2-core machine, intra-op threads only add
-# contention (a 2x7x6 conv can take 50 ms with 2 threads busy-waiting, 15 us with one).
-torch.set_num_threads(1)
 
 MODES = ("default", "signed", "contrastive")
 
@@ -832,6 +829,19 @@ def shape_rule(fn, xs, R, mode):
 #: dtype the comparisons run in, and the relative tolerance that goes with it.
 DTYPE = torch.float64
 RTOL = 1e-9
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The comparisons use tiny tensors: on a loaded 2-core machine, intra-op threads only add
+    contention (a 2x7x6 conv can take 50 ms with 2 threads busy-waiting, 15 us with one).
+    Test modules wrap themselves in this (and give the setting back afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def explain(model, x, mode, task="regression", **kw):

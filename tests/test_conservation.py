@@ -15,6 +15,12 @@ from test_engine_models import make_blocknet, make_mlp
 RTOL = 1e-9
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    with nr.one_thread():
+        yield
+
+
 def _bt(model):
     from governance.backtrace import Backtrace
 

@@ -14,6 +14,12 @@ import naive_rules as nr
 from naive_rules import DTYPE, MODES, RTOL
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    with nr.one_thread():
+        yield
+
+
 def _bt(model):
     from governance.backtrace import Backtrace
 

@@ -16,7 +16,11 @@ import torch.nn.functional as F
 import naive_rules as nr
 from naive_rules import DTYPE, MODES
 
-torch.set_default_dtype(torch.float32)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    with nr.one_thread():
+        yield
 
 
 def _seed_for(y, mode, task="regression", **kw):

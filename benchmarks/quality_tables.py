@@ -276,10 +276,11 @@ def text(args) -> tuple[str, dict]:
     t_train = time.perf_counter() - t0
     with torch.no_grad():
         acc = float((model.head(emb[n_train:]).argmax(1) == y[n_train:]).float().mean())
-    # the evaluated sentences, tokenised without padding beyond their own batch's longest
+    # the evaluated sentences: a seeded draw from the held-out ones, padded only to their own longest
     held = sents[n_train : n_train + n_held]
-    ids = tok(held, padding=True, return_tensors="pt")["input_ids"]
-    q = quality_report(model, ids, task="multiclass-classification", n_samples=args.text_samples, seed=0,
+    pick = sorted(np.random.default_rng(0).choice(len(held), size=min(args.text_samples, len(held)), replace=False))
+    ids = tok([held[i] for i in pick], padding=True, return_tensors="pt")["input_ids"]
+    q = quality_report(model, ids, task="multiclass-classification", n_samples=len(pick), seed=0,
                        tokenizer=tok, metrics=("flipping", "complexity"), ig_steps=args.ig_steps_text,
                        flip_steps=args.text_flip_steps,
                        timings=True)

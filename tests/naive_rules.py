@@ -497,6 +497,9 @@ def conv_rule(x, W, b, R, mode, act="none", **conv_kw) -> LayerResult:
 
 
 def conv_transpose_rule(x, W, b, R, mode, act="none", **kw) -> LayerResult:
+    """Spec 3/3b/4 per output channel and position of a transposed convolution ("Convolutions
+    (1d, 2d, 3d, transposed) use the same rule for every output channel at every output
+    position over its receptive field")."""
     units, _ = conv_transpose_units(tuple(x.shape[1:]), W, b, **kw)
     return affine_rule(x, units, R, mode, act)
 
@@ -541,6 +544,9 @@ def batchnorm_units(in_shape, bn):
 
 
 def batchnorm_rule(x, bn, R, mode, act="none") -> LayerResult:
+    """Spec 5, batch norm not after a conv/linear: "a per-channel affine map with the section-3
+    rule": R_i = R · |a_c x_i| / (|a_c x_i| + |β_c − μ_c a_c|) (signed: a_c x_i in the
+    numerator; contrastive: a single contribution, which passes both maps whole)."""
     return affine_rule(x, batchnorm_units(tuple(x.shape[1:]), bn), R, mode, act)
 
 
@@ -586,6 +592,7 @@ def pool_windows(L, kernel, stride, padding, dilation, ceil_mode=False):
 
 
 def maxpool_forward(x, kernel, stride=None, padding=0, dilation=1, ceil_mode=False):
+    """Max pooling by loops over the windows (to check the window enumeration against torch)."""
     N, C, *L = x.shape
     wins, Lout = pool_windows(L, kernel, stride, padding, dilation, ceil_mode)
     out = torch.zeros(N, C, *Lout, dtype=torch.float64)

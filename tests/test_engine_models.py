@@ -383,6 +383,7 @@ def test_determinism(mode):
         if mode == "contrastive":
             assert torch.equal(a.positive.input_relevance, other.positive.input_relevance)
             assert torch.equal(a.negative.input_relevance, other.negative.input_relevance)
+        assert a.layer_summary(per_sample=True).equals(other.layer_summary(per_sample=True))
 
 
 # ============================================================================================

@@ -154,3 +154,37 @@ def test_report_renders_without_any_model_metadata(evidence):
     assert "Not provided: model URI not recorded" in html
     assert "Not provided: no dataset was logged as an input of the run" in html
     assert "the model is not registered" in html[html.index('id="sec-changes"'):]
+
+
+def test_a_failed_render_logs_nothing(governance_store, tracking, monkeypatch, tmp_path):
+    """Everything is rendered before anything is logged: a failure leaves the run untouched."""
+    import mlflow
+
+    from governance.report import ReportError, publish
+    from governance.report.publish import publish_report
+
+    client = mlflow.MlflowClient()
+    rid = governance_store.explain_run_ids["v1"]
+
+    def listing():
+        out, todo = set(), ["governance"]
+        while todo:
+            for f in client.list_artifacts(rid, todo.pop()):
+                (todo.append(f.path) if f.is_dir else out.add((f.path, f.file_size)))
+        return out
+
+    before = listing()
+
+    def broken_pdf(*args, **kwargs):
+        raise RuntimeError("renderer crashed")
+
+    monkeypatch.setattr(publish, "render_pdf", broken_pdf)
+    with pytest.raises(RuntimeError, match="renderer crashed"):
+        publish_report(rid)
+    assert listing() == before
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("report:\n  titel: typo\n")
+    with pytest.raises(ReportError, match="unknown key"):
+        publish_report(rid, config_path=bad)
+    assert listing() == before
+    assert "governance.report_id" not in client.get_run(rid).data.tags

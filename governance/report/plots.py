@@ -126,4 +126,8 @@ def heatmap(image: np.ndarray, relevance: np.ndarray, title: str) -> bytes:
         for ax in axes:
             ax.set_xticks([])
             ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(True)
+                spine.set_color("#999999")
+                spine.set_linewidth(0.5)
         return _png(fig)

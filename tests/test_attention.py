@@ -444,3 +444,36 @@ def test_gating_product_gives_half_to_each_factor():
     half = exp.seed_relevance.double() / 2
     assert torch.allclose(exp.books["g"].relevance_in, half, rtol=1e-5)
     assert torch.allclose(exp.books["u"].relevance_in, half, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "quick_gelu", "silu"])
+def test_written_out_activation_equals_fused(act):
+    """x·f(x) written element-wise is an activation: relevance passes through to x (spec 5),
+    exactly as the fused op (no pre-activation below -6 here, so no saturation either)."""
+
+    class Act(nn.Module):
+        def __init__(self, written: bool):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+            self.written = written
+
+        def forward(self, x):
+            h = self.a(x)
+            if act == "gelu_tanh":
+                h = (0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+                     if self.written else F.gelu(h, approximate="tanh"))
+            elif act == "quick_gelu":
+                h = h * torch.sigmoid(1.702 * h) if self.written else F.silu(h)
+            else:
+                h = h * torch.sigmoid(h) if self.written else F.silu(h)
+            return self.b(h)
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    written = Backtrace(Act(True)).explain(x, task="regression")
+    # everything that left the last layer arrives at the first one's output
+    b = written.books
+    assert torch.allclose(b["a"].relevance_in, b["b"].relevance_out, rtol=1e-5, atol=1e-7)
+    if act != "quick_gelu":  # the same function as the fused op: the same relevance
+        fused = Backtrace(Act(False)).explain(x, task="regression")
+        assert torch.allclose(fused.input_relevance, written.input_relevance, rtol=1e-5, atol=1e-6)

@@ -26,6 +26,11 @@ the statistic's *sources*. ``s`` is a normaliser statistic of the other factor `
    (``x`` may be the centred signal ``x - mean(x)`` of a layer norm), i.e. the statistic is
    computed from the very signal it normalises.
 
+The same module recognises self-gated activations written out element-wise (GELU-tanh as
+``0.5·x·(1 + tanh(c·(x + 0.044715·x³)))``, QuickGELU ``x·sigmoid(1.702·x)``): there the other
+factor is an element-wise function of the signal alone (``is_self_gate``), the product is an
+activation, and spec 5 passes an activation's relevance through to its input.
+
 Division by an activation-derived normaliser already gives everything to the numerator (the
 ``div`` rule), so only products need this analysis. The statistic's own ops (``pow``,
 ``rsqrt``, ...) then never receive relevance; they have a guard rule (in
@@ -145,13 +150,74 @@ def is_normaliser_of(factor: fx.Node, signal: fx.Node, relevant: set[fx.Node]) -
     return bool(sources) and reduced and inverted and sources <= derived
 
 
+#: element-wise functions a self-gated activation is built from (GELU-tanh, SiLU, QuickGELU
+#: written out: ``0.5·x·(1 + tanh(c·(x + 0.044715·x³)))``, ``x·sigmoid(1.702·x)``)
+ELEMENTWISE_FN = {
+    "tanh", "sigmoid", "erf", "erfc", "exp", "pow", "add", "sub", "rsub", "mul", "div", "neg",
+    "to", "_to_copy", "type_as", "alias", "clone", "detach", "contiguous", "lift_fresh_copy",
+    "softplus", "relu", "clamp", "clamp_min", "sqrt", "square",
+}
+
+
+def _scaled_derivation(signal: fx.Node, relevant: set[fx.Node]) -> set[fx.Node]:
+    """``signal`` and its sources through casts and scaling by constants (``0.5 * x``)."""
+    out: set[fx.Node] = set()
+    n: Any = signal
+    while isinstance(n, fx.Node) and n not in out and n in relevant:
+        out.add(n)
+        if n.op != "call_function" or not n.args:
+            break
+        name = _name(n)
+        if name in ("mul", "div"):
+            rel = [a for a in n.args[:2] if isinstance(a, fx.Node) and a in relevant]
+            if len(rel) != 1 or (name == "div" and rel[0] is not n.args[0]):
+                break
+            n = rel[0]
+        elif name in DERIVATION_OPS and name != "sub":
+            n = n.args[0]
+        else:
+            break
+    return out
+
+
+def is_self_gate(factor: fx.Node, signal: fx.Node, relevant: set[fx.Node]) -> bool:
+    """True when ``factor`` is an element-wise function of ``signal`` alone (no reduction): the
+    product ``signal * factor`` is then a self-gated activation (SiLU, GELU written out), whose
+    relevance passes through to the signal (spec 5, activations)."""
+    derived = _scaled_derivation(signal, relevant)
+    if factor in derived:
+        return False
+    seen: set[fx.Node] = set()
+    sources: set[fx.Node] = set()
+    stack = [factor]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > MAX_WALK:
+            return False
+        if n in derived:
+            sources.add(n)
+            continue
+        if n.op != "call_function" or _name(n) not in ELEMENTWISE_FN:
+            return False
+        fx.node.map_arg((n.args, n.kwargs), lambda a: stack.append(a) if a in relevant else None)
+    return bool(sources)
+
+
 def normalised_signal(a: Any, b: Any, relevant: set[fx.Node]) -> fx.Node | None:
     """For a product ``a * b`` of two input-dependent nodes: the signal when the other factor is
-    its normaliser statistic (``x * rsqrt(mean(x²) + eps)`` gives ``x``), else None."""
+    its normaliser statistic (``x * rsqrt(mean(x²) + eps)`` gives ``x``) or an element-wise
+    function of it (a self-gated activation, ``x * sigmoid(x)``), else None (a gate: half each)."""
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         return None
     if is_normaliser_of(b, a, relevant):
         return a
     if is_normaliser_of(a, b, relevant):
+        return b
+    if is_self_gate(b, a, relevant):
+        return a
+    if is_self_gate(a, b, relevant):
         return b
     return None

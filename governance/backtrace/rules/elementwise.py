@@ -78,8 +78,9 @@ def add_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
 @register_rule(aten.mul, aten.mul_)
 def mul_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
     """Two activations (gating): half each. Activation × constant (scaling): all to it.
-    Activation × its own normaliser statistic (a decomposed RMS / layer norm): all to the
-    activation (see ``normalisers.py``)."""
+    Activation × its own normaliser statistic (a decomposed RMS / layer norm) or × an
+    element-wise function of itself (a written-out SiLU / GELU): all to the activation (see
+    ``normalisers.py``)."""
     a, b = node.args[0], node.args[1]
     rel = [x for x in (a, b) if ctx.is_relevant(x)]
     if len(rel) == 2:  # x * rsqrt(mean(x²) + eps) is a normalisation, not a gate (spec 5)

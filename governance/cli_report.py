@@ -53,7 +53,7 @@ def card_command(model_uri: str, run_id: str | None, config_path: str | None, ou
         written = publish_model_card(model_uri, run_id=run_id, config_path=config_path, output_dir=output_dir)
     except ReportError as exc:
         _fail(str(exc))
-    for name, path in sorted(written.items()):
+    for _name, path in sorted(written.items()):
         click.echo(str(path))
 
 

@@ -21,7 +21,7 @@ from governance.report import plots
 from governance.report.crosswalk import COLUMNS as CROSSWALK_COLUMNS
 from governance.report.crosswalk import crosswalk_rows
 from governance.report.evidence import RunEvidence
-from governance.report.options import NOT_PROVIDED, ReportOptions, parse_report_options
+from governance.report.options import NOT_PROVIDED, ReportError, ReportOptions, parse_report_options
 
 SECTIONS = [
     ("cover", "Cover and control block"),
@@ -532,7 +532,9 @@ def _examples(ev: RunEvidence) -> dict[str, Any]:
             toks, rel = list(ex.get("tokens") or []), [float(v) for v in (ex.get("relevance") or [])]
             bound = max((abs(v) for v in rel), default=0.0) or 1.0
             spans = []
-            for t, v in zip(toks, rel):
+            if len(toks) != len(rel):
+                raise ReportError(f"examples/texts.json entry {i}: {len(toks)} tokens but {len(rel)} relevance values")
+            for t, v in zip(toks, rel, strict=True):
                 a = min(abs(v) / bound, 1.0) * 0.85
                 color = (192, 80, 77) if v > 0 else (31, 78, 121)
                 spans.append({"token": str(t), "style": f"background-color: rgba({color[0]}, {color[1]}, "

@@ -141,14 +141,32 @@ CASES: list[Case] = [
 KEYS = {"mlp": 0, "cnn": 1, "resnet34": 2}
 
 
+# --- issue 3, recurrent / mixture-of-experts / vision half: the cases live in zoo_speed.py
+# (MoE causal LM, LSTM next-word model, U-Net), each with its own forward+backward baseline.
+ZOO_KEYS = ("moe", "lstm", "unet")
+
+
+def zoo_case(key: str) -> tuple[Case, Callable]:
+    """(case, baseline) of a zoo benchmark: ``--only moe`` (or lstm, unet) runs it here too."""
+    import zoo_speed
+
+    return zoo_speed.CASES[key]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(KEYS), help="comma-separated subset of: " + ", ".join(KEYS))
+    ap.add_argument("--only", default=",".join(KEYS),
+                    help="comma-separated subset of: " + ", ".join([*KEYS, *ZOO_KEYS]))
     ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []
     for key in args.only.split(","):
+        if key.strip() in ZOO_KEYS:
+            case, baseline = zoo_case(key.strip())
+            rows.append(run_case(case, args.repeats, baseline=baseline))
+            print(report(rows[-1:]).splitlines()[-1], flush=True)
+            continue
         case = CASES[KEYS[key.strip()]]
         rows.append(run_case(case, args.repeats))
         print(report(rows[-1:]).splitlines()[-1], flush=True)

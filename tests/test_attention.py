@@ -260,6 +260,14 @@ class TinyAttention(nn.Module):
             keep = keep & torch.ones(t, t, dtype=torch.bool).tril()
         if self.impl == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        elif self.impl == "masked_fill":  # DistilBERT-style eager attention
+            s = q @ k.transpose(-1, -2) / math.sqrt(d // self.h)
+            s = s.masked_fill(~keep, torch.finfo(torch.float32).min)
+            o = torch.softmax(s, -1) @ v
+        elif self.impl == "where":
+            s = q @ k.transpose(-1, -2) / math.sqrt(d // self.h)
+            s = torch.where(keep, s, torch.tensor(float("-inf")))
+            o = torch.softmax(s, -1) @ v
         else:
             bias = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
             s = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(d // self.h)) + bias
@@ -275,7 +283,7 @@ def _tokens(n=2, t=6, d=8, seed=0):
     return x, mask
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "masked_fill", "where"])
 def test_padded_tokens_get_exactly_zero(impl):
     x, mask = _tokens()
     for mode in ("default", "contrastive", "signed"):
@@ -309,10 +317,11 @@ def test_eager_and_sdpa_models_explain_alike():
         for mode in ("default", "contrastive"):
             a = Backtrace(TinyAttention(impl="sdpa", causal=causal)).explain((x, mask), mode=mode,
                                                                             task="multiclass-classification")
-            b = Backtrace(TinyAttention(impl="eager", causal=causal)).explain((x, mask), mode=mode,
-                                                                             task="multiclass-classification")
-            ra, rb = a.input_relevance["x"], b.input_relevance["x"]
-            assert float((ra - rb).abs().max()) <= 1e-5 * float(ra.abs().max())
+            for impl in ("eager", "masked_fill", "where"):
+                b = Backtrace(TinyAttention(impl=impl, causal=causal)).explain((x, mask), mode=mode,
+                                                                              task="multiclass-classification")
+                ra, rb = a.input_relevance["x"], b.input_relevance["x"]
+                assert float((ra - rb).abs().max()) <= 1e-5 * float(ra.abs().max()), impl
 
 
 def test_multihead_attention_with_and_without_weights():

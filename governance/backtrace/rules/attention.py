@@ -303,3 +303,45 @@ def baddbmm_rule(ctx: RuleContext, node: fx.Node, R):
         if r is not None and ctx.is_relevant(n):
             out[n] = out[n] + r if n in out else r
     return out
+
+
+# --- masking ops on scores (eager attention of DistilBERT, older BERT-likes, user code) ----------
+
+@register_rule(*aten_ops("masked_fill", "masked_fill_"))
+def masked_fill_rule(ctx: RuleContext, node: fx.Node, R):
+    """``x.masked_fill(mask, value)`` moves values: unmasked positions pass R to x; the filled
+    positions hold a constant, so their relevance (0 wherever the fill masks attention) is
+    absorbed like a constant's share."""
+    x_node, mask_node = node.args[0], node.args[1]
+    if len(node.args) > 2 and ctx.is_relevant(node.args[2]):
+        raise ctx.unsupported(node, "the fill value depends on the float inputs")
+    mask = ctx.value(mask_node).to(torch.bool)
+    zero = torch.zeros((), dtype=R.dtype, device=R.device)
+    keep = torch.where(mask, zero, R)
+    filled = R - keep
+    if bool((filled != 0).any()):
+        ctx.absorb(torch.nan_to_num(filled, nan=0.0))
+    return {x_node: _sum_to(keep, ctx.value(x_node).shape)}
+
+
+@register_rule(*aten_ops("where"))
+def where_rule(ctx: RuleContext, node: fx.Node, R):
+    """``where(cond, a, b)`` moves values: each position's relevance goes to the branch that
+    supplied it; a constant branch's share is absorbed."""
+    if len(node.args) < 3:
+        raise ctx.unsupported(node, "where(cond) (nonzero indices) has no relevance rule")
+    cond_node, a, b = node.args[0], node.args[1], node.args[2]
+    if ctx.is_relevant(cond_node) and ctx.value(cond_node).is_floating_point():
+        raise ctx.unsupported(node, "the condition is a float tensor depending on the inputs")
+    cond = ctx.value(cond_node).to(torch.bool)
+    zero = torch.zeros((), dtype=R.dtype, device=R.device)
+    ra = torch.where(cond, R, zero)
+    rb = R - ra
+    out: dict[fx.Node, torch.Tensor] = {}
+    for arg, r in ((a, ra), (b, rb)):
+        if ctx.is_relevant(arg):
+            shape = ctx.value(arg).shape
+            out[arg] = out[arg] + _sum_to(r, shape) if arg in out else _sum_to(r, shape)
+        elif bool((r != 0).any()):
+            ctx.absorb(r)
+    return out

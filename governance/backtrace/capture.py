@@ -66,7 +66,11 @@ class GraphCache:
             if key not in self._graphs:
                 self._graphs[key] = _wrap(model)
             return self._graphs[key]
-        key = _shape_key((args, kwargs))
+        # parameters replaced by new objects (load_state_dict(assign=True), pruning) must not be
+        # explained with the weights captured before; in-place updates are seen anyway
+        key = _shape_key((args, kwargs)) + (
+            tuple(id(p) for p in model.parameters()), tuple(id(b) for b in model.buffers()),
+        )
         if key not in self._graphs:
             self._graphs[key] = _wrap(_export(model, args, kwargs).module())
         return self._graphs[key]

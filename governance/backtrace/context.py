@@ -45,6 +45,18 @@ def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num_(num / den, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _feeds_output(node: fx.Node) -> bool:
+    """True when ``node``'s values reach the graph output unchanged (the model's final layer)."""
+    for user in node.users:
+        if user.op == "output":
+            return True
+        name = getattr(user.target, "_opname", "")
+        if user.op == "call_function" and (name in VALUE_PRESERVING or user.target is operator.getitem):
+            if _feeds_output(user):
+                return True
+    return False
+
+
 class RuleContext:
     """Shared state of one walk. Rules read values and flags here and write their books."""
 
@@ -103,6 +115,8 @@ class RuleContext:
         if name in ("hardtanh", "hardtanh_"):  # relu6 exports as hardtanh(x, 0, 6)
             low = user.args[1] if len(user.args) > 1 else user.kwargs.get("min_val", -1.0)
             return (0.0, None) if low == 0 else (None, None)
+        if name in ("softmax", "_softmax") and not _feeds_output(user):
+            return (None, None)  # the softmax range applies on the final layer only
         return SATURATION.get(name, (None, None))
 
     # books ------------------------------------------------------------------------------

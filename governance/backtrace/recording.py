@@ -19,6 +19,13 @@ INDEX_PATH_OPS = {
 }
 
 
+# Ops whose result depends on an argument's shape or dtype only, never on its values.
+SHAPE_ONLY_OPS = {
+    "zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty",
+    "new_full", "sym_size", "sym_numel", "sym_stride", "size", "dim",
+}
+
+
 @dataclass
 class Recording:
     """Values of every node of one forward pass, and the relevance flags."""
@@ -92,9 +99,11 @@ def record(gm: fx.GraphModule, flat_inputs: list[Any]) -> Recording:
         if node.op not in ("call_function", "call_method"):
             continue
         args = _arg_nodes(node)
+        name = _packet_name(node.target)
+        if name in SHAPE_ONLY_OPS:  # zeros_like(x), x.new_ones(...): x's shape, not its values
+            continue
         if any(a in depends for a in args):
             depends.add(node)
-        name = _packet_name(node.target)
         if name in ("embedding", "embedding_bag") and len(node.args) > 1:
             idx = node.args[1]
             if isinstance(idx, fx.Node) and idx in depends:

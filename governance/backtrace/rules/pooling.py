@@ -88,7 +88,8 @@ def _max_pool_nd(x: torch.Tensor, out: torch.Tensor, R: torch.Tensor, k, s, p, d
     return back.squeeze(-2) if squeeze else back
 
 
-@register_rule(*aten_ops("max_pool1d", "max_pool2d", "max_pool2d_with_indices", "max_pool1d_with_indices"))
+@register_rule(*aten_ops("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
+                         "max_pool1d_with_indices", "max_pool3d_with_indices"))
 def max_pool_rule(ctx: RuleContext, node: fx.Node, R):
     """Max pooling 1d/2d with stride, padding, dilation, ceil mode; ties share equally."""
     if isinstance(R, dict):
@@ -99,12 +100,15 @@ def max_pool_rule(ctx: RuleContext, node: fx.Node, R):
     x = ctx.value(x_node)
     out = ctx.value(node)
     out = out[0] if isinstance(out, (tuple, list)) else out
-    nd = 1 if "1d" in node.target._opname else 2
+    opname = node.target._opname
+    nd = 1 if "1d" in opname else 3 if "3d" in opname else 2
     k, s, p, d, ceil = _pool_params(node, nd)
     if k == s and all(v == 0 for v in p) and all(v == 1 for v in d) and (
         not ceil or all(size % kk == 0 for size, kk in zip(x.shape[-nd:], k))
     ):
         return {x_node: _max_pool_tiled(x, out, R, k)}
+    if nd == 3:
+        raise ctx.unsupported(node, "3-d max pooling is supported with stride = kernel and no padding only")
     return {x_node: _max_pool_nd(x, out, R, k, s, p, d, ceil)}
 
 

@@ -130,7 +130,8 @@ def _gx_context():
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    for name in ("great_expectations", "great_expectations.data_context.types.base"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # GX pins this module's logger to INFO
 
     ctx = gx.get_context(mode="ephemeral")
     try:

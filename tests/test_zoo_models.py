@@ -496,3 +496,19 @@ def test_expert_summary_ranks_experts():
     er = e.expert_relevance[""]
     assert abs(df.abs_relevance.sum() - float(er.double().abs().sum(1).sum(1).mean())) < 1e-6
     assert abs(df.tokens.sum() - 5 * 2) < 1e-9  # top-2 routing: 2 experts per token
+
+
+def test_moe_exported_program_explains_like_the_module():
+    """The pt2 path: export inside ``dense_experts`` (as a user logging to MLflow would) and
+    explain the ExportedProgram; same relevance and expert table as the module itself."""
+    from governance.backtrace.rules.moe import dense_experts
+
+    blk = zm.moe_block()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
+    with dense_experts(blk):
+        ep = torch.export.export(blk, (x,), strict=False)
+    assert "forward" not in vars(blk.experts)
+    a = Backtrace(ep).explain(x, task="regression")
+    b = Backtrace(blk).explain(x, task="regression")
+    torch.testing.assert_close(a.input_relevance, b.input_relevance, rtol=0, atol=0)
+    torch.testing.assert_close(a.expert_relevance[""], b.expert_relevance[""], rtol=0, atol=0)

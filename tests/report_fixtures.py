@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -34,6 +36,23 @@ DICTIONARY = {
     "credit_history_months": "Length of credit history is too short",
 }
 MODEL_NAME = "credit-risk"
+
+
+@contextmanager
+def use_store(uri: str) -> Iterator[None]:
+    """Point MLflow (the global URI and $MLFLOW_TRACKING_URI) at ``uri``; restore both after."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 @dataclass
@@ -157,7 +176,8 @@ def validation_result(n: int, success: bool = True) -> dict:
     }
 
 
-def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *, passed: bool, seed: int) -> str:
+def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *, passed: bool, seed: int,
+                        experiment_id: str) -> str:
     """Log an explanation run with every artifact of the contract; return its run id."""
     from governance.aggregate import (
         BatchDraws,
@@ -231,7 +251,8 @@ def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *,
     local = pd.DataFrame(rel, columns=FEATURES)
     local.insert(0, "prediction", pred)
     local.insert(0, "sample_id", np.arange(len(x)))
-    with mlflow.start_run(run_name="explain") as run, tempfile.TemporaryDirectory() as tmp:
+    with mlflow.start_run(run_name="explain", experiment_id=experiment_id) as run, \
+            tempfile.TemporaryDirectory() as tmp:
         g = Path(tmp) / "governance"
         (g / "explanations" / "plots").mkdir(parents=True)
         (g / "data_quality").mkdir()
@@ -278,15 +299,18 @@ def build_store(root: Path) -> GovernanceStore:
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
+    with use_store(uri):
+        return _build_store(mlflow, root, uri)
+
+
+def _build_store(mlflow, root: Path, uri: str) -> GovernanceStore:
     client = mlflow.MlflowClient(uri)
     exp_id = client.create_experiment("credit", artifact_location=(root / "artifacts").as_uri())
-    mlflow.set_experiment(experiment_id=exp_id)
     train_ids, explain_ids, versions = {}, {}, {}
     x_val, _ = make_data(160, seed=99)
     for key, seed in (("v1", 1), ("v2", 6)):
         model, metrics = train_model(seed)
-        with mlflow.start_run(run_name=f"train-{key}") as run:
+        with mlflow.start_run(run_name=f"train-{key}", experiment_id=exp_id) as run:
             mlflow.log_params({"hidden": "8,4", "epochs": 150, "seed": seed})
             mlflow.log_metrics(metrics)
             info = mlflow.pytorch.log_model(
@@ -296,7 +320,8 @@ def build_store(root: Path) -> GovernanceStore:
         train_ids[key] = run.info.run_id
         versions[key] = str(info.registered_model_version)
         uri_v = f"models:/{MODEL_NAME}/{versions[key]}"
-        explain_ids[key] = log_explanation_run(mlflow, client, model, uri_v, x_val, passed=True, seed=seed)
+        explain_ids[key] = log_explanation_run(mlflow, client, model, uri_v, x_val, passed=True, seed=seed,
+                                               experiment_id=exp_id)
         client.set_model_version_tag(MODEL_NAME, versions[key], "governance.run_id", explain_ids[key])
     # Version 1 was audited earlier (what `approve` leaves behind).
     client.set_model_version_tag(MODEL_NAME, versions["v1"], "governance.audited", "true")
@@ -306,7 +331,7 @@ def build_store(root: Path) -> GovernanceStore:
                                       model_id=info.model_id)
     versions["v3"] = str(mv3.version)
     explain_ids["v3"] = log_explanation_run(mlflow, client, model, f"models:/{MODEL_NAME}/{mv3.version}",
-                                            x_val, passed=False, seed=3)
+                                            x_val, passed=False, seed=3, experiment_id=exp_id)
     client.set_model_version_tag(MODEL_NAME, versions["v3"], "governance.run_id", explain_ids["v3"])
     cfg = root / "governance.yaml"
     cfg.write_text(yaml.safe_dump({
@@ -340,28 +365,16 @@ class Published:
 
 @pytest.fixture(scope="session")
 def governance_store(tmp_path_factory) -> GovernanceStore:
-    """A real sqlite MLflow store with registered models and explanation runs."""
-    import mlflow
-
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    store = build_store(tmp_path_factory.mktemp("governance-store"))
-    os.environ["MLFLOW_TRACKING_URI"] = store.tracking_uri
-    yield store
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
-    mlflow.set_tracking_uri(old or "")
+    """A real sqlite MLflow store with registered models and explanation runs (MLflow's global
+    state is left as it was: tests that use the store ask for ``tracking``)."""
+    return build_store(tmp_path_factory.mktemp("governance-store"))
 
 
 @pytest.fixture
-def tracking(governance_store, monkeypatch) -> GovernanceStore:
+def tracking(governance_store) -> Iterator[GovernanceStore]:
     """Point MLflow (and the CLI's environment) at the fixture store for one test."""
-    import mlflow
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", governance_store.tracking_uri)
-    mlflow.set_tracking_uri(governance_store.tracking_uri)
-    return governance_store
+    with use_store(governance_store.tracking_uri):
+        yield governance_store
 
 
 @pytest.fixture(scope="session")
@@ -369,24 +382,23 @@ def published(governance_store, tmp_path_factory) -> Published:
     """`mlflow-governance report` run through the CLI: v2 twice, v3 (failed gate) once."""
     import time
 
-    import mlflow
     from click.testing import CliRunner
 
     from governance.cli import main
 
-    mlflow.set_tracking_uri(governance_store.tracking_uri)
     base = tmp_path_factory.mktemp("reports")
     runner = CliRunner()
     outs = {}
     seconds = 0.0
-    for key, run_key in (("v2", "v2"), ("v2_again", "v2"), ("v3", "v3")):
-        out = base / key
-        t0 = time.perf_counter()
-        res = runner.invoke(main, ["report", "--run-id", governance_store.explain_run_ids[run_key],
-                                   "--config", str(governance_store.config_path), "--output-dir", str(out)])
-        if key == "v2":
-            seconds = time.perf_counter() - t0
-        assert res.exit_code == 0, res.output + repr(res.exception)
-        outs[key] = out
+    with use_store(governance_store.tracking_uri):
+        for key, run_key in (("v2", "v2"), ("v2_again", "v2"), ("v3", "v3")):
+            out = base / key
+            t0 = time.perf_counter()
+            res = runner.invoke(main, ["report", "--run-id", governance_store.explain_run_ids[run_key],
+                                       "--config", str(governance_store.config_path), "--output-dir", str(out)])
+            if key == "v2":
+                seconds = time.perf_counter() - t0
+            assert res.exit_code == 0, res.output + repr(res.exception)
+            outs[key] = out
     pdf = outs["v2"] / "governance" / "reports" / "audit_report.pdf"
     return Published(governance_store, outs["v2"], outs["v2_again"], outs["v3"], seconds, pdf.stat().st_size)

@@ -13,13 +13,12 @@ from governance.report.options import ReportError, parse_model_card_options, par
 
 @pytest.fixture(scope="module")
 def evidence(governance_store, tmp_path_factory):
-    import mlflow
-
     from governance.report.evidence import load_run_evidence
+    from report_fixtures import use_store
 
-    mlflow.set_tracking_uri(governance_store.tracking_uri)
-    return load_run_evidence(governance_store.explain_run_ids["v2"], tracking_uri=governance_store.tracking_uri,
-                             workdir=tmp_path_factory.mktemp("evidence"))
+    with use_store(governance_store.tracking_uri):
+        return load_run_evidence(governance_store.explain_run_ids["v2"], tracking_uri=governance_store.tracking_uri,
+                                 workdir=tmp_path_factory.mktemp("evidence"))
 
 
 def test_image_heatmaps_and_token_highlights_are_rendered(evidence):

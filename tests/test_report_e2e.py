@@ -14,19 +14,23 @@ from click.testing import CliRunner
 pytestmark = pytest.mark.slow
 
 
-def test_explain_then_report_then_verify_then_approve(tmp_path, monkeypatch):
+def test_explain_then_report_then_verify_then_approve(tmp_path):
+    from report_fixtures import use_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with use_store(uri):
+        _run(tmp_path, uri)
+
+
+def _run(tmp_path, uri):
     import mlflow
 
     from examples.credit_risk.generator import REASON_TEXT, STRONG_DRIVERS, TARGET
     from examples.credit_risk.train import train_and_log
     from governance.cli import main
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.create_experiment("e2e", artifact_location=(tmp_path / "artifacts").as_uri())
-    mlflow.set_experiment(experiment_id=exp)
-    with mlflow.start_run(run_name="train"):
+    exp = mlflow.MlflowClient().create_experiment("e2e", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(run_name="train", experiment_id=exp):
         trained = train_and_log(n_train=3000, n_valid=400, epochs=3, seed=0, registered_model_name="credit-e2e",
                                 data_dir=tmp_path / "data")
     cfg = tmp_path / "governance.yaml"

@@ -51,13 +51,13 @@ def _ids(n, t, vocab=100, seed=1):
 # LLaMA
 # ------------------------------------------------------------------------------------------------
 
-def llama(impl: str, seed: int = 0):
+def llama(impl: str, seed: int = 0, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      use_cache=False, attn_implementation=impl)
+                      use_cache=False, attn_implementation=impl, tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -127,7 +127,8 @@ def test_llama_batched_equals_per_sample():
 
 
 def test_llama_explain_generation():
-    model = llama("sdpa")
+    model = llama("sdpa", tie=True)  # tied input / output embeddings
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     bt = Backtrace(model)
     ids = _ids(2, 5)
     mask = torch.ones_like(ids)
@@ -153,6 +154,24 @@ def test_llama_explain_generation():
     assert torch.allclose(g.layer_relevance["lm_head"], g.seed_relevance, rtol=1e-5)
     gc = bt.explain_generation(ids, max_new_tokens=k, attention_mask=mask, mode="contrastive")
     assert torch.isfinite(gc.relevance).all() and float(gc.relevance.abs().sum()) > 0
+
+
+def test_explain_generation_next_word_lstm():
+    """A model returning (N, V) next-word logits (no attention mask, not a transformer)."""
+    import zoo_models as zm
+
+    torch.manual_seed(0)
+    model = zm.LSTMNextWord(vocab=50).eval()
+    ids = zm.token_batch(2, 5, 50, pad_last=0)
+    g = Backtrace(model).explain_generation(ids, max_new_tokens=2)
+    seq = ids
+    for _ in range(2):
+        seq = torch.cat([seq, model(seq).argmax(-1, keepdim=True)], 1)
+    assert torch.equal(g.sequences, seq)
+    e = Backtrace(model).explain(ids, task="multiclass-classification")
+    assert _rel_diff(e.input_relevance, g.relevance[:, 0, :5]) <= 1e-5
+    assert (g.relevance[:, 0, 5:] == 0).all() and (g.relevance[:, 1, 6:] == 0).all()
+    assert (g.relevance[:, 1, :6].abs() > 0).all()
 
 
 # ------------------------------------------------------------------------------------------------

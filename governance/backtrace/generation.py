@@ -13,6 +13,11 @@ logits, the greedy choice and the relevance are those of the unpadded prefix (up
 round-off), and the placeholders receive exactly 0 (the causal mask gives A = 0 there). This
 avoids one ``torch.export`` per generated token.
 
+Models that return the next-token logits themselves, (N, V) from the last position (an LSTM
+next-word model), cannot be padded on the right: they are explained at the sequence's true
+length each step (one capture per step). Models whose ``forward`` takes no ``attention_mask``
+are called with the token ids alone.
+
 Encoder-decoder models: the encoder input is fixed; the decoder input starts with
 ``config.decoder_start_token_id`` and grows the same way. Both matrices are returned.
 """
@@ -71,22 +76,28 @@ class GenerationExplanation:
 
 
 class _NextTokenLogits(nn.Module):
-    """``model``'s next-token logits at ``position`` (one per sample), shaped (N, 1, V)."""
+    """``model``'s next-token logits, shaped (N, 1, V): at ``position`` (one per sample) for
+    models returning (N, T, V), or the model's own (N, V) next-token output."""
 
-    def __init__(self, model: nn.Module, encoder_decoder: bool, use_cache_kw: bool) -> None:
+    def __init__(self, model: nn.Module, encoder_decoder: bool, use_cache_kw: bool, mask_kw: bool) -> None:
         super().__init__()
         self.model = model
         self.encoder_decoder = encoder_decoder
         self.use_cache_kw = use_cache_kw
+        self.mask_kw = mask_kw
 
-    def forward(self, input_ids, attention_mask, position, decoder_input_ids=None):
-        kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    def forward(self, input_ids, attention_mask=None, position=None, decoder_input_ids=None):
+        kw: dict[str, Any] = {"input_ids": input_ids}
+        if self.mask_kw and attention_mask is not None:
+            kw["attention_mask"] = attention_mask
         if self.encoder_decoder:
             kw["decoder_input_ids"] = decoder_input_ids
         if self.use_cache_kw:
             kw["use_cache"] = False
-        out = self.model(**kw)
+        out = self.model(**kw) if self.mask_kw or self.use_cache_kw or self.encoder_decoder else self.model(input_ids)
         logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+        if logits.dim() == 2:  # the model already returns the next-token logits
+            return logits.unsqueeze(1)
         idx = position.reshape(-1, 1, 1).expand(logits.shape[0], 1, logits.shape[-1])
         return torch.gather(logits, 1, idx)
 
@@ -97,6 +108,23 @@ def _accepts(model: nn.Module, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _returns_sequence(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, wrapper: _NextTokenLogits) -> bool:
+    """True when the model returns per-position logits (N, T, V) rather than (N, V)."""
+    kw: dict[str, Any] = {"input_ids": ids}
+    if wrapper.mask_kw:
+        kw["attention_mask"] = mask
+    if wrapper.use_cache_kw:
+        kw["use_cache"] = False
+    was = model.training
+    model.eval()
+    try:
+        out = model(**kw) if (wrapper.mask_kw or wrapper.use_cache_kw) else model(ids)
+    finally:
+        model.train(was)
+    logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+    return logits.dim() == 3
 
 
 def _module_totals(exp: Explanation) -> dict[str, torch.Tensor]:
@@ -150,10 +178,15 @@ def explain_generation(
 
     cache = getattr(bt, "_generation", None)
     if cache is None or cache[0] is not model:
-        wrapper = _NextTokenLogits(model, enc_dec, _accepts(model, "use_cache")).eval()
-        cache = (model, Backtrace(wrapper))
+        wrapper = _NextTokenLogits(model, enc_dec, _accepts(model, "use_cache"),
+                                   _accepts(model, "attention_mask")).eval()
+        cache = (model, Backtrace(wrapper), wrapper)
         bt._generation = cache
-    gbt = cache[1]
+    gbt, wrapper = cache[1], cache[2]
+    # models returning (N, V) next-token logits (e.g. an LSTM next-word model) read the last
+    # position: they are explained at the sequence's true length, one capture per step
+    with torch.no_grad():
+        growing = not enc_dec and not _returns_sequence(model, input_ids[:, :1], attention_mask[:, :1], wrapper)
 
     if enc_dec:
         start = getattr(config, "decoder_start_token_id", None)
@@ -181,8 +214,14 @@ def explain_generation(
         if enc_dec:
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position": position,
                       "decoder_input_ids": seq[:, :length]}
+        elif growing:
+            inputs = {"input_ids": seq[:, :p + 1]}
+            if wrapper.mask_kw:
+                inputs["attention_mask"] = mask[:, :p + 1]
         else:
             inputs = {"input_ids": seq[:, :length], "attention_mask": mask[:, :length], "position": position}
+            if not wrapper.mask_kw:
+                del inputs["attention_mask"]
         exp = gbt.explain(inputs, mode=mode, task="generation", multiplier=multiplier, seed=seed)
         rel = exp.input_relevance
         token = exp.target
@@ -190,7 +229,8 @@ def explain_generation(
             relevance[:, i, :length] = rel["decoder_input_ids"].to(dtype)
             enc_rel[:, i] = rel["input_ids"].to(dtype)
         else:
-            relevance[:, i, :length] = rel["input_ids"].to(dtype)
+            r_ids = rel["input_ids"] if isinstance(rel, dict) else rel
+            relevance[:, i, :r_ids.shape[1]] = r_ids.to(dtype)
             mask[:, p + 1] = 1
         seq[:, p + 1] = token.to(seq.dtype)
         seeds[:, i] = exp.seed_relevance.double()

@@ -51,7 +51,7 @@ aten = torch.ops.aten
 
 def stab(v: torch.Tensor) -> torch.Tensor:
     """``v + ε·sign(v)`` with ε = 1e-9 and sign(0) = +1 (spec 6)."""
-    return v + torch.where(v >= 0, STABILISER, -STABILISER).to(v.dtype)
+    return torch.where(v >= 0, v + STABILISER, v - STABILISER)
 
 
 def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:

@@ -494,7 +494,7 @@ def _per_class(ev: RunEvidence, shares: pd.DataFrame | None, features: list[str]
             f"{fpct(lookup[c][feat].get('importance'))} (rank {fnum(lookup[c][feat].get('rank'))})"
             if feat in lookup[c] else "n/a" for c in classes]} for feat in features]
         return {"missing": None, "classes": [f"{c} (n={counts[str(c)]:,})" for c in classes], "rows": rows,
-                "counts": counts}
+                "counts": counts, "wide": len(classes) > 4}
     df = ev.local_relevance
     if shares is None or df is None or _pred_column(df) is None:
         return {"missing": _missing("local relevance with a prediction column is needed for per-class importance"),
@@ -510,7 +510,7 @@ def _per_class(ev: RunEvidence, shares: pd.DataFrame | None, features: list[str]
         vals = np.abs(shares[feat].to_numpy())
         rows.append({"feature": feat, "cells": [fpct(vals[pred == c].mean()) for c in classes]})
     return {"missing": None, "classes": [f"{c} (n={counts[c]:,})" for c in classes], "rows": rows,
-            "counts": counts}
+            "counts": counts, "wide": len(classes) > 4}
 
 
 def _examples(ev: RunEvidence) -> dict[str, Any]:
@@ -723,6 +723,7 @@ def build_context(ev: RunEvidence) -> dict[str, Any]:
                  "created_iso": when.strftime("%Y-%m-%dT%H:%M:%SZ"), "generator": f"mlflow-governance {__version__}",
                  "keywords": "model risk, audit, explainability, DLBacktrace"},
         "sections": sections,
+        "section": {s["id"]: s for s in sections},
         "summary": summary,
         "cover": {"rows": cover_rows, "signoff": _signoff(ev, opts)},
         "system": {

@@ -135,6 +135,23 @@ def build_model_card(facts: ModelFacts, evidence: RunEvidence | None, card_optio
         "facts": [{"label": k, "value": v} for k, v in facts_rows], "metrics": metrics, "importance": importance,
         "explanation": explanation, "datasets": datasets, "requirements": facts.requirements,
         "front_matter": yaml.safe_dump(front, sort_keys=False, allow_unicode=True), "mct": mct,
+        "detail_keys": ["developed_by", "funded_by", "shared_by", "model_type", "language", "license",
+                        "finetuned_from", "repository", "paper"],
+        "html_sections": [
+            {"title": "Uses", "fields": ["direct_use", "downstream_use", "out_of_scope_use", "users"],
+             "datasets": False, "metrics": False},
+            {"title": "Bias, Risks, and Limitations",
+             "fields": ["bias_risks_limitations", "recommendations", "ethical_considerations"],
+             "datasets": False, "metrics": False},
+            {"title": "Training Details", "fields": ["training_data", "training_procedure", "preprocessing"],
+             "datasets": True, "metrics": False},
+            {"title": "Evaluation", "fields": ["testing_data", "factors"], "datasets": False, "metrics": True},
+        ],
+        "html_sections_end": [
+            {"title": "Environmental Impact", "fields": ["environmental_impact"]},
+            {"title": "Technical Specifications", "fields": ["compute_infrastructure"]},
+            {"title": "More Information", "fields": ["citation", "glossary", "more_information", "authors", "contact"]},
+        ],
         "more_info": MORE_INFO, "uri": facts.uri or "not provided", "architecture": arch_text, "generator": f"mlflow-governance {__version__}",
     }
 

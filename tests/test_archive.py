@@ -127,3 +127,22 @@ def test_unsafe_or_unusable_inputs_fail_clearly(tmp_path):
 def test_verify_unknown_run(tracking):
     res = _verify("--run-id", "0123456789abcdef0123456789abcdef")
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_verify_run_names_a_file_added_to_the_run(published, tracking, tmp_path):
+    import mlflow
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    client = mlflow.MlflowClient()
+    rid = tracking.explain_run_ids["v3"]
+    extra = tmp_path / "note.txt"
+    extra.write_text("added after the manifest")
+    client.log_artifact(rid, str(extra), "governance/reports")
+    try:
+        res = _verify("--run-id", rid)
+        assert res.exit_code == 1
+        assert "ADDED: governance/reports/note.txt" in res.output
+    finally:  # a local artifact store: remove the file again
+        root = Path(local_file_uri_to_path(client.get_run(rid).info.artifact_uri))
+        (root / "governance/reports/note.txt").unlink()
+    assert _verify("--run-id", rid).exit_code == 0

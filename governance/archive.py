@@ -51,7 +51,7 @@ class ArchiveError(Exception):
 
 @dataclass(frozen=True)
 class Problem:
-    """One verification finding: ``kind`` is changed, missing, added or unreadable."""
+    """One verification finding: ``kind`` is changed, missing, added, unreadable or invalid."""
 
     kind: str
     path: str
@@ -212,6 +212,10 @@ def verify_folder(folder: str | os.PathLike[str], source: str | None = None) -> 
     present = {f"{ROOT}/{rel}" for rel in _list_files(root / ROOT)} - {MANIFEST_PATH}
     for path in sorted(listed):
         entry = listed[path]
+        parts = PurePosixPath(path).parts
+        if PurePosixPath(path).is_absolute() or ".." in parts or not parts or parts[0] != ROOT:
+            result.problems.append(Problem("invalid", path, f"manifest entry outside {ROOT}/"))
+            continue
         if path not in present:
             result.problems.append(Problem("missing", path, "listed in the manifest but absent"))
             continue

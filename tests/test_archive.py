@@ -146,3 +146,12 @@ def test_verify_run_names_a_file_added_to_the_run(published, tracking, tmp_path)
         root = Path(local_file_uri_to_path(client.get_run(rid).info.artifact_uri))
         (root / "governance/reports/note.txt").unlink()
     assert _verify("--run-id", rid).exit_code == 0
+
+
+def test_a_manifest_pointing_outside_the_evidence_is_rejected(folder):
+    mpath = folder / "governance/manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["files"].append({"path": "../../etc/passwd", "sha256": "0" * 64, "size": 1})
+    mpath.write_text(json.dumps(manifest))
+    res = _verify(str(folder))
+    assert res.exit_code == 1 and "INVALID: ../../etc/passwd" in res.output

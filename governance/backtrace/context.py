@@ -74,6 +74,9 @@ class RuleContext:
         self.one_signed = False
         # rule-specific reports that end up in Explanation.extras (e.g. "expert_relevance")
         self.extras: dict[str, Any] = {}
+        # the contexts of every map of this walk ([R] or [R+, R-]); a contrastive rule, called
+        # with the first, writes per-map extras through these
+        self.peers: list["RuleContext"] = [self]
 
     # values and flags -------------------------------------------------------------------
     def value(self, a: Any) -> Any:

@@ -87,6 +87,7 @@ class Backtrace:
         ctxs = [RuleContext(recording, modules, mode, n) for _ in seeds]
         for c, s in zip(ctxs, seeds):
             c.one_signed = mode != "signed" and bool((s >= 0).all())
+            c.peers = ctxs
         fused = mark_foldable_batch_norms(gm, ctxs[0])
         for c in ctxs:
             c.fused = fused

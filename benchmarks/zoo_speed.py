@@ -6,9 +6,9 @@ and batch. Target (issue 3): default mode at most 3x.
 
 * ``moe``: a small OLMoE causal LM (transformers, random weights; 4 layers, hidden 128,
   8 experts, top-2), batch 4 x 128 tokens, explaining the next-token logit. The baseline is the
-  model with transformers' own sparse "eager" expert dispatch; explain() runs the
-  export-time dense dispatch (every expert on every token, see rules/moe.py), so the expert
-  compute is E/k = 4x the baseline's before any relevance work.
+  model with transformers' own sparse "eager" expert dispatch; explain() runs the export-time
+  routed-experts op (rules/moe.py: each expert on its routed tokens, in the recording and in
+  the walk).
 * ``lstm``: the seed's Embedding(64) + LSTM(100) next-word model, batch 64 x 32 tokens.
 * ``unet``: the test U-Net (base width 16) on 1x64x64, batch 8.
 

@@ -236,6 +236,7 @@ def verify_folder(folder: str | os.PathLike[str], source: str | None = None) -> 
 
 
 def _safe_members(names: Iterable[str]) -> None:
+    """Refuse absolute paths and ``..`` in archive member names."""
     for name in names:
         p = PurePosixPath(name)
         if p.is_absolute() or ".." in p.parts:

@@ -12,6 +12,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _fail(message: str, code: int = 2) -> None:
+    """Print an error and exit with ``code``."""
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 

@@ -96,10 +96,12 @@ def ftext(v: Any) -> str:
 
 
 def _rows(pairs: Iterable[tuple[str, Any]]) -> list[dict[str, str]]:
+    """Label/value rows for a key-value table."""
     return [{"label": k, "value": ftext(v)} for k, v in pairs]
 
 
 def _missing(reason: str) -> str:
+    """The explicit "Not provided: <reason>" sentence."""
     return f"{NOT_PROVIDED.capitalize()}: {reason}"
 
 
@@ -107,6 +109,7 @@ def _missing(reason: str) -> str:
 
 
 def _feature_rows(features: list[dict[str, Any]], top: int) -> list[dict[str, str]]:
+    """Formatted rows of the global importance table (top ``top``)."""
     out = []
     for f in features[:top]:
         signed = f.get("signed")
@@ -147,6 +150,7 @@ def _shares(ev: RunEvidence, features: list[str]) -> tuple[pd.DataFrame | None, 
 
 
 def _id_column(df: pd.DataFrame) -> str | None:
+    """The sample-id column of a per-sample table, if any."""
     for c in ("sample_id", "id", "sample", "row", "index"):
         if c in df.columns:
             return c
@@ -154,6 +158,7 @@ def _id_column(df: pd.DataFrame) -> str | None:
 
 
 def _pred_column(df: pd.DataFrame) -> str | None:
+    """The prediction column of a per-sample table, if any."""
     for c in ("prediction", "predicted", "predicted_class", "pred", "label"):
         if c in df.columns:
             return c
@@ -216,6 +221,7 @@ def _leaders(ev: RunEvidence, dictionary: dict[str, str], top: int = 8) -> list[
 
 
 def _decisions(ev: RunEvidence, opts: ReportOptions, dictionary: dict[str, str]) -> dict[str, Any]:
+    """Section 6: the configured sample of decisions with their reason codes."""
     rc = ev.reason_codes
     cfg = opts.sample_decisions
     dict_rows = [{"feature": k, "text": v} for k, v in sorted(dictionary.items())]
@@ -281,6 +287,7 @@ def stability_value(st: dict[str, Any] | None) -> float | None:
 
 
 def _param_text(value: Any) -> str:
+    """A short text for an expectation parameter (long lists summarised)."""
     if isinstance(value, (list, tuple)):
         return f"[{len(value)} values]" if len(value) > 6 else "[" + ", ".join(map(str, value)) + "]"
     return str(value)
@@ -354,6 +361,7 @@ _PER_CLASS = ("_class_", ".class_", "_class", "_label_")
 
 
 def _split_class_metric(name: str) -> tuple[str, str] | None:
+    """(metric, class) for per-class metric names like ``precision_class_1``."""
     for marker in ("_class_", ".class_", "_label_", ".label_"):
         if marker in name:
             base, cls = name.split(marker, 1)
@@ -363,6 +371,7 @@ def _split_class_metric(name: str) -> tuple[str, str] | None:
 
 
 def _performance(ev: RunEvidence) -> dict[str, Any]:
+    """Section 4: training-run metrics (overall and per class) and the explanation run's metrics."""
     m = ev.model.training_metrics
     overall, per_class = [], {}
     for name, value in sorted(m.items()):
@@ -392,6 +401,7 @@ def _performance(ev: RunEvidence) -> dict[str, Any]:
 
 
 def _quality(ev: RunEvidence) -> dict[str, Any]:
+    """Explanation-quality table: one row per metric, one column per method."""
     q = ev.quality
     if not q or not q.get("methods"):
         return {"missing": _missing("the run has no explanations/quality.json (explanation-quality metrics)")}
@@ -411,6 +421,7 @@ def _quality(ev: RunEvidence) -> dict[str, Any]:
 
 
 def _gates(ev: RunEvidence) -> dict[str, Any]:
+    """Policy gates from gates.json and the run tag."""
     g = ev.gates
     tag = ev.tags.get("governance.gates_passed")
     if not g:
@@ -438,6 +449,7 @@ LAYER_EXTRA = (("bias_share", "bias-absorbed share"), ("saturation_rerouted", "s
 
 
 def _layers(ev: RunEvidence, top: int) -> dict[str, Any]:
+    """Layer ranking table, chart and bias/saturation figures."""
     lr = ev.layer_ranking
     layers = [x for x in (lr or {}).get("layers", []) if isinstance(x, dict)]
     if not layers:
@@ -466,6 +478,7 @@ def _layers(ev: RunEvidence, top: int) -> dict[str, Any]:
 
 
 def _modes(ev: RunEvidence, features: list[str]) -> dict[str, Any]:
+    """Rank of the primary mode's top features in every mode."""
     modes = ev.global_importance.get("modes") or {}
     names = sorted(modes, key=lambda m: (m != ev.global_importance.get("primary_mode"), m))
     if len(names) < 2:
@@ -485,6 +498,7 @@ def _modes(ev: RunEvidence, features: list[str]) -> dict[str, Any]:
 
 
 def _per_class(ev: RunEvidence, shares: pd.DataFrame | None, features: list[str]) -> dict[str, Any]:
+    """Importance per predicted class (from global_importance.json, else local relevance)."""
     by_class = ev.global_importance.get("by_class")
     if isinstance(by_class, dict) and by_class:
         classes = sorted(by_class, key=str)
@@ -514,6 +528,7 @@ def _per_class(ev: RunEvidence, shares: pd.DataFrame | None, features: list[str]
 
 
 def _examples(ev: RunEvidence) -> dict[str, Any]:
+    """Heatmaps of example images and token highlights of example texts."""
     out: dict[str, Any] = {"images": [], "texts": []}
     im = ev.image_examples
     if im is not None:
@@ -550,6 +565,7 @@ def _examples(ev: RunEvidence) -> dict[str, Any]:
 
 def _flags(ev: RunEvidence, opts: ReportOptions, gates: dict, layers: dict, per_class: dict,
            validation: dict, unstable: list[str]) -> list[dict[str, str]]:
+    """Automatic risk flags: failed gates or contract, instability, wide CIs, thin classes, bias."""
     flags = []
     if gates.get("status") == "FAILED":
         failed = [r["name"] for r in gates.get("rows", []) if r.get("failed")]
@@ -576,6 +592,7 @@ def _flags(ev: RunEvidence, opts: ReportOptions, gates: dict, layers: dict, per_
 
 
 def _signoff(ev: RunEvidence, opts: ReportOptions) -> dict[str, Any]:
+    """Required sign-off roles and the approvals recorded so far."""
     recorded = []
     for e in ev.approvals:
         recorded.append({"role": ftext(e.get("role")), "name": ftext(e.get("approver")),
@@ -793,6 +810,7 @@ def build_context(ev: RunEvidence) -> dict[str, Any]:
 
 
 def _changes(ev: RunEvidence, features: list[dict[str, Any]], top: int) -> dict[str, Any]:
+    """Section 8: rank shifts and metric changes against the previous audited version."""
     m = ev.model
     prev = ev.previous
     if prev is None:

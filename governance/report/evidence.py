@@ -116,6 +116,7 @@ class RunEvidence:
 
 
 def _read_json(path: Path) -> Any:
+    """Parsed JSON of ``path``, or None when absent."""
     if not path.is_file():
         return None
     try:
@@ -125,6 +126,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_parquet(path: Path) -> pd.DataFrame | None:
+    """A parquet table, or None when absent."""
     if not path.is_file():
         return None
     return pd.read_parquet(path)
@@ -173,6 +175,7 @@ def _read_local_relevance(path: Path, ranked_features: list[str]) -> pd.DataFram
 
 
 def _dataset_inputs(run) -> list[dict[str, Any]]:
+    """The run's dataset inputs as plain dicts, sorted."""
     out = []
     for di in getattr(run.inputs, "dataset_inputs", None) or []:
         ds = di.dataset
@@ -356,6 +359,7 @@ def load_model_facts(client, uri: str | None, *, with_architecture: bool, layer_
 
 
 def _signature_text(spec: Any) -> str | None:
+    """A one-line text of an MLflow signature spec."""
     if not spec:
         return None
     try:

@@ -84,6 +84,7 @@ class ReportOptions:
 
 
 def _str_list(section: str, key: str, value: Any) -> list[str]:
+    """A string or list of strings as a list of strings."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -94,6 +95,7 @@ def _str_list(section: str, key: str, value: Any) -> list[str]:
 
 
 def _positive_int(section: str, key: str, value: Any) -> int:
+    """A positive integer, else a ReportError naming the key."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ReportError(f"{section}.{key}: must be a positive integer, got {value!r}")
     return value

@@ -25,7 +25,8 @@ ACCENT = "#c0504d"
 MUTED = "#9db3c9"
 
 
-def _plt():
+def _plt():  # noqa: ANN202 - returns the pyplot module
+    """matplotlib.pyplot on the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -41,6 +42,7 @@ def short_label(text: str, width: int = 38) -> str:
 
 
 def _png(fig) -> bytes:
+    """PNG bytes of ``fig`` without metadata (deterministic); closes the figure."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=150, metadata={"Software": None}, bbox_inches="tight", pad_inches=0.05)
     _plt().close(fig)

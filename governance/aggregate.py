@@ -84,13 +84,17 @@ class _Moments:
 
     def add(self, s: np.ndarray) -> None:
         a = np.abs(s)
+        self.add_sums(len(s), a.sum(0), s.sum(0), (a * a).sum(0))
+
+    def add_sums(self, n: int, abs_sum: np.ndarray, total: np.ndarray, abs_sq: np.ndarray) -> None:
+        """Add precomputed column sums of |s|, s and s^2 over ``n`` rows."""
         if self.abs_sum is None:
-            f = s.shape[1]
+            f = len(abs_sum)
             self.abs_sum, self.sum, self.abs_sq = np.zeros(f), np.zeros(f), np.zeros(f)
-        self.n += len(s)
-        self.abs_sum += a.sum(0)
-        self.sum += s.sum(0)
-        self.abs_sq += (a * a).sum(0)
+        self.n += int(n)
+        self.abs_sum += abs_sum
+        self.sum += total
+        self.abs_sq += abs_sq
 
     def merge(self, o: "_Moments") -> None:
         if o.abs_sum is None:
@@ -131,23 +135,30 @@ class ImportanceAccumulator:
             raise ValueError(
                 f"relevance has {s.shape[1]} features, expected {len(self.feature_names)}"
             )
-        self.overall.add(s)
-        a32 = np.abs(s).astype(np.float32)
+        n, f = s.shape
+        a = np.abs(s)
+        # every group's column sums in one matmul: groups = all rows, half 0, half 1, each class
+        groups = [np.ones(n, dtype=bool), draws.half == 0, draws.half == 1]
+        keys: list[Any] = []
+        if predicted_class is not None:
+            pc = np.asarray(predicted_class).reshape(n)
+            for c in np.unique(pc):
+                keys.append(c.item() if hasattr(c, "item") else c)
+                groups.append(pc == c)
+        g = np.stack(groups).astype(np.float64)
+        sums = g @ np.concatenate([a, s, a * a], axis=1)
+        counts = g.sum(1)
+        targets = [self.overall, self.halves[0], self.halves[1]] + [
+            self.by_class.setdefault(k, _Moments()) for k in keys]
+        for i, m in enumerate(targets):
+            if counts[i] > 0:
+                m.add_sums(counts[i], sums[i, :f], sums[i, f:2 * f], sums[i, 2 * f:])
         w = draws.weights[: self.n_bootstrap]
         if self.boot_sum is None:
-            self.boot_sum = np.zeros((self.n_bootstrap, s.shape[1]))
+            self.boot_sum = np.zeros((self.n_bootstrap, f))
             self.boot_weight = np.zeros(self.n_bootstrap)
-        self.boot_sum += (w @ a32).astype(np.float64)
+        self.boot_sum += (w @ a.astype(np.float32)).astype(np.float64)
         self.boot_weight += w.sum(1, dtype=np.float64)
-        for h in (0, 1):
-            m = draws.half == h
-            if m.any():
-                self.halves[h].add(s[m])
-        if predicted_class is not None:
-            pc = np.asarray(predicted_class)
-            for c in np.unique(pc):
-                key = c.item() if hasattr(c, "item") else c
-                self.by_class.setdefault(key, _Moments()).add(s[pc == c])
         return s
 
     def merge(self, other: "ImportanceAccumulator") -> "ImportanceAccumulator":
@@ -382,6 +393,41 @@ def decision_direction(task: str, output: np.ndarray, predicted_class: np.ndarra
     return np.ones(n)
 
 
+def top_reasons(
+    shares: np.ndarray | None,
+    direction: np.ndarray | None,
+    *,
+    top_n: int = 4,
+    supporting: np.ndarray | None = None,
+    adverse: np.ndarray | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per side (``supporting``, ``adverse``) the feature indices (N, top_n; -1 = empty slot)
+    and their share magnitudes (N, top_n; NaN where empty), largest first.
+
+    ``shares`` are L1-normalised signed shares (N, F); a feature *supports* the decision when
+    ``direction * share > 0`` and is *adverse* (pushed against it) when it is < 0. In contrastive
+    mode pass ``supporting`` and ``adverse`` (the normalised R+ and R- maps, already oriented to
+    the decision) instead.
+    """
+    if supporting is None or adverse is None:
+        oriented = np.asarray(shares, dtype=np.float64) * np.asarray(direction).reshape(-1, 1)
+        supporting, adverse = np.maximum(oriented, 0.0), np.maximum(-oriented, 0.0)
+    out = {}
+    for label, vals in (("supporting", supporting), ("adverse", adverse)):
+        vals = np.asarray(vals, dtype=np.float64)
+        n, f = vals.shape
+        k = min(top_n, f)
+        order = np.argsort(-vals, axis=1, kind="stable")[:, :k]
+        top = np.take_along_axis(vals, order, axis=1)
+        ok = top > 0
+        idx = np.full((n, top_n), -1, dtype=np.int64)
+        mag = np.full((n, top_n), np.nan)
+        idx[:, :k] = np.where(ok, order, -1)
+        mag[:, :k] = np.where(ok, top, np.nan)
+        out[label] = (idx, mag)
+    return out
+
+
 def reason_codes(
     shares: np.ndarray,
     direction: np.ndarray,
@@ -392,37 +438,22 @@ def reason_codes(
     supporting: np.ndarray | None = None,
     adverse: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Per sample the top ``top_n`` supporting and adverse features.
+    """Per sample the top ``top_n`` supporting and adverse features (see :func:`top_reasons`).
 
-    ``shares`` are L1-normalised signed shares (N, F); a feature *supports* the decision when
-    ``direction * share > 0`` and is *adverse* (pushed against it) when it is < 0. In contrastive
-    mode pass ``supporting`` and ``adverse`` (the normalised R+ and R- maps, already oriented to
-    the decision) instead. Columns: ``supporting_k``, ``supporting_k_share``, ``supporting_k_text``
-    and the same for ``adverse_k``, k = 1..top_n; a share is the magnitude (>= 0) and a slot is
-    empty (None / NaN) when fewer features point that way.
+    Columns: ``supporting_k``, ``supporting_k_share``, ``supporting_k_text`` and the same for
+    ``adverse_k``, k = 1..top_n; a share is the magnitude (>= 0) and a slot is empty (None /
+    NaN) when fewer features point that way.
     """
     dictionary = dict(dictionary or {})
-    names = np.asarray(feature_names, dtype=object)
-    texts = np.asarray([dictionary.get(f, f) for f in feature_names], dtype=object)
-    if supporting is None or adverse is None:
-        oriented = np.asarray(shares, dtype=np.float64) * np.asarray(direction).reshape(-1, 1)
-        supporting, adverse = np.maximum(oriented, 0.0), np.maximum(-oriented, 0.0)
+    names = np.asarray(list(feature_names) + [None], dtype=object)
+    texts = np.asarray([dictionary.get(f, f) for f in feature_names] + [None], dtype=object)
     cols: dict[str, Any] = {}
-    k = min(top_n, len(feature_names))
-    for label, vals in (("supporting", supporting), ("adverse", adverse)):
-        vals = np.asarray(vals, dtype=np.float64)
-        order = np.argsort(-vals, axis=1, kind="stable")[:, :k]
-        top = np.take_along_axis(vals, order, axis=1)
+    for label, (idx, mag) in top_reasons(shares, direction, top_n=top_n,
+                                         supporting=supporting, adverse=adverse).items():
         for j in range(top_n):
-            if j < k:
-                ok = top[:, j] > 0
-                cols[f"{label}_{j + 1}"] = np.where(ok, names[order[:, j]], None)
-                cols[f"{label}_{j + 1}_share"] = np.where(ok, top[:, j], np.nan)
-                cols[f"{label}_{j + 1}_text"] = np.where(ok, texts[order[:, j]], None)
-            else:
-                cols[f"{label}_{j + 1}"] = np.full(len(vals), None, dtype=object)
-                cols[f"{label}_{j + 1}_share"] = np.full(len(vals), np.nan)
-                cols[f"{label}_{j + 1}_text"] = np.full(len(vals), None, dtype=object)
+            cols[f"{label}_{j + 1}"] = names[idx[:, j]]
+            cols[f"{label}_{j + 1}_share"] = mag[:, j]
+            cols[f"{label}_{j + 1}_text"] = texts[idx[:, j]]
     return pd.DataFrame(cols)
 
 

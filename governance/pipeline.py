@@ -28,9 +28,8 @@ from governance.aggregate import (
     global_importance_document,
     l1_normalise,
     layer_ranking_document,
-    reason_code_summary,
-    reason_codes,
     stability_document,
+    top_reasons,
 )
 from governance.config import GovernanceConfig, config_from_dict, load_config
 from governance.data import LoadedData, load_data
@@ -174,14 +173,12 @@ class _ParquetStream:
     def __init__(self, path: Path) -> None:
         self.path, self.writer = path, None
 
-    def write(self, df: pd.DataFrame) -> None:
-        import pyarrow as pa
+    def write(self, table: Any) -> None:
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pandas(df, preserve_index=False)
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+            self.writer = pq.ParquetWriter(self.path, table.schema, compression="snappy")
         self.writer.write_table(table.cast(self.writer.schema))
 
     def close(self) -> None:
@@ -189,22 +186,41 @@ class _ParquetStream:
             self.writer.close()
 
 
-def _reason_frame(sample_ids: np.ndarray, pred: np.ndarray, score: np.ndarray, shares: np.ndarray,
+def _reason_table(sample_ids: np.ndarray, pred: np.ndarray, score: np.ndarray, shares: np.ndarray,
                   direction: np.ndarray, names: list[str], cfg: GovernanceConfig,
-                  positive: np.ndarray | None, negative: np.ndarray | None) -> pd.DataFrame:
+                  positive: np.ndarray | None, negative: np.ndarray | None) -> tuple[Any, dict]:
+    """The reason codes of one batch as an Arrow table (columns: see docs/contracts.md)."""
+    import pyarrow as pa
+
     sup = adv = None
     if positive is not None and negative is not None:
         sup, adv = contrastive_maps(positive, negative, direction)
-    codes = reason_codes(shares, direction, names, top_n=cfg.reason_codes.top_n,
-                         dictionary=cfg.reason_codes.dictionary, supporting=sup, adverse=adv)
-    n = cfg.reason_codes.top_n
-    lists = {}
-    for label in ("supporting", "adverse"):
-        cols = codes[[f"{label}_{k}" for k in range(1, n + 1)]].to_numpy(dtype=object)
-        lists[label] = [[v for v in row if isinstance(v, str)] for row in cols]
-    head = pd.DataFrame({"sample_id": sample_ids, "prediction": pred, "score": score,
-                         "supporting": lists["supporting"], "adverse": lists["adverse"]})
-    return pd.concat([head, codes], axis=1)
+    tops = top_reasons(shares, direction, top_n=cfg.reason_codes.top_n, supporting=sup, adverse=adv)
+    name_arr = np.asarray(names + [""], dtype=object)
+    text_arr = np.asarray([cfg.reason_codes.dictionary.get(f, f) for f in names] + [""], dtype=object)
+    cols: dict[str, Any] = {"sample_id": pa.array(sample_ids), "prediction": pa.array(pred),
+                            "score": pa.array(score)}
+    for label, (idx, _) in tops.items():
+        ok = idx >= 0
+        offsets = np.concatenate([[0], np.cumsum(ok.sum(1))]).astype(np.int32)
+        cols[label] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(name_arr[idx[ok]], pa.string()))
+    for label, (idx, mag) in tops.items():
+        for j in range(idx.shape[1]):
+            empty = idx[:, j] < 0
+            cols[f"{label}_{j + 1}"] = pa.array(name_arr[idx[:, j]], pa.string(), mask=empty)
+            cols[f"{label}_{j + 1}_share"] = pa.array(mag[:, j], pa.float64(), mask=empty)
+            cols[f"{label}_{j + 1}_text"] = pa.array(text_arr[idx[:, j]], pa.string(), mask=empty)
+    leaders = {label: np.bincount(idx[:, 0][idx[:, 0] >= 0], minlength=len(names)) for label, (idx, _) in tops.items()}
+    return pa.table(cols), leaders
+
+
+def _local_table(head: dict[str, np.ndarray], rel: np.ndarray, names: list[str]) -> Any:
+    import pyarrow as pa
+
+    arrays = [pa.array(v) for v in head.values()]
+    rel32 = np.asarray(rel, dtype=np.float32)
+    arrays += [pa.array(rel32[:, j]) for j in range(rel32.shape[1])]
+    return pa.Table.from_arrays(arrays, names=list(head) + list(names))
 
 
 def run_backtrace(model: Any, x: np.ndarray, names: list[str], cfg: GovernanceConfig, out_dir: Path, *,
@@ -222,7 +238,7 @@ def run_backtrace(model: Any, x: np.ndarray, names: list[str], cfg: GovernanceCo
     layers = {m: LayerAccumulator(top_units=agg.top_units) for m in cfg.modes}
     local = _ParquetStream(out_dir / "local_relevance.parquet")
     codes = _ParquetStream(out_dir / "reason_codes.parquet")
-    lead_counts: list[pd.DataFrame] = []
+    leaders = {"supporting": np.zeros(len(names), dtype=np.int64), "adverse": np.zeros(len(names), dtype=np.int64)}
     n = len(x)
     threshold: float | None = None
     device = cfg.device
@@ -253,27 +269,29 @@ def run_backtrace(model: Any, x: np.ndarray, names: list[str], cfg: GovernanceCo
                 shares = imps[mode].update(rel, draws, pred)
                 layers[mode].update(exp.layer_summary(), m_rows, exp.layer_relevance)
                 if mode == cfg.primary_mode:
-                    frame = pd.DataFrame(rel.astype(np.float32), columns=names)
                     head = {"sample_id": ids, "prediction": pred if pred is not None else score, "score": score}
                     if targets is not None:
                         head["target"] = targets[start:start + m_rows]
                     head["relevance_l1"] = np.abs(rel).sum(1)
-                    local.write(pd.concat([pd.DataFrame(head), frame], axis=1))
+                    local.write(_local_table(head, rel, names))
                     pos = neg = None
                     if mode == "contrastive" and exp.positive is not None and exp.negative is not None:
                         pos = _to_numpy(exp.positive.input_relevance).reshape(m_rows, -1)
                         neg = _to_numpy(exp.negative.input_relevance).reshape(m_rows, -1)
-                    rc = _reason_frame(ids, pred if pred is not None else score, score, shares,
-                                       direction, names, cfg, pos, neg)
+                    rc, lead = _reason_table(ids, pred if pred is not None else score, score, shares,
+                                             direction, names, cfg, pos, neg)
                     codes.write(rc)
-                    lead_counts.append(rc[["supporting_1", "adverse_1"]])
+                    for label in leaders:
+                        leaders[label] += lead[label]
             bar.update(m_rows)
     finally:
         bar.close()
         local.close()
         codes.close()
     return {"importance": imps, "layers": layers,
-            "reason_summary": reason_code_summary(lead_counts, cfg.reason_codes.top_n)}
+            "reason_summary": {label: dict(sorted(((names[i], int(c)) for i, c in enumerate(cnt) if c),
+                                                  key=lambda kv: (-kv[1], kv[0])))
+                               for label, cnt in leaders.items()}}
 
 
 # ----------------------------------------------------------------------------- quality

@@ -470,14 +470,3 @@ def contrastive_maps(
     flip = np.asarray(direction).reshape(-1, 1) < 0
     sup, adv = np.where(flip, q, p), np.where(flip, p, q)
     return np.maximum(sup, 0.0), np.maximum(adv, 0.0)
-
-
-def reason_code_summary(frames: Iterable[pd.DataFrame], top_n: int) -> dict[str, Any]:
-    """How often each feature leads the supporting / adverse codes (for reports)."""
-    counts: dict[str, dict[str, int]] = {"supporting": {}, "adverse": {}}
-    for df in frames:
-        for label in counts:
-            vc = df[f"{label}_1"].dropna().value_counts()
-            for k, v in vc.items():
-                counts[label][str(k)] = counts[label].get(str(k), 0) + int(v)
-    return {label: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for label, c in counts.items()}

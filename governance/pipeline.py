@@ -375,6 +375,11 @@ def _prepare(model: Any, data: Any, config: Any, overrides: Mapping[str, Any],
     # the stage shows its own progress bar; MLflow's download bars would only add noise
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg = _resolve_config(config, overrides)
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise StageError(f"device '{cfg.device}' was asked for but torch sees no CUDA device")
     handle = _resolve_model(model, cfg.device)
     loaded = data if isinstance(data, LoadedData) else load_data(data)
     contract, source, names = build_contract(cfg, handle, loaded.frame)

@@ -82,3 +82,22 @@ def test_model_version_tags_found_from_a_runs_uri(credit_store) -> None:
     mv = mlflow.MlflowClient().get_model_version(MODEL_NAME, "1")
     assert mv.tags["governance.probe"] == "yes"
     assert not tracking.tag_model_version(tracking.ModelHandle(model=None, uri="<mem>"), {"probe": "no"})
+
+
+def test_pickle_format_model_loads_and_explains(credit_store, tmp_path) -> None:
+    import mlflow.pytorch
+
+    from examples.credit_risk.model import CreditRiskMLP
+    from governance.pipeline import explain_model
+
+    torch.manual_seed(1)
+    model = CreditRiskMLP().eval()
+    with mlflow.start_run(experiment_id=credit_store.experiment_id):
+        info = mlflow.pytorch.log_model(model, name="pickled", serialization_format="pickle",
+                                        pip_requirements=["torch"])
+    h = load_model(info.model_uri)
+    assert isinstance(h.model, torch.nn.Module) and not isinstance(h.model, torch.fx.GraphModule)
+    df = pd.read_parquet(credit_store.validation_parquet).head(40)
+    res = explain_model(h, df, target_column="default", modes="signed", log=False, quiet=True,
+                        config={"quality": {"enabled": False}})
+    assert res.n_samples == 40 and len(res.global_importance["features"]) == 78

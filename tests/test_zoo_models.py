@@ -329,7 +329,8 @@ def test_lstm_rule_matches_naive_loop(mode):
     assert total_sat > 0, "the test should exercise the saturation branch"
 
 
-@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN, lambda *a, **k: nn.RNN(*a, nonlinearity="relu", **k)],
+                         ids=["LSTM", "GRU", "RNN-tanh", "RNN-relu"])
 def test_recurrent_multilayer_bidirectional_conserves(cls):
     """Bias-free stacked bidirectional LSTM/GRU over batch-first input (and a time-major one):
     default and contrastive conserve; batched equals per-sample."""

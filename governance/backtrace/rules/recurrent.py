@@ -32,6 +32,8 @@ The gates' own affine maps (W_i, W_f, W_o; W_r, W_z) receive no relevance, so th
 In contrastive mode the add splits move R+ and R- independently and the candidate's affine map
 routes the pair with the section-4 rule. Relevance reaching a constant initial state (the
 zeros torch uses when no ``hx`` is given, so nothing in practice) is booked as absorbed.
+nn.RNN (tanh or relu) has no gates: h_t = φ(W_ih x_t + W_hh h_{t-1} + b) is one affine unit over
+[x_t, h_{t-1}] with φ's saturation range.
 Supported: any number of layers, ``batch_first`` or not, bidirectional, with or without biases;
 not supported: ``proj_size`` (LSTM projections) and packed sequences (``aten.lstm.data``).
 """
@@ -196,6 +198,45 @@ def _gru_direction(ctx, node, X, h0, w_ih, w_hh, b_ih, b_hh, R_out, R_hT):
     return R_x, Rh
 
 
+_RNN_ACT = {"rnn_tanh": torch.tanh, "rnn_relu": torch.relu}
+_RNN_SAT = {"rnn_tanh": TANH_SATURATION, "rnn_relu": (0.0, None)}
+
+
+def _rnn_direction(ctx, node, X, h0, w_ih, w_hh, b_ih, b_hh, R_out, R_hT, kind):
+    """nn.RNN: h_t = φ(W_ih x_t + W_hh h_{t-1} + b) is one affine unit over [x_t, h_{t-1}]
+    followed by φ (tanh or relu, whose saturation range applies); no gates."""
+    T, N, D = X.shape
+    xw = X @ w_ih.t()
+    if b_ih is not None:
+        xw = xw + b_ih + b_hh
+    h = h0
+    hs, pres = [], []
+    for t in range(T):
+        pre = xw[t] + h @ w_hh.t()
+        hs.append(h)
+        pres.append(pre)
+        h = _RNN_ACT[kind](pre)
+    w = torch.cat([w_ih, w_hh], 1)
+    b = (b_ih + b_hh) if b_ih is not None else None
+    n_maps = len(R_out)
+    Rh = list(R_hT)
+    R_x = [torch.empty_like(X) for _ in range(n_maps)]
+    for t in reversed(range(T)):
+        Rh = [Rh[k] + R_out[k][t] for k in range(n_maps)]
+        xc = torch.cat([X[t], hs[t]], 1)
+        fwd, bwd = _linear_pair(D, None)
+        u = AffineUnit(None, w, b, fwd, bwd, pres[t], (-1, 0))  # type: ignore[arg-type]
+        if ctx.mode == "contrastive":
+            Rxc = list(_contrastive(ctx, node, u, Rh[0], Rh[1], x=xc)[None])
+        else:
+            Rxc = [_default_or_signed(ctx, node, u, Rh[0], signed=ctx.mode == "signed", x=xc,
+                                      sat=_RNN_SAT[kind])[None]]
+        for k in range(n_maps):
+            R_x[k][t] = Rxc[k][:, :D]
+        Rh = [r[:, D:] for r in Rxc]
+    return R_x, Rh
+
+
 def _maps(R: Any, contrastive: bool) -> list[dict]:
     if contrastive:
         return [r if isinstance(r, dict) else {0: r} for r in R]
@@ -253,9 +294,12 @@ def _recurrent(ctx: RuleContext, node: fx.Node, R: Any, kind: str) -> dict:
                     [r[k] for r in R_hn], [r[k] for r in R_cn])
                 for m in range(n_maps):
                     R_c0[m][k] = Rc0[m]
-            else:
+            elif kind == "gru":
                 Rx, Rh0 = _gru_direction(ctx, node, Xd, hx[0][k], w_ih, w_hh, b_ih, b_hh, Ro,
                                          [r[k] for r in R_hn])
+            else:
+                Rx, Rh0 = _rnn_direction(ctx, node, Xd, hx[0][k], w_ih, w_hh, b_ih, b_hh, Ro,
+                                         [r[k] for r in R_hn], kind)
             for m in range(n_maps):
                 R_in[m] += Rx[m].flip(0) if d == 1 else Rx[m]
                 R_h0[m][k] = Rh0[m]
@@ -293,11 +337,13 @@ def _layer_outputs(X, hx, params, layers, dirs, kind) -> list[torch.Tensor]:
                     i, f, g, o = (xw[t] + hw).chunk(4, 1)
                     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                     h = torch.sigmoid(o) * torch.tanh(c)
-                else:
+                elif kind == "gru":
                     ri, zi, ni = xw[t].chunk(3, 1)
                     rh, zh, nh = hw.chunk(3, 1)
                     r, z = torch.sigmoid(ri + rh), torch.sigmoid(zi + zh)
                     h = (1 - z) * torch.tanh(ni + r * nh) + z * h
+                else:
+                    h = _RNN_ACT[kind](xw[t] + hw)
                 ys.append(h)
             y = torch.stack(ys)
             parts.append(y.flip(0) if d == 1 else y)
@@ -310,6 +356,12 @@ def _layer_outputs(X, hx, params, layers, dirs, kind) -> list[torch.Tensor]:
 def lstm_rule(ctx: RuleContext, node: fx.Node, R: Any) -> dict:
     """nn.LSTM (aten.lstm.input): unrolled, gates route, signals carry (spec section 7)."""
     return _recurrent(ctx, node, R, "lstm")
+
+
+@register_rule(*aten_ops("rnn_tanh", "rnn_relu"), contrastive=True)
+def rnn_rule(ctx: RuleContext, node: fx.Node, R: Any) -> dict:
+    """nn.RNN (aten.rnn_tanh.input / rnn_relu.input): unrolled, one affine unit per step."""
+    return _recurrent(ctx, node, R, node.target._opname)
 
 
 @register_rule(*aten_ops("gru"), contrastive=True)

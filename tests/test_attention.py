@@ -486,3 +486,25 @@ def test_written_out_activation_equals_fused(act):
     if act != "quick_gelu":  # the same function as the fused op: the same relevance
         fused = Backtrace(Act(False)).explain(x, task="regression")
         assert torch.allclose(fused.input_relevance, written.input_relevance, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["default", "signed", "contrastive"])
+def test_einsum_with_a_parameter_is_affine(mode):
+    """An einsum of an activation and a weight is the unified affine rule (spec 3 / 4)."""
+
+    class M(nn.Module):
+        def __init__(self, use_einsum):
+            super().__init__()
+            torch.manual_seed(0)
+            self.w = nn.Parameter(torch.randn(5, 4))
+            self.head = nn.Linear(5, 3)
+            self.use_einsum = use_einsum
+
+        def forward(self, x):
+            h = torch.einsum("btd,od->bto", x, self.w) if self.use_einsum else F.linear(x, self.w)
+            return self.head(torch.relu(h).mean(1))
+
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    a = Backtrace(M(True)).explain(x, mode=mode, task="multiclass-classification")
+    b = Backtrace(M(False)).explain(x, mode=mode, task="multiclass-classification")
+    assert torch.allclose(a.input_relevance, b.input_relevance, rtol=1e-5, atol=1e-6)

@@ -184,7 +184,6 @@ def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *,
         ImportanceAccumulator,
         decision_direction,
         global_importance_document,
-        reason_code_summary,
         reason_codes,
         stability_document,
     )
@@ -205,7 +204,11 @@ def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *,
     shares = rel / np.abs(rel).sum(axis=1, keepdims=True)
     reasons = reason_codes(shares, decision_direction("binary-classification", prob, pred), list(FEATURES),
                            top_n=2, dictionary=DICTIONARY)
-    gi["reason_code_leaders"] = reason_code_summary([reasons[["supporting_1", "adverse_1"]]], 2)
+    # how often each feature leads each side (the stage's reason_code_leaders summary)
+    gi["reason_code_leaders"] = {
+        side: {str(k): int(v) for k, v in reasons[f"{side}_1"].dropna().value_counts().items()}
+        for side in ("supporting", "adverse")
+    }
     reasons.insert(0, "prediction", pred)
     reasons.insert(0, "sample_id", np.arange(len(x)))
     layers = [

@@ -97,6 +97,7 @@ def test_pdf_is_a4_pdfa3b_with_running_header_page_x_of_y_and_toc(published, pdf
     assert 'pdfaid:part="3"' in xmp or "<pdfaid:part>3</pdfaid:part>" in xmp
     assert 'pdfaid:conformance="B"' in xmp or "<pdfaid:conformance>B</pdfaid:conformance>" in xmp
     assert "/AF" in reader.trailer["/Root"]  # PDF/A-3 associated file
+    assert "/StructTreeRoot" in reader.trailer["/Root"]  # tagged for screen readers
     pages = pdf_text.split("\f")
     for k in range(1, n + 1):
         assert f"Page {k} of {n}" in pages[k - 1]

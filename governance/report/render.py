@@ -82,4 +82,5 @@ def render_pdf(html: str, *, created: datetime, evidence: dict[str, Any] | None 
             )
         )
     doc = weasyprint.HTML(string=html, url_fetcher=fetcher, base_url=None).render()
-    return doc.write_pdf(pdf_variant="pdf/a-3b", attachments=attachments, pdf_identifier=True)
+    # PDF/A-3b for archiving, tagged (structure tree) for screen readers
+    return doc.write_pdf(pdf_variant="pdf/a-3b", attachments=attachments, pdf_identifier=True, pdf_tags=True)

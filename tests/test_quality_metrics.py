@@ -303,3 +303,20 @@ def test_random_attribution_is_seeded():
     t = torch.zeros(3, dtype=torch.long)
     assert torch.equal(RandomAttribution(7)(None, x, t), RandomAttribution(7)(None, x, t))
     assert not torch.equal(RandomAttribution(7)(None, x, t), RandomAttribution(8)(None, x, t))
+
+
+def test_region_flipping_with_patches_on_a_linear_image_model():
+    """With the exact attribution, removing 2x2 regions most-relevant-first lowers the raw output
+    at every step (each region's removal lowers it by that region's summed attribution)."""
+    X = torch.rand(6, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    m = Flat((1, 6, 6), seed=5).eval()
+    space = make_space(X, baseline="zero", patch_size=2)
+    exact = m.lin.weight.detach().view(1, 1, 6, 6) * X
+    t = torch.zeros(6, dtype=torch.long)
+    curves = faithfulness.flipping_curves(m, X, exact, space, t, n_steps=9)
+    morf, lerf = curves["morf"], curves["lerf"]
+    agg = torch.sort(space.aggregate(exact), dim=1, descending=True).values  # (6, 9) region sums
+    expected = morf[:, :1] - torch.cat([torch.zeros(6, 1), agg.cumsum(1)], 1)
+    assert torch.allclose(morf, expected, atol=1e-5)
+    assert torch.all(faithfulness.flipping_scores(curves)["delta_auc"] > 0)
+    assert torch.allclose(morf[:, -1], lerf[:, -1])  # everything removed: both end at f(baseline)

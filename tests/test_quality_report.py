@@ -225,3 +225,10 @@ def test_exported_graph_module_as_mlflow_loads_it():
     assert not q["errors"], q["errors"]
     assert list(q["details"]["gradient_x_input"]["mprt_spearman_per_layer"]) == ["2", "0"]
     assert q["methods"]["gradient_x_input"]["mprt_spearman"] < 0.95
+
+
+def test_primary_gate_without_a_primary_method_fails():
+    q = {"primary_method": None, "methods": {"random": {"delta_auc": 0.0}}, "errors": {}}
+    res = evaluate_gates(q, [{"metric": "delta_auc", "method": "primary", "op": ">", "threshold": -1}])
+    assert res["passed"] is False and "no results" in res["gates"][0]["reason"]
+    assert res["gates"][0]["method"] == "primary"

@@ -53,7 +53,7 @@ def evaluate_gates(quality: dict, gates: list[dict]) -> dict:
         validate_gate(gate)
         method = gate["method"]
         if method == "primary":
-            method = quality.get("primary_method", method)
+            method = quality.get("primary_method") or method
         metric, op, thr = gate["metric"], gate["op"], gate["threshold"]
         name = gate.get("name") or f"{method} {metric} {op} {thr}"
         value = _metric_value(quality, method, metric)

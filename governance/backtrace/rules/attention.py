@@ -178,14 +178,17 @@ def _bind(node: fx.Node) -> dict[str, Any]:
 
 
 def attention_relevance(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R: torch.Tensor, *,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R, *,
     mask: torch.Tensor | None = None, is_causal: bool = False, scale: float | None = None,
     enable_gqa: bool = False, rel: tuple[bool, bool, bool] = (True, True, True),
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+):
     """Spec 6 for ``O = softmax(Q Kᵀ·scale + M) V`` over any leading axes (batch, heads).
 
     q: (..., Hq, L, E), k: (..., Hk, S, E), v: (..., Hk, S, Ev), R: (..., Hq, L, Ev).
-    Returns (R_q, R_k, R_v, absorbed) with absorbed the additive-bias share (..., Hq, L, S)."""
+    Returns (R_q, R_k, R_v, absorbed) with absorbed the additive-bias share (..., Hq, L, S), or
+    a tuple of those when ``R`` is a tuple of maps (contrastive: R+ and R-), which share the
+    recomputed forward (scores, weights, output and their stabilised denominators)."""
+    maps = R if isinstance(R, tuple) else (R,)
     L, S = q.shape[-2], k.shape[-2]
     groups = 1
     if enable_gqa and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
@@ -193,7 +196,7 @@ def attention_relevance(
         k = k.repeat_interleave(groups, dim=-3)
         v = v.repeat_interleave(groups, dim=-3)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    dtype = R.dtype
+    dtype = maps[0].dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     s = torch.matmul(q, k.transpose(-1, -2))  # unscaled scores
     logits = s * scale
@@ -212,30 +215,43 @@ def attention_relevance(
     o = torch.matmul(a, v)
     q_rel, k_rel, v_rel = rel
     scores_rel = q_rel or k_rel
-    # 1. O = A V
-    r_a, r_v = bilinear_matmul(a, v, R, o, x_rel=scores_rel, y_rel=v_rel)
-    absorbed = R.new_zeros(())
-    r_q = r_k = None
-    if r_a is not None:
-        # 2. softmax: R_S = R_A; an additive float mask takes its bias share (as eager's add)
-        if bias is not None:
-            ms, mb = (s * scale).abs(), bias.abs()
-            den = ms + mb
-            live = r_a != 0
-            frac = torch.where(live & (den > 0), ms / torch.where(den > 0, den, torch.ones_like(den)),
-                               torch.zeros_like(den))
-            r_s = r_a * frac
-            absorbed = torch.where(live, r_a - r_s, torch.zeros_like(r_a))
-        else:
-            r_s = r_a
-        # 3. S = Q Kᵀ
-        r_q, r_kt = bilinear_matmul(q, k.transpose(-1, -2), r_s, s, x_rel=q_rel, y_rel=k_rel)
-        r_k = r_kt.transpose(-1, -2) if r_kt is not None else None
-    if groups > 1:
-        shp = lambda t: t.unflatten(-3, (t.shape[-3] // groups, groups)).sum(-3)  # noqa: E731
-        r_k = shp(r_k) if r_k is not None else None
-        r_v = shp(r_v) if r_v is not None else None
-    return r_q, r_k, r_v, absorbed
+    n_o = int(scores_rel) + int(v_rel)  # factors of O = A V that depend on the input
+    n_s = int(q_rel) + int(k_rel)  # factors of S = Q Kᵀ that do
+    den_o = stab(n_o * o) if n_o else None
+    den_s = stab(n_s * s) if n_s else None
+    frac = None
+    if bias is not None and scores_rel:  # the scores' share of S·scale + M (add rule)
+        ms = (s * scale).abs()
+        d = ms + bias.abs()
+        frac = torch.where(d > 0, ms / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    results = []
+    for r_o in maps:
+        r_q = r_k = r_v = None
+        absorbed = r_o.new_zeros(())
+        rn = r_o / den_o if den_o is not None else None
+        # 1. O = A V
+        if v_rel and rn is not None:
+            r_v = torch.matmul(a.transpose(-1, -2), rn) * v
+        if scores_rel and rn is not None:
+            r_a = torch.matmul(rn, v.transpose(-1, -2)) * a
+            # 2. softmax: R_S = R_A; an additive float mask takes its bias share (eager's add)
+            if frac is not None:
+                r_s = r_a * frac
+                absorbed = r_a - r_s
+            else:
+                r_s = r_a
+            # 3. S = Q Kᵀ
+            rs = r_s / den_s
+            if q_rel:
+                r_q = torch.matmul(rs, k) * q
+            if k_rel:
+                r_k = torch.matmul(rs.transpose(-1, -2), q) * k
+        if groups > 1:
+            shp = lambda t: t.unflatten(-3, (t.shape[-3] // groups, groups)).sum(-3)  # noqa: E731
+            r_k = shp(r_k) if r_k is not None else None
+            r_v = shp(r_v) if r_v is not None else None
+        results.append((r_q, r_k, r_v, absorbed))
+    return tuple(results) if isinstance(R, tuple) else results[0]
 
 
 SDPA_OPS = aten_ops(
@@ -245,13 +261,16 @@ SDPA_OPS = aten_ops(
 )
 
 
-@register_rule(*SDPA_OPS)
+@register_rule(*SDPA_OPS, contrastive=True)
 def sdpa_rule(ctx: RuleContext, node: fx.Node, R):
-    """Spec 6 for ``scaled_dot_product_attention`` (and its backend variants)."""
-    if isinstance(R, dict):  # backend variants return (out, logsumexp, ...): output 0 only
-        R = R.get(0)
-        if R is None:
-            return {}
+    """Spec 6 for ``scaled_dot_product_attention`` (and its backend variants). In contrastive
+    mode R+ and R- move independently with the default rule (spec 4), sharing one recomputed
+    forward; each map's absorbed bias share is booked in its own context (``ctx.peers``)."""
+    pair = isinstance(R, tuple)
+    first = lambda r: r.get(0) if isinstance(r, dict) else r  # noqa: E731  (backend variants: output 0)
+    R = tuple(first(r) for r in R) if pair else first(R)
+    if (pair and any(r is None for r in R)) or R is None:
+        return {}
     b = _bind(node)
     qn, kn, vn = b["query"], b["key"], b["value"]
     mask_arg = b.get("attn_mask", b.get("attn_bias"))
@@ -259,21 +278,28 @@ def sdpa_rule(ctx: RuleContext, node: fx.Node, R):
         raise ctx.unsupported(node, "the attention mask depends on the float inputs")
     mask = ctx.value(mask_arg) if mask_arg is not None else None
     rel = (ctx.is_relevant(qn), ctx.is_relevant(kn), ctx.is_relevant(vn))
-    r_q, r_k, r_v, absorbed = attention_relevance(
+    res = attention_relevance(
         ctx.value(qn), ctx.value(kn), ctx.value(vn), R, mask=mask,
         is_causal=bool(b.get("is_causal") or False), scale=b.get("scale"),
         enable_gqa=bool(b.get("enable_gqa") or False), rel=rel,
     )
-    if absorbed.dim() > 0:
-        ctx.absorb(absorbed)
-    out: dict[fx.Node, torch.Tensor] = {}
-    for n, r in ((qn, r_q), (kn, r_k), (vn, r_v)):
-        if r is None or not ctx.is_relevant(n):
-            continue
-        shape = ctx.value(n).shape
-        r = _sum_to(r, shape) if tuple(r.shape) != tuple(shape) else r
-        out[n] = out[n] + r if n in out else r
-    return out
+    per_map = res if pair else (res,)
+    peers = ctx.peers if pair else [ctx]
+    outs = []
+    for c, (r_q, r_k, r_v, absorbed) in zip(peers, per_map):
+        if absorbed.dim() > 0:
+            c.absorb(absorbed)
+        out: dict[fx.Node, torch.Tensor] = {}
+        for n, r in ((qn, r_q), (kn, r_k), (vn, r_v)):
+            if r is None or not ctx.is_relevant(n):
+                continue
+            shape = ctx.value(n).shape
+            r = _sum_to(r, shape) if tuple(r.shape) != tuple(shape) else r
+            out[n] = out[n] + r if n in out else r
+        outs.append(out)
+    if not pair:
+        return outs[0]
+    return {n: (outs[0][n], outs[1][n]) for n in outs[0]}
 
 
 @register_rule(*aten_ops("baddbmm"))

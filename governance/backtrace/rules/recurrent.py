@@ -40,11 +40,14 @@ not supported: ``proj_size`` (LSTM projections) and packed sequences (``aten.lst
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import warnings
+from typing import Any, Iterator
 
 import torch
 from torch import fx
 
+from ..capture import register_export_adapter
 from ..context import RuleContext, safe_div
 from ..registry import aten_ops, register_rule
 from .affine import AffineUnit, _contrastive, _default_or_signed
@@ -368,3 +371,13 @@ def rnn_rule(ctx: RuleContext, node: fx.Node, R: Any) -> dict:
 def gru_rule(ctx: RuleContext, node: fx.Node, R: Any) -> dict:
     """nn.GRU (aten.gru.input): unrolled, gates route, signals carry (spec section 7)."""
     return _recurrent(ctx, node, R, "gru")
+
+
+@register_export_adapter
+@contextlib.contextmanager
+def _quiet_flat_weights(model: Any) -> Iterator[None]:
+    """torch.export warns that nn.LSTM / GRU / RNN re-assign ``_flat_weights`` while tracing;
+    harmless here (the weights are read, never written), so it is not shown to users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*_flat_weights.*were assigned during export")
+        yield

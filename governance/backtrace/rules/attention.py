@@ -59,11 +59,13 @@ def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def bilinear_matmul(x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, out: torch.Tensor | None = None,
-                    x_rel: bool = True, y_rel: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                    x_rel: bool = True, y_rel: bool = True, den: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Relevance of both factors of ``out = x @ y`` (torch.matmul semantics, broadcasting).
 
     ``Rn = R / stab(k·out)`` with k the number of input-dependent factors;
-    ``R_x = (Rn yᵀ) ⊙ x``, ``R_y = (xᵀ Rn) ⊙ y``, each summed back to its operand's shape."""
+    ``R_x = (Rn yᵀ) ⊙ x``, ``R_y = (xᵀ Rn) ⊙ y``, each summed back to its operand's shape.
+    ``den`` may pass ``stab(k·out)`` precomputed (shared by the maps of a contrastive walk)."""
     xv, yv, Rv = x, y, R
     if x.dim() == 1:  # (d) @ (..., d, m) -> (..., m)
         xv, Rv = x.unsqueeze(0), Rv.unsqueeze(-2)
@@ -71,7 +73,7 @@ def bilinear_matmul(x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, out: torc
         yv, Rv = y.unsqueeze(-1), Rv.unsqueeze(-1)
     o = torch.matmul(xv, yv) if out is None else out.reshape(Rv.shape)
     k = int(x_rel) + int(y_rel)
-    Rn = R.new_zeros(()) if k == 0 else Rv / stab(k * o)
+    Rn = R.new_zeros(()) if k == 0 else Rv / (den.reshape(Rv.shape) if den is not None else stab(k * o))
     rx = ry = None
     if x_rel:
         rx = _sum_to(torch.matmul(Rn, yv.transpose(-1, -2)) * xv, xv.shape).reshape(x.shape)
@@ -98,9 +100,10 @@ def matmul_rule(ctx: RuleContext, node: fx.Node, R):
     if not (ctx.is_relevant(lhs) and ctx.is_relevant(rhs)):
         return affine.affine_rule(ctx, node, R)
     x, y, out = ctx.value(lhs), ctx.value(rhs), ctx.value(node)
+    den = stab(2 * out)
 
     def one(r: torch.Tensor) -> dict:
-        rx, ry = bilinear_matmul(x, y, r, out)
+        rx, ry = bilinear_matmul(x, y, r, out, den=den)
         if lhs is rhs:  # x @ x
             return {lhs: rx + ry}
         return {lhs: rx, rhs: ry}

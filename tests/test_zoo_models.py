@@ -513,6 +513,11 @@ def test_moe_exported_program_explains_like_the_module():
     b = Backtrace(blk).explain(x, task="regression")
     torch.testing.assert_close(a.input_relevance, b.input_relevance, rtol=0, atol=0)
     torch.testing.assert_close(a.expert_relevance[""], b.expert_relevance[""], rtol=0, atol=0)
+    # the exported graph stays differentiable (gradient baselines on a logged model)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ep.module()(xa).sum().backward()
+    blk(xb).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["default", "contrastive", "signed"])

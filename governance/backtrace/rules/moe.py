@@ -81,6 +81,7 @@ moe_combine.register_autograd(_moe_combine_backward, setup_context=_moe_combine_
 #: use the routed-experts op where the experts are the standard MLP (False: always the dense graph)
 ROUTED = True
 
+
 def _act(name: str):
     from transformers.activations import ACT2FN
 
@@ -110,12 +111,7 @@ def _expert_parts(x, e, gate_up, down, gate_up_bias, down_bias, has_gate, transp
     return g_pre, u_pre, h, out, (wg, wu, wd), (bg, bu, bd)
 
 
-@torch.library.custom_op("governance_backtrace::moe_experts", mutates_args=())
-def moe_experts(x: torch.Tensor, gates: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, has_gate: bool,
-                transposed: bool, act: str) -> torch.Tensor:
-    """y[t] = Σ_e gates[t, e] · E_e(x[t]), each expert run on the tokens routed to it only.
-    E_e(x) = down_e(act(gate_e x) ⊙ up_e x) (``has_gate``) or down_e(act(up_e x))."""
+def _moe_experts_impl(x, gates, gate_up, down, gate_up_bias, down_bias, has_gate, transposed, act):
     act_fn = _act(act)
     n_out = down.shape[2] if transposed else down.shape[1]
     y = x.new_zeros(x.shape[0], n_out)
@@ -124,8 +120,38 @@ def moe_experts(x: torch.Tensor, gates: torch.Tensor, gate_up: torch.Tensor, dow
         if rows.numel() == 0:
             continue
         out = _expert_parts(x[rows], e, gate_up, down, gate_up_bias, down_bias, has_gate, transposed, act_fn)[3]
-        y.index_add_(0, rows, gates[rows, e:e + 1].to(out.dtype) * out)
+        y = y.index_add(0, rows, gates[rows, e:e + 1].to(out.dtype) * out)
     return y
+
+
+@torch.library.custom_op("governance_backtrace::moe_experts", mutates_args=())
+def moe_experts(x: torch.Tensor, gates: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, has_gate: bool,
+                transposed: bool, act: str) -> torch.Tensor:
+    """y[t] = Σ_e gates[t, e] · E_e(x[t]), each expert run on the tokens routed to it only.
+    E_e(x) = down_e(act(gate_e x) ⊙ up_e x) (``has_gate``) or down_e(act(up_e x))."""
+    return _moe_experts_impl(x, gates, gate_up, down, gate_up_bias, down_bias, has_gate, transposed, act)
+
+
+def _moe_experts_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+    ctx.config = inputs[6:]
+
+
+def _moe_experts_backward(ctx, grad):
+    """Gradients (a logged pt2 graph stays differentiable): autograd through the same code."""
+    saved = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) if t is not None and t.is_floating_point() else t
+                  for t in saved]
+        y = _moe_experts_impl(*leaves, *ctx.config)
+        wrt = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+        gs = iter(torch.autograd.grad(y, wrt, grad, allow_unused=True))
+    out = [next(gs) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]
+    return (*out, None, None, None)
+
+
+moe_experts.register_autograd(_moe_experts_backward, setup_context=_moe_experts_setup)
 
 
 @moe_experts.register_fake

@@ -239,3 +239,21 @@ def test_evaluator_plugin_runs_only_when_asked_for(credit_store, tmp_path: Path)
     assert EXPL + "global_importance.json" in files and EXPL + "reason_codes.parquet" in files
     gi = json.loads(_download(run.info.run_id, EXPL + "global_importance.json").read_text())
     assert "default" not in {f["feature"] for f in gi["features"]}  # the target is not a feature
+
+
+def test_evaluator_plugin_skips_non_pytorch_models(credit_store) -> None:
+    """With evaluators=None MLflow asks every registered evaluator: ours must not break others."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+
+    x = pd.DataFrame(np.random.default_rng(0).normal(size=(80, 3)), columns=list("abc"))
+    y = (x["a"] > 0).astype(int)
+    with mlflow.start_run(experiment_id=credit_store.experiment_id) as run:
+        info = mlflow.sklearn.log_model(LogisticRegression().fit(x, y), name="m")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = mlflow.models.evaluate(info.model_uri, x.assign(y=y), targets="y", model_type="classifier")
+    assert any("PyTorch-flavour models only" in str(w.message) for w in caught)
+    assert "accuracy_score" in result.metrics and "governance_n_samples" not in result.metrics
+    assert not any(p.startswith("governance/") for p in artifact_paths(run.info.run_id))

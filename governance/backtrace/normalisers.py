@@ -13,18 +13,20 @@ There ``y = x * s`` is a product of two input-dependent tensors, and the gating 
 half of the relevance to ``s``. This module recognises ``s`` as a *normaliser statistic of
 x*, so the product rule gives everything to ``x`` (the pass-through of spec 5).
 
-Definition. Walk back from a factor ``s`` through *statistic ops* (reductions, powers, square
-roots, reciprocals, casts, views, and element-wise arithmetic between them), following only
-input-dependent arguments; the nodes where the walk stops (any other op, or a placeholder) are
-the statistic's *sources*. ``s`` is a normaliser statistic of the other factor ``x`` when
+Definition. Let D be ``x`` and what ``x`` is derived from by casts, views and centring
+(``x - mean(x)``: follow the first operand of a ``sub``). Walk back from the factor ``s``
+through *statistic ops* (reductions, powers, square roots, reciprocals, casts, views, and
+element-wise arithmetic between them), following only input-dependent arguments and stopping
+at nodes of D; the nodes where the walk stops are the statistic's *sources*. ``s`` is a
+normaliser statistic of ``x`` when
 
 1. the walk passed through at least one reduction over some axes (mean, sum, var, std, norm,
    ...): a statistic, not an element-wise function;
 2. the walk passed through an inversion (rsqrt, reciprocal, a negative power, or a division
    with the statistic in the denominator): a normaliser, not a scale-up;
-3. every source is ``x`` itself or something ``x`` is derived from by the same kind of ops
-   (``x`` may be the centred signal ``x - mean(x)`` of a layer norm), i.e. the statistic is
-   computed from the very signal it normalises.
+3. every source lies in D: the statistic is computed from the very signal it normalises.
+
+A walk longer than ``MAX_WALK`` nodes is not a statistic (this also bounds the cost).
 
 The same module recognises self-gated activations written out element-wise (GELU-tanh as
 ``0.5·x·(1 + tanh(c·(x + 0.044715·x³)))``, QuickGELU ``x·sigmoid(1.702·x)``): there the other

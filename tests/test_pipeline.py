@@ -189,8 +189,10 @@ def test_cli_prints_the_run_id_last_and_honours_mlflow_run_id(credit_store, tmp_
     assert "supporting_3" not in codes.columns
 
 
-def test_reason_codes_lead_with_the_dominant_feature(credit_store, tmp_path: Path) -> None:
-    """Average applicants (all z-scores 0) with one feature pushed far out: that feature leads."""
+@pytest.mark.parametrize("primary", ["signed", "contrastive", "default"])
+def test_reason_codes_lead_with_the_dominant_feature(credit_store, tmp_path: Path, primary: str) -> None:
+    """Average applicants (all z-scores 0) with one feature pushed far out: that feature leads
+    the codes in every primary mode (contrastive: from R+ / R-)."""
     base = pd.DataFrame(np.zeros((4, len(FEATURE_NAMES)), dtype=np.float32), columns=FEATURE_NAMES)
     base.loc[0, "fico_score"] = -4.0          # very low score: high risk
     base.loc[1, "debt_to_income"] = 4.0       # very high debt burden
@@ -199,11 +201,20 @@ def test_reason_codes_lead_with_the_dominant_feature(credit_store, tmp_path: Pat
     base["default"] = 0
     path = tmp_path / "dominant.parquet"
     base.to_parquet(path, index=False)
-    res = explain_model(credit_store.runs_uri, path, target_column="default", quiet=True,
+    res = explain_model(credit_store.runs_uri, path, target_column="default", quiet=True, primary_mode=primary,
                         config={**FAST, "reason_codes": {"dictionary": {"fico_score": "Credit score"}}})
+    assert res.global_importance["primary_mode"] == primary
     codes = pd.read_parquet(_download(res.run_id, EXPL + "reason_codes.parquet"))
-    assert list(codes["supporting_1"]) == ["fico_score", "debt_to_income", "fico_score", "revolving_utilization"]
     assert codes.loc[0, "prediction"] == 1 and codes.loc[2, "prediction"] == 0
+    expected = ["fico_score", "debt_to_income", "fico_score", "revolving_utilization"]
+    if primary == "default":
+        # the magnitude rule gives one-signed maps (all toward p), so it cannot say what supports a
+        # "no default" decision: its codes put the driver on the adverse side there (spec 3b)
+        predicted_1 = codes["prediction"] == 1
+        assert list(codes.loc[predicted_1, "supporting_1"]) == [e for e, p in zip(expected, predicted_1) if p]
+        assert list(codes.loc[~predicted_1, "adverse_1"]) == [e for e, p in zip(expected, predicted_1) if not p]
+    else:
+        assert list(codes["supporting_1"]) == expected
     assert codes.loc[0, "supporting_1_text"] == "Credit score"
     assert codes.loc[0, "supporting_1_share"] > 0.5
 

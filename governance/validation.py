@@ -105,21 +105,22 @@ def feature_checks(feature_columns: list[str]) -> list[dict[str, Any]]:
 
 
 def derive_contract(
-    reference: pd.DataFrame, feature_columns: list[str], *, margin: float = 0.5
+    reference: pd.DataFrame, feature_columns: list[str], *, margin: float = 0.5, mostly: float = 0.999
 ) -> list[dict[str, Any]]:
-    """A contract derived from reference (training) data: column set, numeric types, not-null,
-    and the observed min/max widened by ``margin`` times the observed width on each side (a
-    finite range, so it also rejects infinities). Values far outside what the model was trained
-    on fail the gate; ordinary new extremes do not."""
-    out = _table_checks(feature_columns)
+    """A contract derived from reference (training) data: the column set, and per feature the
+    numeric type, not-null, finite, and the observed min/max widened by ``margin`` times the
+    observed width on each side, which at least ``mostly`` of the values must respect. Rare new
+    extremes (a count one above the training maximum) pass; a shifted or rescaled column fails."""
+    out = feature_checks(feature_columns)
     for col in feature_columns:
-        s = pd.to_numeric(reference[col], errors="coerce") if col in reference.columns else pd.Series([], dtype=float)
-        lo, hi = (float(s.min()), float(s.max())) if len(s) else (math.nan, math.nan)
+        if col not in reference.columns:
+            continue
+        s = pd.to_numeric(reference[col], errors="coerce")
+        lo, hi = float(s.min()), float(s.max())
         if math.isfinite(lo) and math.isfinite(hi):
             pad = max((hi - lo) * margin, 1e-9)
-            out += _column_checks(col, lo - pad, hi + pad)
-        else:
-            out += _column_checks(col, -FINITE_BOUND, FINITE_BOUND)
+            out.append({"type": "expect_column_values_to_be_between", "column": col,
+                        "min_value": lo - pad, "max_value": hi + pad, "mostly": mostly})
     return out
 
 

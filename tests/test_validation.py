@@ -31,7 +31,7 @@ def test_clean_data_passes_the_derived_contract() -> None:
     outcome = validate_table(valid, derive_contract(train, FEATURES), contract_source="training")
     assert outcome.success, outcome.message()
     doc = outcome.to_dict()
-    assert doc["success"] is True and doc["n_expectations"] == 2 + 3 * len(FEATURES)
+    assert doc["success"] is True and doc["n_expectations"] == 2 + 4 * len(FEATURES)
     json.dumps(doc, allow_nan=True)  # the document is JSON
 
 
@@ -82,6 +82,17 @@ def test_empty_table_fails_row_count_and_columns(tmp_path: Path) -> None:
     header_only.write_text("income,debt_ratio,age\n")
     out2 = validate_table(read_table(header_only), feature_checks(FEATURES), contract_source="schema")
     assert ("expect_table_row_count_to_be_between", None) in _failed(out2)
+
+
+def test_derived_range_tolerates_rare_new_extremes_but_not_a_shift() -> None:
+    train = _frame(seed=0)
+    contract = derive_contract(train, FEATURES)
+    rare = _frame(5000, seed=2)
+    rare.loc[0, "age"] = 200  # one applicant far outside the training range: 0.02% of rows
+    assert validate_table(rare, contract).success
+    shifted = _frame(5000, seed=2)
+    shifted.loc[:99, "age"] = 500  # 2% of rows
+    assert ("expect_column_values_to_be_between", "age") in _failed(validate_table(shifted, contract))
 
 
 def test_config_expectations_are_added_to_the_feature_checks() -> None:

@@ -573,3 +573,90 @@ def test_moe_routed_rule_with_expert_biases(mode, monkeypatch):
                                    rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(torch.tensor(r.relevance_out.values) + torch.tensor(r.bias_absorbed.values),
                                    routed.seed_relevance.double(), rtol=1e-4, atol=1e-3)
+
+
+def _naive_contrastive_unit(z, bias, rp, rn):
+    """Spec 4 for one unit: what each contributor receives, as (to R+, to R-) per contributor."""
+    P = sum(v for v in z if v > 0)
+    N = sum(-v for v in z if v < 0)
+    t = P - N + bias
+    out = [(0.0, 0.0)] * len(z)
+    pos_amt = neg_amt = None  # (amount, map) routed to the positive / negative contributors
+    if P > 0 and N == 0:
+        pos_amt = [(rp, 0), (rn, 1)]
+    elif N > 0 and P == 0:
+        neg_amt = [(rp, 0), (rn, 1)]
+    elif P > 0 and N > 0 and t != 0:
+        if rp == rn:
+            pos_amt, neg_amt = [(rn, 1)], [(rp, 0)]
+        else:
+            big, small = ((rp, 0), (rn, 1)) if rp > rn else ((rn, 1), (rp, 0))
+            pos_amt, neg_amt = ([big], [small]) if t > 0 else ([small], [big])
+    res = []
+    for v in z:
+        to = [0.0, 0.0]
+        if v > 0 and pos_amt:
+            for amt, m in pos_amt:
+                to[m] += amt * v / P
+        if v < 0 and neg_amt:
+            for amt, m in neg_amt:
+                to[m] += amt * (-v) / N
+        res.append(tuple(to))
+    return res or out
+
+
+def naive_lstm_contrastive(x, lstm, Rp_out, Rn_out):
+    """Spec 7 + 4 for one sample: R+ and R- split by the add rule independently, the candidate's
+    affine unit routes the pair with the contrastive rule (no saturation, no bias absorption)."""
+    W_ih, W_hh = lstm.weight_ih_l0.tolist(), lstm.weight_hh_l0.tolist()
+    b_ih, b_hh = lstm.bias_ih_l0.tolist(), lstm.bias_hh_l0.tolist()
+    T, D, H = len(x), len(x[0]), len(W_hh[0])
+    h, c, steps = [0.0] * H, [0.0] * H, []
+    for t in range(T):
+        pre = [sum(W_ih[j][i] * x[t][i] for i in range(D)) + b_ih[j]
+               + sum(W_hh[j][k] * h[k] for k in range(H)) + b_hh[j] for j in range(4 * H)]
+        ig = [_sig(pre[j]) * math.tanh(pre[2 * H + j]) for j in range(H)]
+        fc = [_sig(pre[H + j]) * c[j] for j in range(H)]
+        steps.append({"h_prev": list(h), "fc": fc, "ig": ig})
+        c = [fc[j] + ig[j] for j in range(H)]
+        h = [_sig(pre[3 * H + j]) * math.tanh(c[j]) for j in range(H)]
+    Rx = [[[0.0] * D for _ in range(T)] for _ in range(2)]
+    carry_h = [[0.0] * H, [0.0] * H]
+    carry_c = [[0.0] * H, [0.0] * H]
+    for t in reversed(range(T)):
+        st = steps[t]
+        Rg = [[0.0] * H, [0.0] * H]
+        for m, R_out in enumerate((Rp_out, Rn_out)):
+            for j in range(H):
+                rc = carry_c[m][j] + R_out[t][j] + carry_h[m][j]
+                a, b = abs(st["fc"][j]), abs(st["ig"][j])
+                carry_c[m][j] = rc * a / (a + b) if a + b else 0.0
+                Rg[m][j] = rc * b / (a + b) if a + b else 0.0
+        carry_h = [[0.0] * H, [0.0] * H]
+        for j in range(H):
+            row = 2 * H + j
+            z = [W_ih[row][i] * x[t][i] for i in range(D)] + [W_hh[row][k] * st["h_prev"][k] for k in range(H)]
+            for idx, (tp, tn) in enumerate(_naive_contrastive_unit(z, b_ih[row] + b_hh[row], Rg[0][j], Rg[1][j])):
+                for m, amt in ((0, tp), (1, tn)):
+                    if idx < D:
+                        Rx[m][t][idx] += amt
+                    else:
+                        carry_h[m][idx - D] += amt
+    return Rx
+
+
+def test_lstm_contrastive_matches_naive_loop():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(2, 3, batch_first=True).double()
+    with torch.no_grad():
+        for p in lstm.parameters():
+            p.mul_(3.0)
+    model = _LSTMOut(lstm).eval()
+    x = torch.randn(3, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    e = Backtrace(model).explain(x, task="bbox-regression", mode="contrastive")
+    y = model(x).detach()
+    Rp, Rn = 100.0 * y, 100.0 * (1 - y)  # spec 2, bbox-regression contrastive seed
+    for n in range(3):
+        ref_p, ref_n = naive_lstm_contrastive(x[n].tolist(), lstm, Rp[n].tolist(), Rn[n].tolist())
+        torch.testing.assert_close(e.positive.input_relevance[n], torch.tensor(ref_p, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(e.negative.input_relevance[n], torch.tensor(ref_n, dtype=torch.float64), rtol=1e-9, atol=1e-9)

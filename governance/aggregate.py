@@ -41,6 +41,17 @@ def l1_normalise(relevance: np.ndarray) -> np.ndarray:
     return np.divide(r, norm, out=np.zeros_like(r), where=norm > 0)
 
 
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` on torch's thread pool when torch is loaded: numpy's BLAS threads and torch's
+    OpenMP threads competing for the same cores made these small products 10x slower."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return a @ b
+    return torch.matmul(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))).numpy()
+
+
 @dataclass
 class BatchDraws:
     """Random draws of one batch shared by every mode: Poisson(1) bootstrap weights (B, n) and
@@ -146,7 +157,7 @@ class ImportanceAccumulator:
                 keys.append(c.item() if hasattr(c, "item") else c)
                 groups.append(pc == c)
         g = np.stack(groups).astype(np.float64)
-        sums = g @ np.concatenate([a, s, a * a], axis=1)
+        sums = _matmul(g, np.concatenate([a, s, a * a], axis=1))
         counts = g.sum(1)
         targets = [self.overall, self.halves[0], self.halves[1]] + [
             self.by_class.setdefault(k, _Moments()) for k in keys]
@@ -157,7 +168,7 @@ class ImportanceAccumulator:
         if self.boot_sum is None:
             self.boot_sum = np.zeros((self.n_bootstrap, f))
             self.boot_weight = np.zeros(self.n_bootstrap)
-        self.boot_sum += (w @ a.astype(np.float32)).astype(np.float64)
+        self.boot_sum += _matmul(w, a.astype(np.float32)).astype(np.float64)
         self.boot_weight += w.sum(1, dtype=np.float64)
         return s
 

@@ -256,8 +256,8 @@ def moe_experts_rule(ctx: RuleContext, node: fx.Node, R):
             R_x[m].index_add_(0, rows, R_xe[m])
     n = ctx.batch_size
     name = _block_name(ctx, node)
-    peers = ctx.peers if contrastive else [ctx]
-    for m, pt in enumerate(per_token):
+    peers = list(getattr(ctx, "peers", [ctx])) if contrastive else [ctx]
+    for m, pt in enumerate(per_token[:len(peers)]):
         if n_tok % n == 0:
             pt = pt.reshape(n, -1, n_exp)
         table = peers[m].extras.setdefault("expert_relevance", {})

@@ -4,8 +4,9 @@ rows), and the mergeable reductions (importance, layer ranking) accumulated on t
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -18,6 +19,25 @@ from governance.aggregate import (
     top_reasons,
 )
 from governance.config import GovernanceConfig
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads and restore the previous number afterwards.
+
+    Small tabular models gain little from several threads, and on a busy machine OpenMP's spin
+    waits make several threads many times slower than one (measured on the 2-core CI box)."""
+    import torch
+
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class StageError(RuntimeError):

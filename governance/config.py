@@ -66,6 +66,7 @@ class GovernanceConfig:
     batch_size: int = 4096
     multiplier: float = 100.0
     device: str = "cpu"
+    cpu_threads: int | None = None
     expectations: list[dict[str, Any]] | None = None
     reason_codes: ReasonCodesConfig = field(default_factory=ReasonCodesConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
@@ -104,6 +105,8 @@ class GovernanceConfig:
         self.multiplier = float(self.multiplier)
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"device: must be cpu or cuda, got {self.device!r}")
+        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
+            raise ConfigError(f"cpu_threads: must be a positive integer or null, got {self.cpu_threads!r}")
         if self.feature_columns is not None:
             if not isinstance(self.feature_columns, list) or not all(
                 isinstance(c, str) for c in self.feature_columns

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from governance.aggregate import global_importance_document, layer_ranking_document, stability_document
-from governance.batches import StageError, run_backtrace
+from governance.batches import StageError, run_backtrace, torch_threads
 from governance.config import GovernanceConfig, config_from_dict, load_config
 from governance.data import LoadedData, load_data
 from governance.validation import ContractViolation, ValidationOutcome, derive_contract, feature_checks, validate_table
@@ -308,7 +308,8 @@ def explain_model(
             expl = stage.path(EXPLANATIONS)
             expl.mkdir(parents=True, exist_ok=True)
             t = time.perf_counter()
-            red = run_backtrace(handle.model, x, names, cfg, expl, targets=targets, quiet=quiet)
+            with torch_threads(cfg.cpu_threads):
+                red = run_backtrace(handle.model, x, names, cfg, expl, targets=targets, quiet=quiet)
             timings["backtrace"] = time.perf_counter() - t
 
             t = time.perf_counter()
@@ -327,7 +328,8 @@ def explain_model(
             timings["aggregate"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            quality, gates, q_metrics, note = _quality(handle.model, x, names, cfg, ground_truth)
+            with torch_threads(cfg.cpu_threads):
+                quality, gates, q_metrics, note = _quality(handle.model, x, names, cfg, ground_truth)
             if quality is not None:
                 write_json(expl / "quality.json", quality)
             if gates is not None:

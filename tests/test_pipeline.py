@@ -227,7 +227,9 @@ def test_python_api_on_an_in_memory_module(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = CreditRiskMLP(n_features=5, hidden=(6, 3)).eval()
     df = pd.DataFrame(np.random.default_rng(0).normal(size=(50, 5)), columns=list("abcde"))
-    res = explain_model(model, df, log=False, quiet=True, modes="signed", config=FAST)
+    before = torch.get_num_threads()
+    res = explain_model(model, df, log=False, quiet=True, modes="signed", config={**FAST, "cpu_threads": 1})
+    assert torch.get_num_threads() == before  # the stage restores torch's thread setting
     assert res.run_id is None and res.n_samples == 50
     assert {f["feature"] for f in res.global_importance["features"]} == set("abcde")
     assert res.validation.contract_source == "validation data schema"

@@ -46,6 +46,22 @@ def _arg_nodes(node: fx.Node) -> list[fx.Node]:
     return out
 
 
+def _token_path(idx: fx.Node) -> bool:
+    """True when embedding indices are user-given token ids, reached from an input through
+    shape ops only. Indices computed from the ids (RoBERTa's position ids from cumsum of the
+    padding mask) are positions, i.e. constants of the explanation (spec: position ids)."""
+    n = idx
+    while True:
+        if n.op == "placeholder":
+            return True
+        if n.op != "call_function" or _packet_name(n.target) not in INDEX_PATH_OPS:
+            return False
+        srcs = [a for a in _arg_nodes(n)]
+        if len(srcs) != 1:
+            return False
+        n = srcs[0]
+
+
 def _packet_name(target: Any) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return target._opname
@@ -106,7 +122,7 @@ def record(gm: fx.GraphModule, flat_inputs: list[Any]) -> Recording:
             depends.add(node)
         if name in ("embedding", "embedding_bag") and len(node.args) > 1:
             idx = node.args[1]
-            if isinstance(idx, fx.Node) and idx in depends:
+            if isinstance(idx, fx.Node) and _token_path(idx):
                 relevant.add(node)
                 embedding_indices.append(idx)
                 continue

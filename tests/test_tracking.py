@@ -101,3 +101,12 @@ def test_pickle_format_model_loads_and_explains(credit_store, tmp_path) -> None:
     res = explain_model(h, df, target_column="default", modes="signed", log=False, quiet=True,
                         config={"quality": {"enabled": False}})
     assert res.n_samples == 40 and len(res.global_importance["features"]) == 78
+
+
+def test_fast_dataset_digest_and_schema_match_mlflow(credit_store) -> None:
+    from mlflow.data.digest_utils import compute_pandas_digest
+    from mlflow.types.utils import _infer_schema
+
+    df = pd.read_parquet(credit_store.validation_parquet)
+    assert tracking.pandas_digest(df) == compute_pandas_digest(df)
+    assert tracking._sample_schema(df, rows=50) == _infer_schema(df)

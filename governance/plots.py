@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-_SAVE = {"dpi": 110, "metadata": {"Software": None}, "bbox_inches": "tight"}
+_SAVE = {"dpi": 110, "metadata": {"Software": None}}
 
 
 def _save(fig: Any, path: str | Path) -> Path:
@@ -29,11 +29,12 @@ def _save(fig: Any, path: str | Path) -> Path:
 def importance_bar(table: pd.DataFrame, path: str | Path, *, title: str, top_k: int = 20) -> Path:
     """Horizontal bars of the top ``top_k`` features' importance with their 95% CIs."""
     t = table.sort_values("rank").head(top_k).iloc[::-1]
-    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(t) + 1.4))
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(t) + 1.4), layout="constrained")
     err = np.vstack([t["importance"] - t["ci_low"], t["ci_high"] - t["importance"]]).clip(min=0)
     colors = ["#b2182b" if s > 0 else "#2166ac" for s in t["signed"]]
     ax.barh(t["feature"].astype(str), t["importance"], xerr=err, color=colors, ecolor="#333333", capsize=2)
-    ax.set_xlabel("mean |share of relevance| (95% bootstrap CI)")
+    ax.set_xlabel("mean |share of relevance| (95% bootstrap CI); red: mean signed share > 0 "
+                  "(raises the output), blue: < 0")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
@@ -44,7 +45,7 @@ def mode_comparison(tables: Mapping[str, pd.DataFrame], path: str | Path, *, top
     modes = list(tables)
     first = tables[modes[0]].sort_values("rank").head(top_k)
     feats = list(first["feature"])[::-1]
-    fig, ax = plt.subplots(figsize=(7.5, 0.36 * len(feats) + 1.4))
+    fig, ax = plt.subplots(figsize=(7.5, 0.36 * len(feats) + 1.4), layout="constrained")
     h = 0.8 / max(len(modes), 1)
     y = np.arange(len(feats))
     for i, m in enumerate(modes):
@@ -61,7 +62,7 @@ def mode_comparison(tables: Mapping[str, pd.DataFrame], path: str | Path, *, top
 def share_distribution(shares: pd.DataFrame, path: str | Path, *, title: str) -> Path:
     """Per feature (columns, in order) the spread of per-sample signed shares (a strip plot)."""
     cols = list(shares.columns)[::-1]
-    fig, ax = plt.subplots(figsize=(7.5, 0.36 * len(cols) + 1.4))
+    fig, ax = plt.subplots(figsize=(7.5, 0.36 * len(cols) + 1.4), layout="constrained")
     rng = np.random.default_rng(0)
     for i, c in enumerate(cols):
         v = shares[c].to_numpy(dtype=np.float64)
@@ -79,7 +80,7 @@ def share_distribution(shares: pd.DataFrame, path: str | Path, *, title: str) ->
 def layer_ranking_bar(layers: Sequence[Mapping[str, Any]], path: str | Path, *, title: str) -> Path:
     """Each module's mean share of the output relevance, in rank order."""
     ls = sorted(layers, key=lambda d: d["rank"])[::-1]
-    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(ls) + 1.4))
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(ls) + 1.4), layout="constrained")
     labels = [f"{d['module']} ({d.get('type', '')})" for d in ls]
     ax.barh(labels, [d["share"] for d in ls], color="#4d9221")
     ax.set_xlabel("mean |relevance| at module output / |seed|")

@@ -428,7 +428,12 @@ def top_reasons(
         vals = np.asarray(vals, dtype=np.float64)
         n, f = vals.shape
         k = min(top_n, f)
-        order = np.argsort(-vals, axis=1, kind="stable")[:, :k]
+        if k < f:  # the k largest per row (argpartition), then ordered among themselves
+            part = np.argpartition(-vals, k - 1, axis=1)[:, :k]
+            part_vals = np.take_along_axis(vals, part, axis=1)
+            order = np.take_along_axis(part, np.lexsort((part, -part_vals), axis=1), axis=1)
+        else:
+            order = np.argsort(-vals, axis=1, kind="stable")
         top = np.take_along_axis(vals, order, axis=1)
         ok = top > 0
         idx = np.full((n, top_n), -1, dtype=np.int64)

@@ -77,7 +77,10 @@ class _ParquetStream:
 
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.path, table.schema, compression="snappy")
+            strings = [f.name for f in table.schema if str(f.type) == "string"]
+            # dictionary-encode the feature names in the reason codes, never the float columns
+            self.writer = pq.ParquetWriter(self.path, table.schema, compression="snappy",
+                                           use_dictionary=strings or False)
         self.writer.write_table(table.cast(self.writer.schema))
 
     def close(self) -> None:

@@ -32,14 +32,6 @@ class CreditStore:
     validation_csv: Path
 
 
-def _activate(store: CreditStore) -> None:
-    import mlflow
-
-    os.environ["MLFLOW_TRACKING_URI"] = store.tracking_uri
-    os.environ["MLFLOW_EXPERIMENT_ID"] = store.experiment_id
-    mlflow.set_tracking_uri(store.tracking_uri)
-
-
 @pytest.fixture(scope="session")
 def credit_store_session(tmp_path_factory: pytest.TempPathFactory) -> CreditStore:
     """Build the store once per session (~10-20 s: training and one pt2 export)."""
@@ -50,6 +42,7 @@ def credit_store_session(tmp_path_factory: pytest.TempPathFactory) -> CreditStor
     root = tmp_path_factory.mktemp("credit_store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    previous_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     exp_id = client.create_experiment("credit-risk", artifact_location=(root / "artifacts").as_uri())
@@ -59,6 +52,7 @@ def credit_store_session(tmp_path_factory: pytest.TempPathFactory) -> CreditStor
                                 registered_model_name=MODEL_NAME, data_dir=root / "data")
         client.set_registered_model_alias(MODEL_NAME, "champion", "1")
     finally:
+        mlflow.set_tracking_uri(previous_uri)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

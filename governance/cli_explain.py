@@ -40,6 +40,7 @@ def explain_command(model_uri: str, data: str, target_column: str | None, config
     from governance.pipeline import StageError, explain_model
     from governance.tracking import ModelLoadError
     from governance.validation import ContractViolation
+    from mlflow.exceptions import MlflowException
 
     try:
         result = explain_model(
@@ -51,6 +52,8 @@ def explain_command(model_uri: str, data: str, target_column: str | None, config
         raise StageFailed(str(exc), exit_code=2) from exc
     except (ModelLoadError, DataLoadError, ConfigError, StageError) as exc:
         raise StageFailed(str(exc), exit_code=1) from exc
+    except MlflowException as exc:  # e.g. a --run-id that does not exist
+        raise StageFailed(f"MLflow: {exc.message}", exit_code=1) from exc
     if not quiet:
         top = result.global_importance["features"][:5]
         click.echo(f"explained {result.n_samples} rows in {result.timings.get('total', 0):.1f}s; "

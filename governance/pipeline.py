@@ -351,6 +351,8 @@ def explain_model(
                 tags = {"status": "explained", "top_feature": top["feature"], "n_samples": len(x)}
                 if gates is not None:
                     tags["gates_passed"] = "true" if gates.get("passed") else "false"
+                if note and cfg.quality.enabled:
+                    tags["quality_note"] = note[:500]
                 tracking.set_tags(rid, tags)
                 mv_tags = {"explained_run_id": rid, "primary_mode": cfg.primary_mode,
                            "top_feature": top["feature"], "status": "explained"}

@@ -7,6 +7,7 @@ cached per input signature), their ratios, and the peak extra memory of each (Vm
 level). Targets (issue 2): default <= 2x, contrastive <= 4x.
 
     .venv/bin/python benchmarks/engine_speed.py [--only mlp,cnn,resnet34] [--repeats 5]
+        [--clock wall|cpu] [--threads N]
 """
 
 from __future__ import annotations
@@ -79,12 +80,16 @@ def forward_backward(model: torch.nn.Module, x: object, task: str) -> object:
     return x.grad * x
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = CLOCKS["wall"]
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> float:
     ts = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        ts.append(time.perf_counter() - t)
+        ts.append(CLOCK() - t)
     return statistics.median(ts)
 
 
@@ -158,8 +163,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default=",".join(KEYS),
                     help="comma-separated subset of: " + ", ".join([*KEYS, *ZOO_KEYS]))
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="'cpu' (process CPU time, best with --threads 1) resists a shared, busy machine")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = ap.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
     rows = []
     for key in args.only.split(","):
         if key.strip() in ZOO_KEYS:

@@ -295,6 +295,22 @@ def _split_rel(u: AffineUnit, xp, xn, wp, wn, cp: torch.Tensor, cn: torch.Tensor
     return out
 
 
+def _split_rel_stacked(u: AffineUnit, xp, xn, wp, wn, c: torch.Tensor, shape):
+    """``_split_rel`` (sign_n = 1) for coefficients already laid out as ``cat([cp, cn])`` along
+    the unit axis ``u.stack[0]``: no concatenation copy of the (large) coefficient maps."""
+    cdim, wdim = u.stack
+    bshape = torch.Size([c.shape[0]] + list(shape[1:]))
+    reps = c.shape[0] // xp.shape[0]
+
+    def times(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return x * g if reps == 1 else (g.reshape(reps, *x.shape) * x).reshape(g.shape)
+
+    out = times(xp, u.bwd(c, torch.cat([wp, -wn], dim=wdim), bshape))
+    if xn is not None:
+        out = out + times(xn, u.bwd(c, torch.cat([wn, -wp], dim=wdim), bshape))
+    return out
+
+
 def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.Tensor, signed: bool,
                        x: torch.Tensor | None = None, sat: tuple | None = None):
     """``x`` / ``sat`` override the recorded input and the saturation range (recurrent cells)."""
@@ -342,7 +358,6 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     wp, wn = u.weight.clamp(min=0), u.weight.clamp(max=0)
     P, N = _pos_neg(u, xp, xn, wp, wn)
     t = u.pre_activation
-    zero = torch.zeros_like(Rp)
     has_p, has_n = P > 0, N > 0
     mixed = has_p & has_n
     only_p, only_n = has_p ^ mixed, has_n ^ mixed
@@ -353,12 +368,29 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     swap = (mixed & (t != 0)) ^ agree
     inv_p = torch.nan_to_num_(P.reciprocal(), posinf=0.0)
     inv_n = torch.nan_to_num_(N.reciprocal(), posinf=0.0)
-    pp = torch.where(only_p | agree, Rp, zero).mul_(inv_p)  # from R+ to positive contributors
-    mp = torch.where(only_p | swap, Rn, zero).mul_(inv_p)   # from R- to positive contributors
-    pn = torch.where(only_n | swap, Rp, zero).mul_(inv_n)   # from R+ to negative contributors
-    mn = torch.where(only_n | agree, Rn, zero).mul_(inv_n)  # from R- to negative contributors
-    both = _split_rel(u, xp, xn, wp, wn, torch.cat([pp, mp]), torch.cat([pn, mn]), 1.0, x.shape)
     n = x.shape[0]
+    # coefficients per (source map, contributor side), written straight into the layout the
+    # transposed product takes: maps stacked on the batch axis, sides on the unit axis
+    blocks = [
+        (Rp, only_p | agree, inv_p, 0, 0),  # from R+ to positive contributors
+        (Rn, only_p | swap, inv_p, 1, 0),   # from R- to positive contributors
+        (Rp, only_n | swap, inv_n, 0, 1),   # from R+ to negative contributors
+        (Rn, only_n | agree, inv_n, 1, 1),  # from R- to negative contributors
+    ]
+    if u.stack is not None:
+        cdim = u.stack[0] % Rp.dim()
+        units = Rp.shape[cdim]
+        shape = list(Rp.shape)
+        shape[0], shape[cdim] = 2 * n, 2 * units
+        c = Rp.new_empty(shape)
+        for src, mask, inv, m, side in blocks:
+            dst = c.narrow(0, m * n, n).narrow(cdim, side * units, units)
+            torch.mul(src, inv, out=dst)
+            dst.masked_fill_(~mask, 0.0)
+        both = _split_rel_stacked(u, xp, xn, wp, wn, c, x.shape)
+    else:
+        pp, mp, pn, mn = ((src * inv).masked_fill_(~mask, 0.0) for src, mask, inv, _, _ in blocks)
+        both = _split_rel(u, xp, xn, wp, wn, torch.cat([pp, mp]), torch.cat([pn, mn]), 1.0, x.shape)
     return {u.x_node: (both[:n], both[n:])}
 
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from zoo_models import BasicBlock  # noqa: E402  (the residual block the zoo tests use)
 
 
 def paper_mlp() -> nn.Module:
@@ -15,33 +21,13 @@ def paper_mlp() -> nn.Module:
     )
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block: conv-BN-ReLU-conv-BN + (projected) skip, ReLU."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        skip = x if self.down is None else self.down(x)
-        return torch.relu(out + skip)
-
-
 class SmallCNN(nn.Module):
     """A CNN on 3x32x32 with batch norm and one residual block."""
 
     def __init__(self, classes: int = 10) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.block = BasicBlock(32, 32)
+        self.block = BasicBlock(32, 32, 1)
         self.pool = nn.MaxPool2d(2)
         self.conv = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
         self.gap = nn.AdaptiveAvgPool2d(1)
@@ -63,7 +49,7 @@ class ResNet34(nn.Module):
         )
         layers, cin = [], width
         for i, (n, w) in enumerate(zip([3, 4, 6, 3], [width, 2 * width, 4 * width, 8 * width])):
-            blocks = [BasicBlock(cin, w, 1 if i == 0 else 2)] + [BasicBlock(w, w) for _ in range(n - 1)]
+            blocks = [BasicBlock(cin, w, 1 if i == 0 else 2)] + [BasicBlock(w, w, 1) for _ in range(n - 1)]
             layers.append(nn.Sequential(*blocks))
             cin = w
         self.layers = nn.Sequential(*layers)

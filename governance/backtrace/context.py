@@ -45,6 +45,12 @@ def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num_(num / den, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def first_output(R: Any) -> Any:
+    """The relevance of output 0 of a tuple-returning op (max pooling with indices, native
+    batch/layer norm, max over a dim), whose other outputs carry none; R itself otherwise."""
+    return R.get(0) if isinstance(R, dict) else R
+
+
 def _feeds_output(node: fx.Node) -> bool:
     """True when ``node``'s values reach the graph output unchanged (the model's final layer)."""
     for user in node.users:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..context import RuleContext, safe_div
+from ..context import RuleContext, first_output, safe_div
 from ..registry import register_rule
 
 aten = torch.ops.aten
@@ -405,10 +405,9 @@ AFFINE_OPS = [
 def affine_rule(ctx: RuleContext, node: fx.Node, R):
     """Spec sections 3, 3b and 4 for one affine op (batch norm folded or standalone)."""
     name = node.target._opname
-    if isinstance(R, dict):  # native batch norm returns a tuple; only output 0 carries relevance
-        R = R.get(0)
-        if R is None:
-            return {}
+    R = first_output(R)
+    if R is None:
+        return {}
     if isinstance(R, tuple) and isinstance(R[0], dict):
         R = (R[0].get(0), R[1].get(0))
     if node in ctx.fused:

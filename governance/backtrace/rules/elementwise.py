@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..context import RuleContext, safe_div
+from ..context import RuleContext, first_output, safe_div
 from ..normalisers import normalised_signal
 from ..registry import aten_ops, register_rule
 
@@ -31,10 +31,9 @@ PASS_THROUGH = aten_ops(
 @register_rule(*PASS_THROUGH)
 def pass_through(ctx: RuleContext, node: fx.Node, R):
     """R_in = R_out element by element (the first tensor argument is the signal)."""
-    if isinstance(R, dict):  # tuple outputs (native_layer_norm, native_dropout): output 0 only
-        R = R.get(0)
-        if R is None:
-            return {}
+    R = first_output(R)
+    if R is None:
+        return {}
     x = node.args[0]
     xv = ctx.value(x)
     if isinstance(xv, torch.Tensor) and tuple(xv.shape) != tuple(R.shape):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..context import RuleContext, safe_div
+from ..context import RuleContext, first_output, safe_div
 from ..registry import aten_ops, register_rule
 
 AVERAGE_OPS = aten_ops(
@@ -92,10 +92,9 @@ def _max_pool_nd(x: torch.Tensor, out: torch.Tensor, R: torch.Tensor, k, s, p, d
                          "max_pool1d_with_indices", "max_pool3d_with_indices"))
 def max_pool_rule(ctx: RuleContext, node: fx.Node, R):
     """Max pooling 1d/2d with stride, padding, dilation, ceil mode; ties share equally."""
-    if isinstance(R, dict):
-        R = R.get(0)
-        if R is None:
-            return {}
+    R = first_output(R)
+    if R is None:
+        return {}
     x_node = node.args[0]
     x = ctx.value(x_node)
     out = ctx.value(node)
@@ -145,10 +144,9 @@ def _adaptive_windows(size_in: int, size_out: int, device) -> torch.Tensor:
 @register_rule(*aten_ops("adaptive_max_pool1d", "adaptive_max_pool2d"))
 def adaptive_max_rule(ctx: RuleContext, node: fx.Node, R):
     """Adaptive max pooling: each (possibly overlapping) window's maximum takes its relevance."""
-    if isinstance(R, dict):
-        R = R.get(0)
-        if R is None:
-            return {}
+    R = first_output(R)
+    if R is None:
+        return {}
     x_node = node.args[0]
     x = ctx.value(x_node)
     out = ctx.value(node)[0]
@@ -170,10 +168,9 @@ def adaptive_max_rule(ctx: RuleContext, node: fx.Node, R):
 @register_rule(*aten_ops("amax", "max", "amin", "min"))
 def max_reduce_rule(ctx: RuleContext, node: fx.Node, R):
     """max / amax over axes: the maximal element(s) take the relevance, ties share equally."""
-    if isinstance(R, dict):
-        R = R.get(0)
-        if R is None:
-            return {}
+    R = first_output(R)
+    if R is None:
+        return {}
     if node.target._overloadname in ("other", "binary_out", "out"):
         raise ctx.unsupported(node, "element-wise max/min of two tensors has no rule")
     x_node = node.args[0]

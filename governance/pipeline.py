@@ -23,6 +23,7 @@ from governance.aggregate import global_importance_document, layer_ranking_docum
 from governance.batches import StageError, run_backtrace, torch_threads
 from governance.config import GovernanceConfig, config_from_dict, load_config
 from governance.data import LoadedData, load_data
+from governance.model_summary import model_summary
 from governance.validation import ContractViolation, ValidationOutcome, derive_contract, feature_checks, validate_table
 
 EXPLANATIONS = "explanations"
@@ -322,6 +323,8 @@ def explain_model(
             write_json(expl / "layer_ranking.json", layer_doc)
             stab = stability_document(red["importance"], cfg.primary_mode, cfg.aggregation.seed)
             write_json(expl / "stability.json", stab)
+            layer_types = {str(r["module"]): str(r["type"]) for r in layer_doc.get("layers", []) if r.get("type")}
+            write_json(expl / "model_summary.json", model_summary(handle.model, layer_types))
             tables = {m: red["importance"][m].table() for m in [cfg.primary_mode] + [
                 m for m in cfg.modes if m != cfg.primary_mode]}
             _plots(tables, cfg.primary_mode, layer_doc, expl / "local_relevance.parquet", expl / "plots")

@@ -43,11 +43,15 @@ def test_stage_logs_every_artifact_with_its_schema(credit_store, tmp_path: Path)
     rid = res.run_id
     files = artifact_paths(rid)
     for name in ("global_importance.json", "global_importance.parquet", "layer_ranking.json",
-                 "local_relevance.parquet", "reason_codes.parquet", "stability.json",
+                 "local_relevance.parquet", "reason_codes.parquet", "stability.json", "model_summary.json",
                  "plots/global_importance.png", "plots/feature_distribution.png", "plots/layer_ranking.png",
                  "plots/importance_by_mode.png"):
         assert EXPL + name in files, name
     assert {"governance/config.yaml", "governance/data_quality/validation_result.json"} <= files
+    summary = json.loads(_download(rid, EXPL + "model_summary.json").read_text())
+    # the paper MLP 78 -> 39 -> 19 -> 1: weights and biases of three Linear layers
+    assert summary["n_parameters"] == 78 * 39 + 39 + 39 * 19 + 19 + 19 + 1
+    assert sum(layer["parameters"] for layer in summary["layers"]) == summary["n_parameters"]
 
     gi = json.loads(_download(rid, EXPL + "global_importance.json").read_text())
     assert gi["method"] == "dlbacktrace" and gi["primary_mode"] == "signed" and gi["n_samples"] == 300

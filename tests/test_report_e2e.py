@@ -68,6 +68,8 @@ def _run(tmp_path, uri):
     assert "governance_evidence.json" in subprocess.run(["pdfdetach", "-list", str(pdf)], check=True,
                                                         capture_output=True, text=True).stdout
     html = (out / "governance/reports/audit_report.html").read_text()
+    summary = json.loads((out / "governance/explanations/model_summary.json").read_text())
+    assert f"{summary['n_parameters']:,}" in html  # architecture from the stage's summary
     decisions = html[html.index('id="sec-decisions"'):html.index('id="sec-risks"')]
     assert "all decisions (400)" in decisions
     table = decisions[:decisions.index("Plain-language dictionary")]

@@ -260,33 +260,8 @@ def resolve_model_version(client, uri: str | None):
     return None
 
 
-def _architecture(local_path: Path, layer_types: dict[str, str]) -> dict[str, Any]:
-    """Parameter count and top-level modules of a logged PyTorch model (loads it lazily)."""
-    import mlflow.pytorch  # imports torch only here
-
-    model = mlflow.pytorch.load_model(str(local_path))
-    params: dict[str, int] = {}
-    total = 0
-    trainable = 0
-    for name, p in model.named_parameters():
-        n = int(p.numel())
-        total += n
-        trainable += n if p.requires_grad else 0
-        top = name.rsplit(".", 1)[0] if "." in name else name
-        params[top] = params.get(top, 0) + n
-    layers = []
-    for module, count in params.items():
-        layers.append({"module": module, "type": layer_types.get(module), "parameters": count})
-    return {
-        "class": type(model).__name__.split(".")[-1].replace("GraphModuleImpl", "GraphModule"),
-        "n_parameters": total,
-        "n_trainable": trainable,
-        "layers": layers,
-    }
-
-
 def load_model_facts(client, uri: str | None, *, with_architecture: bool, layer_types: dict[str, str],
-                     workdir: Path) -> ModelFacts:
+                     workdir: Path, architecture: dict[str, Any] | None = None) -> ModelFacts:
     """Registry, logged-model and artifact facts for ``uri`` (each missing piece left empty)."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -348,9 +323,13 @@ def load_model_facts(client, uri: str | None, *, with_architecture: bool, layer_
             facts.training_datasets = _dataset_inputs(src)
         except MlflowException:
             pass
-    if with_architecture:
+    if with_architecture and architecture is not None:
+        facts.architecture = architecture  # recorded by the explanation stage
+    elif with_architecture:
+        from governance.model_summary import logged_model_summary  # the torch side, not the report's
+
         try:
-            facts.architecture = _architecture(local, layer_types)
+            facts.architecture = logged_model_summary(str(local), layer_types)
         except Exception as exc:  # noqa: BLE001 - any load failure is reported, not fatal
             facts.architecture_note = f"the model could not be loaded to summarise it ({type(exc).__name__}: {exc})"
     else:
@@ -520,7 +499,8 @@ def load_run_evidence(run_id: str, *, tracking_uri: str | None = None, config_ov
     model_uri = run.data.tags.get("governance.model_uri")
     opts_arch = (config.get("report") or {}).get("model_architecture", True)
     facts = load_model_facts(client, model_uri, with_architecture=with_architecture and opts_arch is not False,
-                             layer_types=layer_types, workdir=workdir)
+                             layer_types=layer_types, workdir=workdir,
+                             architecture=_read_json(expl / "model_summary.json"))
     datasets = _dataset_inputs(run)
     data_sha = run.data.tags.get("governance.dataset_sha256") or _local_source_sha256(datasets)
     for ds in datasets:

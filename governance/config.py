@@ -14,15 +14,7 @@ from typing import Any
 
 import yaml
 
-TASKS = (
-    "binary-classification",
-    "multiclass-classification",
-    "regression",
-    "bbox-regression",
-    "binary-segmentation",
-    "generation",
-)
-MODES = ("default", "contrastive", "signed")
+from governance.tasks import MODES, TASKS
 
 
 class ConfigError(ValueError):

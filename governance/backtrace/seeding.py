@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import torch
 
-TASKS = (
-    "binary-classification",
-    "multiclass-classification",
-    "regression",
-    "bbox-regression",
-    "binary-segmentation",
-    "generation",
-)
+from governance.tasks import TASKS
 
 
 def _target_index(y: torch.Tensor, target, task: str) -> torch.Tensor:

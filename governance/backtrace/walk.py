@@ -12,7 +12,7 @@ from torch import fx
 from .context import RuleContext
 from .errors import UnsupportedOperationError
 from .explanation import ModuleBooks
-from .registry import lookup_rule, op_name
+from .registry import lookup_rule
 
 _NO_RULE_NEEDED = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar"}
 

@@ -12,7 +12,6 @@ guessing.
 
 from __future__ import annotations
 
-import torch
 from torch import fx
 
 from ..context import RuleContext

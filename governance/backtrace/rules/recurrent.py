@@ -262,7 +262,6 @@ def _recurrent(ctx: RuleContext, node: fx.Node, R: Any, kind: str) -> dict:
     hx_nodes = list(a[1]) if kind == "lstm" else [a[1]]
     hx = [ctx.value(h) for h in hx_nodes]
     outs = ctx.value(node)
-    T, N = X.shape[0], X.shape[1]
     H = params[0][1].shape[1]
 
     def rel(k: int, idx: int, like: torch.Tensor) -> torch.Tensor:

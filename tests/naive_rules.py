@@ -606,8 +606,14 @@ def maxpool_forward(x, kernel, stride=None, padding=0, dilation=1, ceil_mode=Fal
 def maxpool_rule(x, R, mode, kernel, stride=None, padding=0, dilation=1, ceil_mode=False):
     """Spec 5, max pooling: the window's maximum element(s) take the window's relevance; ties
     share equally; overlapping windows accumulate. Contrastive: same, per map."""
-    N, C, *L = x.shape
-    wins, _ = pool_windows(L, kernel, stride, padding, dilation, ceil_mode)
+    wins, _ = pool_windows(list(x.shape[2:]), kernel, stride, padding, dilation, ceil_mode)
+    return max_windows_rule(x, R, mode, wins)
+
+
+def max_windows_rule(x, R, mode, wins):
+    """The max rule over given windows {output position: [input positions]} (pooling, adaptive
+    pooling): the maximum element(s) take the window's relevance, ties share equally."""
+    N, C = x.shape[:2]
 
     def one(Rm):
         out = torch.zeros(x.shape, dtype=torch.float64)

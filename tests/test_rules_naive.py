@@ -34,8 +34,7 @@ def _task(mode):
     return "bbox-regression" if mode == "contrastive" else "regression"
 
 
-def _map(R, mode, fn):
-    return (fn(R[0]), fn(R[1])) if mode == "contrastive" else fn(R)
+_map = nr._each_map  # R+ and R- each through the same naive rule in contrastive mode
 
 
 # ============================================================================================
@@ -656,22 +655,8 @@ ADAPTIVE_CASES = {
 
 def _adaptive_max_rule(x, R, mode, out_size):
     """Max rule over adaptive windows (winner(s) take the window's relevance, ties share)."""
-    N, C, *L = x.shape
-    wins, O = nr.adaptive_windows(L, out_size)
-
-    def one(Rm):
-        out = torch.zeros(x.shape, dtype=torch.float64)
-        for s in range(N):
-            for c in range(C):
-                for o, members in wins.items():
-                    vals = [float(x[(s, c, *m)]) for m in members]
-                    best = max(vals)
-                    win = [m for m, v in zip(members, vals) if v == best]
-                    for m in win:
-                        out[(s, c, *m)] += float(Rm[(s, c, *o)]) / len(win)
-        return out
-
-    return _map(R, mode, one)
+    wins, _ = nr.adaptive_windows(list(x.shape[2:]), out_size)
+    return nr.max_windows_rule(x, R, mode, wins)
 
 
 @pytest.mark.parametrize("name", list(ADAPTIVE_CASES))

@@ -10,21 +10,9 @@ import torch.nn as nn
 
 import naive_rules as nr
 from naive_rules import DTYPE
-from test_engine_models import make_blocknet, make_mlp
+from test_engine_models import _bt, _one_intra_op_thread, make_blocknet, make_mlp  # noqa: F401 (autouse fixture)
 
 RTOL = 1e-9
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    with nr.one_thread():
-        yield
-
-
-def _bt(model):
-    from governance.backtrace import Backtrace
-
-    return Backtrace(model.eval())
 
 
 def make_chain(seed=0):

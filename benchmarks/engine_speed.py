@@ -84,33 +84,33 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = CLOCKS["wall"]
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t = CLOCK()
+def timed(fns: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float] | None = None) -> dict[str, float]:
+    """Median time of each function after one warm-up call each (graph capture, allocator);
+    the functions are interleaved per repeat so load changes hit them alike."""
+    clock = clock or CLOCK
+    for fn in fns.values():
         fn()
-        ts.append(CLOCK() - t)
-    return statistics.median(ts)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = clock()
+            fn()
+            times[k].append(clock() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run_case(case: Case, repeats: int | None = None,
-             baseline: Callable[[torch.nn.Module, object, str], object] = forward_backward) -> dict:
-    """Time and measure one case; the baseline and every mode are interleaved per repeat."""
+             baseline: Callable[[torch.nn.Module, object, str], object] = forward_backward,
+             clock: Callable[[], float] | None = None) -> dict:
+    """Time and measure one case: the baseline and every mode, interleaved per repeat."""
     torch.manual_seed(0)
     model, x = case.build()
     model.eval()
     bt = Backtrace(model)
-    reps = repeats or case.repeats
     fns = {"fwd+bwd": lambda: baseline(model, x, case.task)}
     for mode in case.modes:
         fns[mode] = (lambda m: lambda: bt.explain(x, mode=m, task=case.task))(mode)
-    for fn in fns.values():  # warm-up: graph capture, allocator
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            times[k].append(median_time(fn, 1))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = timed(fns, repeats or case.repeats, clock)
     mem = {k: peak_extra_mib(fn) for k, fn in fns.items()}
     return {"case": case.name, "time": med, "mem": mem}
 

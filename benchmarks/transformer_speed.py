@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -37,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from engine_speed import Case, report  # noqa: E402
+from engine_speed import Case, report, run_case, timed  # noqa: E402
 
 from governance.backtrace import Backtrace  # noqa: E402
 
@@ -113,31 +112,6 @@ def lm_forward_backward(model, x, task):
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def _timed(fns: dict, repeats: int, clock) -> dict[str, float]:
-    """Median time of each function; the functions are interleaved per repeat, after a warm-up
-    (graph capture, allocator)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = clock()
-            fn()
-            times[k].append(clock() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def run_case(case: Case, repeats: int | None, baseline, clock) -> dict:
-    torch.manual_seed(0)
-    model, x = case.build()
-    bt = Backtrace(model)
-    fns = {"fwd+bwd": lambda: baseline(model, x, case.task)}
-    for mode in case.modes:
-        fns[mode] = (lambda m: lambda: bt.explain(x, mode=m, task=case.task))(mode)
-    med = _timed(fns, repeats or case.repeats, clock)
-    return {"case": case.name, "time": med, "mem": {k: float("nan") for k in fns}}
-
-
 def generation_row(repeats: int = 3, prompt: int = 64, new: int = 8, batch: int = 2,
                    clock=time.perf_counter) -> dict:
     """explain_generation: seconds per generated token vs one forward+backward at full length."""
@@ -149,7 +123,7 @@ def generation_row(repeats: int = 3, prompt: int = 64, new: int = 8, batch: int 
     fns = {"fwd+bwd": lambda: lm_forward_backward(model, x_full, "generation")}
     for mode in ("default", "contrastive"):
         fns[mode] = (lambda m: lambda: bt.explain_generation(ids, max_new_tokens=new, mode=m))(mode)
-    med = _timed(fns, repeats, clock)  # the warm-up captures the shared graph
+    med = timed(fns, repeats, clock)  # the warm-up captures the shared graph
     med = {k: (v if k == "fwd+bwd" else v / new) for k, v in med.items()}  # per generated token
     return {"case": f"explain_generation per token (LLaMA 4L h256, prompt {prompt} + {new} new, batch {batch})",
             "time": med, "mem": {k: float("nan") for k in fns}}
@@ -181,7 +155,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(generation_row(args.repeats or 3, clock=clock))
         else:
             case, baseline = CASES[key]
-            rows.append(run_case(case, args.repeats, baseline, clock))
+            rows.append(run_case(case, args.repeats, baseline=baseline, clock=clock))
         print(report(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(report(rows))

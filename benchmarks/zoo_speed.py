@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -32,9 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import zoo_models as zm  # noqa: E402
-from engine_speed import Case, forward_backward, peak_extra_mib, report, run_case  # noqa: E402
+from engine_speed import Case, forward_backward, report, run_case  # noqa: E402
 
-from governance.backtrace import Backtrace  # noqa: E402
 
 
 def moe_forward_backward(model, x, task):
@@ -83,28 +81,6 @@ CASES = {
 }
 
 
-def run_cpu_clock(case: Case, repeats: int | None, baseline) -> dict:
-    """As engine_speed.run_case, timed with the process CPU clock (robust on a shared machine:
-    other processes' load does not count; with --threads 1 it is the work done)."""
-    torch.manual_seed(0)
-    model, x = case.build()
-    model.eval()
-    bt = Backtrace(model)
-    fns = {"fwd+bwd": lambda: baseline(model, x, case.task)}
-    for mode in case.modes:
-        fns[mode] = (lambda m: lambda: bt.explain(x, mode=m, task=case.task))(mode)
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats or case.repeats):
-        for k, fn in fns.items():
-            t = time.process_time()
-            fn()
-            times[k].append(time.process_time() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"case": case.name, "time": med, "mem": {k: peak_extra_mib(fn) for k, fn in fns.items()}}
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(CASES))
@@ -119,10 +95,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for key in args.only.split(","):
         case, baseline = CASES[key.strip()]
-        if args.clock == "cpu":
-            rows.append(run_cpu_clock(case, args.repeats, baseline))
-        else:
-            rows.append(run_case(case, args.repeats, baseline=baseline))
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        rows.append(run_case(case, args.repeats, baseline=baseline, clock=clock))
         print(report(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(report(rows))

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from governance.errors import InputError, PolicyError
 from governance.archive import (
     MANIFEST_PATH,
     ROOT,
@@ -32,12 +33,14 @@ APPROVALS_PATH = f"{ROOT}/reports/approvals.json"
 DECISIONS = ("approve", "reject")
 
 
-class ApprovalError(Exception):
+class ApprovalError(InputError):
     """The sign-off cannot be processed (unknown model version, bad arguments)."""
 
 
-class ApprovalRefused(ApprovalError):
+class ApprovalRefused(ApprovalError, PolicyError):
     """The approval was refused; ``reasons`` says why (gates, verification, missing evidence)."""
+
+    exit_code = PolicyError.exit_code
 
     def __init__(self, reasons: list[str]):
         self.reasons = reasons

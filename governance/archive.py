@@ -24,6 +24,8 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
+from governance.errors import GovernanceError
+
 MANIFEST_NAME = "manifest.json"
 ROOT = "governance"
 MANIFEST_PATH = f"{ROOT}/{MANIFEST_NAME}"
@@ -45,7 +47,7 @@ RECORDED_PACKAGES = (
 )
 
 
-class ArchiveError(Exception):
+class ArchiveError(GovernanceError):
     """A manifest or archive cannot be read (missing manifest, unsafe archive, bad JSON)."""
 
 

@@ -19,6 +19,7 @@ from governance.aggregate import (
     top_reasons,
 )
 from governance.config import GovernanceConfig
+from governance.errors import InputError
 
 
 @contextmanager
@@ -40,7 +41,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class StageError(RuntimeError):
+class StageError(InputError):
     """The stage cannot run with these inputs (the message says why)."""
 
 

@@ -14,10 +14,11 @@ from typing import Any
 
 import yaml
 
+from governance.errors import InputError
 from governance.tasks import MODES, TASKS
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """The configuration is invalid; the message says which key and why."""
 
 

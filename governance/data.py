@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from governance.errors import InputError
+
 DATASET_PREFIX = "mlflow-dataset:"
 
 
-class DataLoadError(RuntimeError):
+class DataLoadError(InputError):
     """The data could not be found or read; the message says what and where."""
 
 

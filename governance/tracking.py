@@ -20,11 +20,13 @@ import pandas as pd
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
+from governance.errors import InputError
+
 ARTIFACT_ROOT = "governance"
 TAG_PREFIX = "governance."
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(InputError):
     """The model URI does not exist or is not a PyTorch model; the message names the URI."""
 
 

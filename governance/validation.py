@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from governance.errors import ContractError
+
 NUMERIC_TYPES = [
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
     "float16", "float32", "float64", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16",
@@ -24,7 +26,7 @@ NUMERIC_TYPES = [
 FINITE_BOUND = 1.7976931348623157e308
 
 
-class ContractViolation(RuntimeError):
+class ContractViolation(ContractError):
     """The data broke its contract; ``outcome`` holds the full result and the failures."""
 
     def __init__(self, outcome: "ValidationOutcome") -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 import _common
-from governance.cli_explain import explain_command
+from governance.cli.explain import explain_command
 
 
 def main() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from governance.errors import InputError
 
-class BacktraceError(RuntimeError):
+
+class BacktraceError(InputError, RuntimeError):
     """Base class of the engine's errors."""
 
 

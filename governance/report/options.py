@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from governance.errors import GovernanceError
 
-class ReportError(Exception):
+
+class ReportError(GovernanceError):
     """The report cannot be produced; the message says what is wrong and what to do."""
 
 

@@ -19,13 +19,13 @@ def version() -> None:
     click.echo(__version__)
 
 
-from governance.cli_report import approve_command, card_command, report_command, verify_command  # noqa: E402
+from governance.cli.report import approve_command, card_command, report_command, verify_command  # noqa: E402
 
 main.add_command(report_command)
 main.add_command(card_command)
 main.add_command(verify_command)
 main.add_command(approve_command)
-from governance.cli_explain import explain_command  # noqa: E402
+from governance.cli.explain import explain_command  # noqa: E402
 
 main.add_command(explain_command)
 

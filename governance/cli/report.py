@@ -1,4 +1,4 @@
-"""Commands `report`, `card`, `verify` and `approve` (attached to the group in governance/cli.py)."""
+"""Commands `report`, `card`, `verify` and `approve` (attached to the group in governance/cli/__init__.py)."""
 
 from __future__ import annotations
 

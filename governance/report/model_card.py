@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from governance import __version__
-from governance.report.context import fnum, fpct
+from governance.report.format import fnum, fpct
 from governance.report.evidence import ModelFacts, RunEvidence
 from governance.report.options import MODEL_CARD_FIELDS, MORE_INFO, parse_model_card_options
 from governance.report.render import render_template

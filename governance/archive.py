@@ -2,13 +2,21 @@
 
 ``governance/manifest.json`` lists the SHA-256 and size of every file under ``governance/``
 (except the manifest itself) together with the inputs the evidence was produced from: the model
-URI and id, the dataset digest, the effective configuration and the package versions. It is
-written last, after every other artifact, and contains no wall-clock time, so the same evidence
+URI, id and artifact hash, the datasets with the hashes taken when ``explain`` read them, the
+effective configuration, the package versions, every input file's hash, and the report id
+derived from them. It is written last and contains no wall-clock time, so the same evidence
 gives the same manifest bytes.
 
-:func:`verify_path` re-checks a downloaded folder or a ``.zip`` / ``.tar[.gz|.bz2|.xz]`` archive;
-:func:`verify_run` downloads a run's ``governance/`` folder and re-checks it. Verification
-passes only when every listed file is present and unchanged and no file was added.
+A manifest alone can be re-hashed by whoever can write the folder, so it is anchored outside
+it: the report step records the manifest's own SHA-256 as the run tag
+``governance.manifest_sha256`` and ``approve`` records it on the model version. Verification
+passes only when every listed file is present and unchanged, no file was added, the manifest's
+parts agree with each other (inputs vs files, the report id, the evidence attached inside the
+PDF) and, where an anchor is known, the manifest's own hash equals it.
+
+:func:`verify_path` re-checks a downloaded folder, the manifest file or a ``.zip`` /
+``.tar[.gz|.bz2|.xz]`` archive; :func:`verify_run` downloads a run's ``governance/`` folder and
+re-checks it against the run's (and an approved version's) anchor.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ MANIFEST_NAME = "manifest.json"
 ROOT = "governance"
 MANIFEST_PATH = f"{ROOT}/{MANIFEST_NAME}"
 MANIFEST_FORMAT = "mlflow-governance-manifest/1"
+#: Run tag (and model-version tag) holding the SHA-256 of the manifest: the anchor.
+MANIFEST_TAG = "governance.manifest_sha256"
 
 #: Packages whose versions are recorded in the manifest (those that shape the evidence).
 RECORDED_PACKAGES = (
@@ -48,12 +58,16 @@ RECORDED_PACKAGES = (
 
 
 class ArchiveError(GovernanceError):
-    """A manifest or archive cannot be read (missing manifest, unsafe archive, bad JSON)."""
+    """A manifest or archive cannot be read (missing manifest, unsafe archive, bad JSON): nothing
+    could be verified (exit 2)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One verification finding: ``kind`` is changed, missing, added, unreadable or invalid."""
+    """One verification finding: ``kind`` is changed, missing, added, unreadable, invalid,
+    inconsistent (the manifest's parts disagree) or anchor (the manifest is not the recorded one)."""
 
     kind: str
     path: str
@@ -71,18 +85,27 @@ class VerificationResult:
     n_files: int = 0
     problems: list[Problem] = field(default_factory=list)
     manifest_sha256: str | None = None
+    #: where the expected manifest hash came from (None: the manifest was not anchored)
+    anchor: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when every listed file is present and unchanged and nothing was added."""
+        """True when every listed file is present and unchanged, nothing was added, the manifest
+        is consistent and (when anchored) is the recorded one."""
         return not self.problems
 
     def summary(self) -> str:
         """A human-readable multi-line summary naming every problem."""
         if self.ok:
-            return f"OK: {self.n_files} files verified against {MANIFEST_PATH} ({self.source})"
-        lines = [f"FAILED: {len(self.problems)} problem(s) in {self.source}"]
-        lines += [f"  {p}" for p in self.problems]
+            anchored = (f"manifest sha256 {self.manifest_sha256} matches {self.anchor}" if self.anchor else
+                        "NOT ANCHORED: nothing outside the folder confirmed the manifest itself (give "
+                        "--expect-sha256 with the run's governance.manifest_sha256 tag, or --run-id)")
+            lines = [f"OK: {self.n_files} files verified against {MANIFEST_PATH} ({self.source}); {anchored}"]
+        else:
+            lines = [f"FAILED: {len(self.problems)} problem(s) in {self.source}"]
+            lines += [f"  {p}" for p in self.problems]
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -138,17 +161,27 @@ def _list_files(root: Path) -> list[str]:
     return sorted(out)
 
 
+def report_id_for(run_id: str | None, model_id: str | None, model_sha256: str | None,
+                  input_files: dict[str, str]) -> str:
+    """The report id: a hash of the run, the model and every input file's hash (recomputable
+    from a manifest's ``run_id`` and ``inputs``)."""
+    basis = json.dumps({"run": run_id, "model": model_id, "model_sha256": model_sha256, "inputs": input_files},
+                       sort_keys=True)
+    return "GR-" + hashlib.sha256(basis.encode()).hexdigest()[:12].upper()
+
+
 def build_manifest(
     artifact_root: str | os.PathLike[str],
     inputs: dict[str, Any],
     *,
     run_id: str | None = None,
+    report_id: str | None = None,
     previous_manifest_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The manifest document for ``artifact_root/governance`` (the manifest itself excluded).
 
-    ``inputs`` should hold ``model_uri``, ``model_id``, ``dataset_digest``, ``config`` and
-    ``package_versions``; it is stored as given (JSON-serialisable values only).
+    ``inputs`` should hold ``model_uri``, ``model_id``, ``model_sha256``, ``datasets``, ``config``,
+    ``package_versions`` and ``input_files``; it is stored as given (JSON-serialisable values only).
     """
     base = Path(artifact_root) / ROOT
     if not base.is_dir():
@@ -169,6 +202,8 @@ def build_manifest(
         "inputs": inputs,
         "files": files,
     }
+    if report_id:
+        doc["report_id"] = report_id
     if previous_manifest_sha256:
         doc["previous_manifest_sha256"] = previous_manifest_sha256
     return doc
@@ -186,24 +221,141 @@ def write_manifest(artifact_root: str | os.PathLike[str], manifest: dict[str, An
     return path
 
 
-def _find_root(folder: Path) -> Path:
-    """The folder that contains ``governance/manifest.json`` (accepts the governance folder too)."""
-    if (folder / MANIFEST_PATH).is_file():
-        return folder
-    if folder.name == ROOT and (folder / MANIFEST_NAME).is_file():
-        return folder.parent
-    # An archive may wrap everything in one top-level folder.
-    subdirs = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
-    if len(subdirs) == 1 and (subdirs[0] / MANIFEST_PATH).is_file():
-        return subdirs[0]
+def locate_evidence(folder: str | os.PathLike[str]) -> Path:
+    """The evidence folder (the one holding ``manifest.json``) inside ``folder``.
+
+    Accepts the ``governance`` folder itself (whatever its name), a folder that contains it
+    (an artifact root, or an archive's one top-level wrapper folder), or the manifest file.
+    """
+    p = Path(folder)
+    if p.is_file():
+        if p.name == MANIFEST_NAME:
+            return p.parent
+        raise ArchiveError(f"{folder} is not a {MANIFEST_NAME}, a folder or a zip or tar archive")
+    candidates = [p, p / ROOT]
+    subdirs = sorted(x for x in p.iterdir() if x.is_dir()) if p.is_dir() else []
+    if len(subdirs) == 1:
+        candidates += [subdirs[0], subdirs[0] / ROOT]
+    for c in candidates:
+        if (c / MANIFEST_NAME).is_file():
+            return c
     raise ArchiveError(f"no {MANIFEST_PATH} found in {folder}")
 
 
-def verify_folder(folder: str | os.PathLike[str], source: str | None = None) -> VerificationResult:
-    """Verify an extracted folder (the artifact root or its ``governance/`` folder)."""
-    root = _find_root(Path(folder))
+def _comparable(value: Any) -> Any:
+    """``value`` as it reads back from canonical JSON (dates and other objects as text)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+#: Documents carried in the PDF's evidence attachment, and the file each one must equal.
+ATTACHED_DOCUMENTS = {
+    "global_importance": f"{ROOT}/explanations/global_importance.json",
+    "layer_ranking": f"{ROOT}/explanations/layer_ranking.json",
+    "validation_result": f"{ROOT}/data_quality/validation_result.json",
+    "gates": f"{ROOT}/explanations/gates.json",
+    "stability": f"{ROOT}/explanations/stability.json",
+}
+REPORT_PDF = f"{ROOT}/reports/audit_report.pdf"
+REPORT_HTML = f"{ROOT}/reports/audit_report.html"
+#: Folders the report itself writes; every other file under governance/ is an input of the report.
+OUTPUT_DIRS = ("reports", "model_card")
+EVIDENCE_ATTACHMENT = "governance_evidence.json"
+
+
+def _pdf_evidence(pdf: Path) -> dict[str, Any] | None:
+    """The evidence JSON attached to the report PDF (None when there is none)."""
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    try:
+        found = PdfReader(str(pdf)).attachments.get(EVIDENCE_ATTACHMENT)
+    except (PyPdfError, OSError, ValueError) as exc:
+        raise ValueError(f"the PDF cannot be read: {exc}") from exc
+    if not found:
+        return None
+    return json.loads(found[0].decode("utf-8"))
+
+
+def check_consistency(base: Path, manifest: dict[str, Any]) -> list[Problem]:
+    """Problems between the manifest's own parts: its inputs vs its file list, the report id
+    recomputed from its inputs, and the evidence attached inside the PDF vs the files.
+
+    ``base`` is the evidence (governance) folder; only files whose hashes already matched the
+    manifest are worth comparing, which :func:`verify_folder` ensures by calling this last.
+    """
+    problems: list[Problem] = []
+    listed = {e["path"]: e.get("sha256") for e in manifest.get("files", [])}
+    inputs = manifest.get("inputs") or {}
+    input_files = inputs.get("input_files")
+    if not isinstance(input_files, dict):
+        return [Problem("inconsistent", MANIFEST_PATH, "inputs.input_files is missing")]
+    for path, digest in sorted(input_files.items()):
+        if path not in listed:
+            problems.append(Problem("inconsistent", path, "an input of the report that the manifest does not list"))
+        elif listed[path] != digest:
+            problems.append(Problem("inconsistent", path, "its hash in files differs from the one the report "
+                                                          "was made from (inputs.input_files)"))
+    for path in sorted(listed):
+        parts = PurePosixPath(path).parts
+        if len(parts) > 2 and parts[1] in OUTPUT_DIRS or path in input_files:
+            continue
+        problems.append(Problem("inconsistent", path, "listed in files but not among the report's inputs"))
+    recorded = manifest.get("report_id")
+    if recorded is not None:
+        expected = report_id_for(manifest.get("run_id"), inputs.get("model_id"), inputs.get("model_sha256"),
+                                 input_files)
+        if recorded != expected:
+            problems.append(Problem("inconsistent", MANIFEST_PATH,
+                                    f"report id {recorded} does not match its inputs ({expected})"))
+    if REPORT_HTML in listed and recorded and recorded not in (base / "reports/audit_report.html").read_text(
+            encoding="utf-8", errors="replace"):
+        problems.append(Problem("inconsistent", REPORT_HTML, f"does not carry report id {recorded}"))
+    if REPORT_PDF in listed:
+        problems += _check_pdf(base, manifest, recorded)
+    return problems
+
+
+def _check_pdf(base: Path, manifest: dict[str, Any], recorded: str | None) -> list[Problem]:
+    """The PDF's attached evidence against the manifest and the files it claims."""
+    try:
+        evidence = _pdf_evidence(base / "reports/audit_report.pdf")
+    except ValueError as exc:
+        return [Problem("inconsistent", REPORT_PDF, str(exc))]
+    if evidence is None:
+        return [Problem("inconsistent", REPORT_PDF, f"no {EVIDENCE_ATTACHMENT} attached")]
+    out = []
+    if recorded is not None and evidence.get("report_id") != recorded:
+        out.append(Problem("inconsistent", REPORT_PDF, f"attached evidence is of report {evidence.get('report_id')},"
+                                                       f" the manifest of {recorded}"))
+    if evidence.get("run_id") != manifest.get("run_id"):
+        out.append(Problem("inconsistent", REPORT_PDF, "attached evidence is of another run"))
+    if "manifest_inputs" in evidence and _comparable(evidence["manifest_inputs"]) != _comparable(manifest.get("inputs")):
+        out.append(Problem("inconsistent", REPORT_PDF, "attached inputs differ from the manifest's inputs"))
+    for key, path in ATTACHED_DOCUMENTS.items():
+        claimed = evidence.get(key)
+        if claimed is None:
+            continue
+        file = base / PurePosixPath(path).relative_to(ROOT)
+        try:
+            actual = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+        except ValueError:
+            actual = None
+        if _comparable(claimed) != _comparable(actual):
+            out.append(Problem("inconsistent", path, f"differs from the copy attached to {REPORT_PDF}"))
+    return out
+
+
+def verify_folder(folder: str | os.PathLike[str], source: str | None = None, *,
+                  expected_sha256: str | None = None, anchor: str | None = None) -> VerificationResult:
+    """Verify an extracted folder: every listed file, nothing added, the manifest's internal
+    consistency, and (when ``expected_sha256`` is given) the manifest itself against that anchor.
+
+    ``folder`` may be the governance folder, a folder holding it, or its manifest.json;
+    ``anchor`` names where ``expected_sha256`` comes from (for the messages).
+    """
+    base = locate_evidence(folder)
     result = VerificationResult(source=source or str(folder))
-    manifest_file = root / MANIFEST_PATH
+    manifest_file = base / MANIFEST_NAME
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
         listed = {entry["path"]: entry for entry in manifest["files"]}
@@ -211,18 +363,25 @@ def verify_folder(folder: str | os.PathLike[str], source: str | None = None) -> 
         raise ArchiveError(f"{MANIFEST_PATH} is not a valid manifest: {exc}") from exc
     result.manifest_sha256 = sha256_file(manifest_file)
     result.n_files = len(listed)
-    present = {f"{ROOT}/{rel}" for rel in _list_files(root / ROOT)} - {MANIFEST_PATH}
+    if expected_sha256 is not None:
+        result.anchor = anchor or "--expect-sha256"
+        if result.manifest_sha256 != expected_sha256.strip().lower():
+            result.problems.append(Problem(
+                "anchor", MANIFEST_PATH, f"sha256 {result.manifest_sha256} != {expected_sha256.strip().lower()} "
+                f"recorded in {result.anchor}: the manifest was replaced after the report was made"))
+    present = {f"{ROOT}/{rel}" for rel in _list_files(base)} - {MANIFEST_PATH}
     for path in sorted(listed):
         entry = listed[path]
         parts = PurePosixPath(path).parts
         if PurePosixPath(path).is_absolute() or ".." in parts or not parts or parts[0] != ROOT:
             result.problems.append(Problem("invalid", path, f"manifest entry outside {ROOT}/"))
             continue
+        local = base / PurePosixPath(path).relative_to(ROOT)
         if path not in present:
             result.problems.append(Problem("missing", path, "listed in the manifest but absent"))
             continue
         try:
-            digest = sha256_file(root / path)
+            digest = sha256_file(local)
         except OSError as exc:
             result.problems.append(Problem("unreadable", path, str(exc)))
             continue
@@ -230,10 +389,12 @@ def verify_folder(folder: str | os.PathLike[str], source: str | None = None) -> 
             result.problems.append(
                 Problem("changed", path, f"sha256 {digest[:16]}... != manifest {str(entry.get('sha256'))[:16]}...")
             )
-        elif "size" in entry and (root / path).stat().st_size != entry["size"]:
+        elif "size" in entry and local.stat().st_size != entry["size"]:
             result.problems.append(Problem("changed", path, "size differs from the manifest"))
     for path in sorted(present - set(listed)):
         result.problems.append(Problem("added", path, "not listed in the manifest"))
+    if not result.problems:  # hashes hold: are the manifest's parts consistent with each other?
+        result.problems += check_consistency(base, manifest)
     return result
 
 
@@ -265,16 +426,18 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
     raise ArchiveError(f"{archive} is neither a folder nor a zip or tar archive")
 
 
-def verify_path(path: str | os.PathLike[str]) -> VerificationResult:
-    """Verify a downloaded folder or a ``.zip`` / ``.tar`` archive of a run's evidence."""
+def verify_path(path: str | os.PathLike[str], expected_sha256: str | None = None) -> VerificationResult:
+    """Verify a downloaded copy of a run's evidence: the ``governance`` folder, a folder holding
+    it, its ``manifest.json``, or a ``.zip`` / ``.tar`` archive of either; with
+    ``expected_sha256`` (the run's ``governance.manifest_sha256``) the manifest is anchored."""
     p = Path(path)
-    if p.is_dir():
-        return verify_folder(p)
     if not p.exists():
         raise ArchiveError(f"{path} does not exist")
+    if p.is_dir() or p.name == MANIFEST_NAME:
+        return verify_folder(p, expected_sha256=expected_sha256)
     with tempfile.TemporaryDirectory(prefix="governance-verify-") as tmp:
         extract_archive(p, tmp)
-        return verify_folder(tmp, source=str(path))
+        return verify_folder(tmp, source=str(path), expected_sha256=expected_sha256)
 
 
 def download_governance(run_id: str, dest: str | os.PathLike[str], tracking_uri: str | None = None) -> Path:
@@ -295,12 +458,34 @@ def download_governance(run_id: str, dest: str | os.PathLike[str], tracking_uri:
 
 
 def verify_run(run_id: str, tracking_uri: str | None = None) -> VerificationResult:
-    """Download a run's ``governance/`` folder and verify it against its manifest."""
+    """Download a run's ``governance/`` folder and verify it against its manifest, the manifest
+    against the run tag ``governance.manifest_sha256`` and, when the run's model version is
+    approved on this run, against the hash recorded on the version at approval."""
+    import mlflow
+
+    from governance.registry import approved_manifest_anchor
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     with tempfile.TemporaryDirectory(prefix="governance-verify-") as tmp:
         download_governance(run_id, tmp, tracking_uri)
         if not (Path(tmp) / MANIFEST_PATH).is_file():
             raise ArchiveError(f"run {run_id} has no {MANIFEST_PATH}; run `mlflow-governance report` first")
-        return verify_folder(tmp, source=f"run {run_id}")
+        tags = client.get_run(run_id).data.tags
+        tag = tags.get(MANIFEST_TAG)
+        result = verify_folder(tmp, source=f"run {run_id}", expected_sha256=tag,
+                               anchor=f"run tag {MANIFEST_TAG}" if tag else None)
+        if tag is None:
+            result.notes.append(f"run {run_id} has no {MANIFEST_TAG} tag (a report made before anchoring); "
+                                "re-run `mlflow-governance report` to anchor it")
+        version_anchor = approved_manifest_anchor(client, run_id, tags)
+        if version_anchor is not None:
+            label, digest = version_anchor
+            if result.manifest_sha256 != digest:
+                result.problems.append(Problem("anchor", MANIFEST_PATH, f"sha256 {result.manifest_sha256} != "
+                                               f"{digest} recorded on {label} at approval"))
+            else:
+                result.anchor = f"{result.anchor} and {label}" if result.anchor else label
+        return result
 
 
 def make_archive(run_id: str, target: str | os.PathLike[str], tracking_uri: str | None = None) -> Path:
@@ -319,14 +504,18 @@ def make_archive(run_id: str, target: str | os.PathLike[str], tracking_uri: str 
 __all__ = [
     "ArchiveError",
     "MANIFEST_PATH",
+    "MANIFEST_TAG",
     "Problem",
     "VerificationResult",
     "build_manifest",
+    "check_consistency",
     "download_governance",
     "extract_archive",
+    "locate_evidence",
     "make_archive",
     "manifest_bytes",
     "package_versions",
+    "report_id_for",
     "sha256_bytes",
     "sha256_file",
     "tree_sha256",

@@ -21,20 +21,36 @@ _SAVE = {"dpi": 110, "metadata": {"Software": None}}
 def _save(fig: Any, path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, format="png", **_SAVE)
+    fig.savefig(p, format="png", bbox_inches="tight", pad_inches=0.05, **_SAVE)
     plt.close(fig)
     return p
 
 
+#: Bar colour by direction of effect (``direction`` of global_importance.json's features).
+DIRECTION_COLOURS = {"raises": "#b2182b", "lowers": "#2166ac", "mixed": "#8c8c8c"}
+DIRECTION_LABELS = {"raises": "higher values raise the output", "lowers": "higher values lower the output",
+                    "mixed": "mixed (|rho| < 0.1)"}
+NEUTRAL = "#4d6f91"
+
+
 def importance_bar(table: pd.DataFrame, path: str | Path, *, title: str, top_k: int = 20) -> Path:
-    """Horizontal bars of the top ``top_k`` features' importance with their 95% CIs."""
+    """Horizontal bars of the top ``top_k`` features' importance with their 95% CIs, coloured by
+    the direction of effect when the table has a ``direction`` column (how a feature's value
+    relates to its relevance), else in one colour: the sign of the mean signed share is no
+    direction (it is near zero for any centred feature)."""
+    from matplotlib.patches import Patch
+
     t = table.sort_values("rank").head(top_k).iloc[::-1]
-    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(t) + 1.4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(t) + 1.6), layout="constrained")
     err = np.vstack([t["importance"] - t["ci_low"], t["ci_high"] - t["importance"]]).clip(min=0)
-    colors = ["#b2182b" if s > 0 else "#2166ac" for s in t["signed"]]
+    has_direction = "direction" in t.columns
+    colors = ([DIRECTION_COLOURS.get(str(d), NEUTRAL) for d in t["direction"]] if has_direction
+              else [NEUTRAL] * len(t))
     ax.barh(t["feature"].astype(str), t["importance"], xerr=err, color=colors, ecolor="#333333", capsize=2)
-    ax.set_xlabel("mean |share of relevance| (95% bootstrap CI); red: mean signed share > 0 "
-                  "(raises the output), blue: < 0")
+    ax.set_xlabel("mean |share of relevance| (95% bootstrap CI)")
+    if has_direction:
+        ax.legend(handles=[Patch(color=c, label=DIRECTION_LABELS[d]) for d, c in DIRECTION_COLOURS.items()],
+                  fontsize=7, loc="lower right")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)

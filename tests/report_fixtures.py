@@ -63,7 +63,7 @@ class GovernanceStore:
     tracking_uri: str
     model_name: str
     train_run_ids: dict[str, str]
-    explain_run_ids: dict[str, str]  # "v1", "v2" (gates pass), "v3" (gates fail)
+    explain_run_ids: dict[str, str]  # "v1" (an older run), "v2" (current records), "v3" (its own gate fails)
     versions: dict[str, str]
     config_path: Path
 
@@ -176,9 +176,56 @@ def validation_result(n: int, success: bool = True) -> dict:
     }
 
 
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (ties ranked by order; the fixture's values are continuous)."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def add_directions(doc: dict, x: np.ndarray, rel: np.ndarray, pred: np.ndarray) -> None:
+    """The stage's direction of effect, computed for real: per feature (overall and per predicted
+    class) the Spearman correlation between its value and its signed relevance; mixed below 0.1."""
+    def mark(entries: list[dict], rows: np.ndarray) -> None:
+        for e in entries:
+            j = FEATURES.index(e["feature"])
+            rho = spearman(x[rows, j], rel[rows, j])
+            e["value_relevance_correlation"] = rho
+            e["direction"] = "mixed" if abs(rho) < 0.1 else "raises" if rho > 0 else "lowers"
+
+    everyone = np.arange(len(x))
+    mark(doc["features"], everyone)
+    for cls, sub in (doc.get("by_class") or {}).items():
+        mark(sub["features"], np.nonzero(pred.astype(str) == str(cls))[0])
+    for mode_doc in (doc.get("modes") or {}).values():
+        mark(mode_doc["features"], everyone)
+        for cls, sub in (mode_doc.get("by_class") or {}).items():
+            mark(sub["features"], np.nonzero(pred.astype(str) == str(cls))[0])
+
+
+def dataset_record(role: str, name: str, frame: pd.DataFrame, folder: Path, digest: str) -> dict:
+    """What the stage records in datasets.json when it reads an input: each file's hash, and one
+    SHA-256 over the sorted "path\0sha256\n" lines."""
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.parquet"
+    frame.to_parquet(path, index=False)
+    digest_file = hashlib.sha256(path.read_bytes()).hexdigest()
+    files = [{"path": path.name, "sha256": digest_file, "size": path.stat().st_size}]
+    lines = "".join(f"{f['path']}\0{f['sha256']}\n" for f in files)
+    return {"role": role, "source": str(path), "name": name, "n_rows": len(frame), "mlflow_digest": digest,
+            "sha256": hashlib.sha256(lines.encode()).hexdigest(), "files": files}
+
+
 def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *, passed: bool, seed: int,
-                        experiment_id: str) -> str:
-    """Log an explanation run with every artifact of the contract; return its run id."""
+                        experiment_id: str, current: bool = False, data_dir: Path | None = None) -> str:
+    """Log an explanation run with every artifact of the contract; return its run id.
+
+    ``current``: also what the stage records since issue 10 (datasets.json for two inputs,
+    direction of effect, feature-order / contract / task tags); without it the run looks like one
+    explained before those records existed."""
     from governance.aggregate import (
         BatchDraws,
         ImportanceAccumulator,
@@ -199,6 +246,8 @@ def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *,
         accs[mode] = ImportanceAccumulator(list(FEATURES), n_bootstrap=50)
         accs[mode].update(r, draws, pred)
     gi, gi_long = global_importance_document(accs, "signed")
+    if current:
+        add_directions(gi, x, rel, pred)
     stability = stability_document(accs, "signed", seed)
     rho = stability["stability"]
     shares = rel / np.abs(rel).sum(axis=1, keepdims=True)
@@ -222,18 +271,11 @@ def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *,
          "branch_share": None, "n_units": 1,
          "top_units": [{"unit": 0, "mean_relevance": 1.0, "mean_abs_relevance": 1.0}]},
     ]
-    quality = {
-        "n_samples": 128,
-        "metrics": {"delta_auc": {"direction": "higher"}, "complexity": {"direction": "lower"},
-                    "mprt_correlation": {"direction": "lower"}},
-        "methods": {
-            "backtrace_signed": {"delta_auc": 0.31, "complexity": 1.21, "mprt_correlation": 0.12},
-            "backtrace_default": {"delta_auc": 0.22, "complexity": 1.5, "mprt_correlation": 0.2},
-            "gradient_x_input": {"delta_auc": 0.3, "complexity": 1.25, "mprt_correlation": 0.1},
-            "random": {"delta_auc": 0.01, "complexity": 1.79, "mprt_correlation": 0.9},
-        },
-    }
-    threshold = 0.05 if passed else 0.5
+    from governance.quality import quality_metrics, quality_report
+
+    quality = quality_report(model, x, task="binary-classification", modes=("signed", "default", "contrastive"),
+                             n_samples=128, seed=0, feature_names=list(FEATURES))
+    threshold = 0.05 if passed else 0.95
     value = quality["methods"]["backtrace_signed"]["delta_auc"]
     gates = {"passed": bool(value > threshold), "gates": [
         {"name": "delta AUC beats threshold", "metric": "delta_auc", "method": "backtrace_signed",
@@ -279,18 +321,37 @@ def log_explanation_run(mlflow, client, model, model_uri: str, x: np.ndarray, *,
         ax.barh([r["feature"] for r in gi["features"]], [r["importance"] for r in gi["features"]])
         fig.savefig(e / "plots" / "global_importance.png", metadata={"Software": None}, bbox_inches="tight")
         plt.close(fig)
+        if current:  # two inputs, each hashed when read, and the sources kept as files
+            reference = df.iloc[: len(df) // 2].reset_index(drop=True)
+            inputs = [("validation", "validation", df), ("reference", "reference", reference)]
+            records = []
+            for role, name, frame in inputs:
+                src = data_dir / f"{name}.parquet"
+                ds = mlflow.data.from_pandas(frame, name=name, targets="default", source=str(src))
+                records.append(dataset_record(role, name, frame, data_dir, ds.digest))
+                mlflow.log_input(ds, context=role)
+            (g / "data_quality" / "datasets.json").write_text(json.dumps({"datasets": records}, indent=2))
+            vr = json.loads((g / "data_quality" / "validation_result.json").read_text())
+            vr.update(independent=True, notes=[])
+            (g / "data_quality" / "validation_result.json").write_text(json.dumps(vr, indent=2))
+            digest = records[0]["mlflow_digest"]
+        else:
+            dataset = mlflow.data.from_pandas(df, name="validation", targets="default")
+            mlflow.log_input(dataset, context="validation")
+            digest = dataset.digest
         mlflow.log_artifacts(tmp)
-        dataset = mlflow.data.from_pandas(df, name="validation", targets="default")
-        mlflow.log_input(dataset, context="validation")
         mlflow.set_tags({
             "governance.status": "explained", "governance.primary_mode": "signed",
             "governance.gates_passed": "true" if gates["passed"] else "false",
-            "governance.model_uri": model_uri, "governance.dataset_digest": dataset.digest,
+            "governance.model_uri": model_uri, "governance.dataset_digest": digest,
         })
+        if current:
+            mlflow.set_tags({"governance.feature_order": "verified", "governance.feature_order_source":
+                             "model signature", "governance.contract_independent": "true",
+                             "governance.task": "binary-classification", "governance.task_source": "config"})
         mlflow.log_metrics({"governance_n_samples": len(x),
                             "governance_top_feature_share": gi["features"][0]["importance"],
-                            "governance_stability": rho,
-                            "governance_quality_backtrace_signed_delta_auc": 0.31})
+                            "governance_stability": rho, **quality_metrics(quality)})
     return run.info.run_id
 
 
@@ -324,7 +385,8 @@ def _build_store(mlflow, root: Path, uri: str) -> GovernanceStore:
         versions[key] = str(info.registered_model_version)
         uri_v = f"models:/{MODEL_NAME}/{versions[key]}"
         explain_ids[key] = log_explanation_run(mlflow, client, model, uri_v, x_val, passed=True, seed=seed,
-                                               experiment_id=exp_id)
+                                               experiment_id=exp_id, current=key == "v2",
+                                               data_dir=root / "data" / key)
         client.set_model_version_tag(MODEL_NAME, versions[key], "governance.run_id", explain_ids[key])
     # Version 1 was audited earlier (what `approve` leaves behind).
     client.set_model_version_tag(MODEL_NAME, versions["v1"], "governance.audited", "true")

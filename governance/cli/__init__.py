@@ -5,9 +5,22 @@ from __future__ import annotations
 import click
 
 from governance import __version__
+from governance.errors import GovernanceError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class GovernanceGroup(click.Group):
+    """The command group: an expected failure (:class:`GovernanceError`) of any command prints one
+    ``error: <message>`` line on stderr and exits with the error's ``exit_code``, never a traceback."""
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201 - whatever the command returns
+        try:
+            return super().invoke(ctx)
+        except GovernanceError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=GovernanceGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mlflow-governance")
 def main() -> None:
     """Explain PyTorch models with DLBacktrace and keep the evidence in MLflow."""

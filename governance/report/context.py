@@ -7,12 +7,10 @@ context says so explicitly ("not provided" plus the reason), never leaves it bla
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from governance import __version__
-from governance.archive import package_versions
+from governance.archive import package_versions, report_id_for
 from governance.report.evidence import RunEvidence
 from governance.report.format import fnum
 from governance.report.inputs import ReportInputs
@@ -63,10 +61,9 @@ def build_context(ev: RunEvidence) -> dict[str, Any]:
 
 
 def report_id(ev: RunEvidence) -> str:
-    """A stable id: hash of the run, the model and every input file's hash."""
-    basis = json.dumps({"run": ev.run_id, "model": ev.model.model_id, "model_sha256": ev.model.artifact_sha256,
-                        "inputs": ev.input_files}, sort_keys=True)
-    return "GR-" + hashlib.sha256(basis.encode()).hexdigest()[:12].upper()
+    """A stable id: hash of the run, the model and every input file's hash (recomputable from
+    the manifest, see :func:`governance.archive.report_id_for`)."""
+    return report_id_for(ev.run_id, ev.model.model_id, ev.model.artifact_sha256, ev.input_files)
 
 
 def manifest_inputs(ev: RunEvidence) -> dict[str, Any]:

@@ -21,14 +21,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from governance.archive import ROOT, sha256_file, tree_sha256
+from governance.archive import OUTPUT_DIRS, ROOT, sha256_file, tree_sha256
+from governance.errors import EXIT_CONTRACT
 from governance.report.options import ReportError
 
 EXPLANATIONS = f"{ROOT}/explanations"
-#: Files the report itself writes; a re-render replaces them, so they are not inputs.
-OUTPUT_DIRS = ("reports", "model_card")
 #: Run tags the report step itself sets; they are not inputs (re-rendering must give the same bytes).
-REPORT_OWN_TAGS = ("governance.status", "governance.report_id")
+REPORT_OWN_TAGS = ("governance.status", "governance.report_id", "governance.manifest_sha256")
 
 
 @dataclass
@@ -202,17 +201,38 @@ def _dataset_inputs(run) -> list[dict[str, Any]]:
     return sorted(out, key=lambda d: (str(d["context"]), str(d["name"]), str(d["digest"])))
 
 
-def _local_source_sha256(datasets: list[dict[str, Any]]) -> str | None:
-    """SHA-256 of a dataset whose source is a readable local file, else None."""
-    for ds in datasets:
-        src = ds.get("source") or {}
-        for key in ("uri", "path", "file"):
-            value = src.get(key) if isinstance(src, dict) else None
-            if isinstance(value, str):
-                p = Path(value[7:] if value.startswith("file://") else value)
-                if p.is_file():
-                    return sha256_file(p)
-    return None
+#: Where the explanation stage records each input's hashes when it reads the data.
+DATASETS_JSON = f"{ROOT}/data_quality/datasets.json"
+NOT_RECORDED = "not recorded at explain time"
+
+
+def merge_datasets(logged: list[dict[str, Any]], recorded: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The run's inputs, one row each, with the SHA-256 ``explain`` took when it read them.
+
+    ``logged``: the MLflow dataset inputs; ``recorded``: datasets.json (``{"datasets": [...]}``).
+    An entry of datasets.json is matched to an MLflow input by its ``mlflow_digest``; an input
+    without a recorded hash keeps ``sha256`` None (the report says "not recorded at explain
+    time"): a hash is never computed at report time, when the file may have changed.
+    """
+    entries = [e for e in ((recorded or {}).get("datasets") or []) if isinstance(e, dict)]
+    used: set[int] = set()
+    out = []
+    for ds in logged:
+        row = dict(ds, sha256=None, files=None, role=ds.get("context"))
+        for i, e in enumerate(entries):
+            if i not in used and e.get("mlflow_digest") and e.get("mlflow_digest") == ds.get("digest"):
+                used.add(i)
+                row.update(sha256=e.get("sha256"), files=e.get("files"), role=e.get("role") or ds.get("context"),
+                           recorded_source=e.get("source"), rows=ds.get("rows") or e.get("n_rows"))
+                break
+        out.append(row)
+    for i, e in enumerate(entries):
+        if i not in used:  # recorded by explain but not (or no longer) an MLflow input of the run
+            out.append({"name": e.get("name"), "digest": e.get("mlflow_digest"), "source_type": None,
+                        "source": {"uri": e.get("source")} if e.get("source") else {}, "context": e.get("role"),
+                        "role": e.get("role"), "rows": e.get("n_rows"), "elements": None,
+                        "sha256": e.get("sha256"), "files": e.get("files"), "recorded_source": e.get("source")})
+    return out
 
 
 def _parse_model_uri(uri: str) -> tuple[str | None, str | None, str | None]:
@@ -261,8 +281,14 @@ def resolve_model_version(client, uri: str | None):
 
 
 def load_model_facts(client, uri: str | None, *, with_architecture: bool, layer_types: dict[str, str],
-                     workdir: Path, architecture: dict[str, Any] | None = None) -> ModelFacts:
-    """Registry, logged-model and artifact facts for ``uri`` (each missing piece left empty)."""
+                     workdir: Path, architecture: dict[str, Any] | None = None,
+                     allow_pickle: bool = False) -> ModelFacts:
+    """Registry, logged-model and artifact facts for ``uri`` (each missing piece left empty).
+
+    The architecture comes from ``architecture`` (the summary the explanation stage recorded).
+    Only without one is the model loaded to summarise it, and a pickled model (whose loading
+    runs code it carries) only when ``allow_pickle`` is set; otherwise the facts say why not.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -325,6 +351,13 @@ def load_model_facts(client, uri: str | None, *, with_architecture: bool, layer_
             pass
     if with_architecture and architecture is not None:
         facts.architecture = architecture  # recorded by the explanation stage
+    elif with_architecture and not (facts.pytorch_format or "").startswith("pt2") and not allow_pickle:
+        stored = ("stored as a pickle" if facts.pytorch_format else "not in a format recognised as pt2 "
+                  "(it may be a pickle)")
+        facts.architecture_note = (
+            f"the model is {stored} and no architecture summary was recorded; loading it to summarise it could "
+            "run code it carries, so it was not loaded (pass --allow-pickle to load it anyway, or log the model "
+            "in pt2 format and explain it again)")
     elif with_architecture:
         from governance.model_summary import logged_model_summary  # the torch side, not the report's
 
@@ -441,8 +474,35 @@ def _load_examples(expl: Path) -> tuple[dict[str, Any] | None, list[dict[str, An
     return images, texts
 
 
+class ContractFailed(ReportError):
+    """The run has no explanation because its data broke the contract (exit 2, as for explain)."""
+
+    exit_code = EXIT_CONTRACT
+
+
+def _no_explanation(run_id: str, tags: dict[str, str], art: Path) -> None:
+    """Raise the error that says why a run has no explanation: its contract failed, it failed
+    otherwise, or explain never ran on it."""
+    validation = _read_json(art / ROOT / "data_quality" / "validation_result.json")
+    if isinstance(validation, dict) and validation.get("success") is False:
+        failures = validation.get("failures") or []
+        named = "; ".join(f"{f.get('expectation')} on {f.get('column') or 'the table'}"
+                          + (f" ({f['detail']})" if f.get("detail") else "") for f in failures[:5] if isinstance(f, dict))
+        more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
+        source = validation.get("contract_source") or tags.get("governance.contract_source") or "the data contract"
+        raise ContractFailed(
+            f"run {run_id} has no explanation: its data broke the contract ({source})"
+            + (f": {named}{more}" if named else "")
+            + "; fix the data or the contract and run `mlflow-governance explain` again")
+    if tags.get("governance.status") == "failed":
+        raise ReportError(f"run {run_id} has no explanation: the explanation stage failed on it "
+                          "(tag governance.status=failed); run `mlflow-governance explain` again")
+    raise ReportError(f"run {run_id} has no {EXPLANATIONS}/ artifacts; run `mlflow-governance explain` on it first")
+
+
 def load_run_evidence(run_id: str, *, tracking_uri: str | None = None, config_override: dict[str, Any] | None = None,
-                      with_architecture: bool = True, workdir: Path | None = None) -> RunEvidence:
+                      with_architecture: bool = True, workdir: Path | None = None,
+                      allow_pickle: bool = False) -> RunEvidence:
     """Read a run's governance artifacts and metadata; raise :class:`ReportError` when unusable."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -462,9 +522,7 @@ def load_run_evidence(run_id: str, *, tracking_uri: str | None = None, config_ov
         pass
     expl = art / EXPLANATIONS
     if not expl.is_dir():
-        raise ReportError(
-            f"run {run_id} has no {EXPLANATIONS}/ artifacts; run `mlflow-governance explain` on it first"
-        )
+        _no_explanation(run_id, run.data.tags, art)
     gi = _read_json(expl / "global_importance.json")
     if not gi or not gi.get("features"):
         raise ReportError(
@@ -500,11 +558,8 @@ def load_run_evidence(run_id: str, *, tracking_uri: str | None = None, config_ov
     opts_arch = (config.get("report") or {}).get("model_architecture", True)
     facts = load_model_facts(client, model_uri, with_architecture=with_architecture and opts_arch is not False,
                              layer_types=layer_types, workdir=workdir,
-                             architecture=_read_json(expl / "model_summary.json"))
-    datasets = _dataset_inputs(run)
-    data_sha = run.data.tags.get("governance.dataset_sha256") or _local_source_sha256(datasets)
-    for ds in datasets:
-        ds["sha256"] = data_sha
+                             architecture=_read_json(expl / "model_summary.json"), allow_pickle=allow_pickle)
+    datasets = merge_datasets(_dataset_inputs(run), _read_json(art / DATASETS_JSON))
     approvals_doc = _read_json(g / "reports" / "approvals.json")
     exp = client.get_experiment(run.info.experiment_id)
     return RunEvidence(

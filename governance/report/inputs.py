@@ -101,6 +101,24 @@ class ReportInputs:
         return risk_flags(self)
 
 
+#: Direction of effect (``direction`` of a global_importance.json feature) in words.
+DIRECTION_WORDS = {"raises": "higher values raise the output", "lowers": "higher values lower the output",
+                   "mixed": "no consistent direction"}
+DIRECTION_NOT_RECORDED = "direction not recorded"
+
+
+def effect(entry: dict[str, Any] | None, *, long: bool = False) -> str:
+    """A feature's direction of effect: how its value relates to its signed relevance over the
+    samples (the sign of the Spearman correlation rho; mixed when |rho| < 0.1), e.g.
+    "raises (rho +0.62)" or, ``long``, "higher values raise the output (rho +0.62)"."""
+    direction = (entry or {}).get("direction")
+    if direction not in DIRECTION_WORDS:
+        return DIRECTION_NOT_RECORDED
+    rho = (entry or {}).get("value_relevance_correlation")
+    rho_text = "" if is_missing(rho) else f" (\u03c1 {float(rho):+.2f})"
+    return (DIRECTION_WORDS[direction] if long else direction) + rho_text
+
+
 def shares(ev: RunEvidence, features: list[str]) -> tuple[pd.DataFrame | None, str | None]:
     """Per-sample L1-normalised signed shares for ``features`` from local_relevance.parquet."""
     df = ev.local_relevance
@@ -156,6 +174,26 @@ def param_text(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return f"[{len(value)} values]" if len(value) > 6 else "[" + ", ".join(map(str, value)) + "]"
     return str(value)
+
+
+NOT_INDEPENDENT = "contract not independent of the data it checks"
+
+
+def contract_independent(ev: RunEvidence) -> bool | None:
+    """Whether the data contract came from somewhere other than the data it checks.
+
+    From validation_result.json's ``independent``, else the run tag
+    ``governance.contract_independent``; for older runs, a contract whose recorded source is the
+    validation data's own schema is not independent. None when nothing says.
+    """
+    doc = ev.validation or {}
+    if isinstance(doc.get("independent"), bool):
+        return doc["independent"]
+    tag = ev.tags.get("governance.contract_independent")
+    if tag in ("true", "false"):
+        return tag == "true"
+    source = str(doc.get("contract_source") or ev.tags.get("governance.contract_source") or "")
+    return False if source.startswith("validation data") else None
 
 
 def stability_summary(st: dict[str, Any] | None) -> dict[str, Any]:
@@ -216,14 +254,25 @@ def validation_summary(ev: RunEvidence, max_rows: int = 40) -> dict[str, Any]:
                      "detail": f"unexpected {r['unexpected']}, observed {r['observed']}"} for r in rows if r["failed"]]
     stats = v.get("statistics") or {}
     success = doc.get("success", v.get("success"))
+    independent = contract_independent(ev)
+    notes = [str(n) for n in (doc.get("notes") or []) if n]
+    if independent is False and not any(NOT_INDEPENDENT in n for n in notes):
+        notes.insert(0, f"The {NOT_INDEPENDENT}: it was derived from the validation data's own schema "
+                        f"({ftext(doc.get('contract_source') or ev.tags.get('governance.contract_source'))}), so "
+                        "it cannot fail on that data. Give the stage a contract (expectations) or a model "
+                        "whose training data is logged.")
     return {
         "missing": None,
-        "success": "passed" if success else "FAILED",
+        "success": "FAILED" if not success else NOT_INDEPENDENT if independent is False else "passed",
         "failed": not success,
+        "not_independent": bool(success) and independent is False,
+        "notes": notes,
         "suite": ftext(v.get("suite_name") or (v.get("meta") or {}).get("expectation_suite_name")),
         "source": ftext(doc.get("contract_source")),
         "stats": kv_rows([
             ("Contract derived from", doc.get("contract_source")),
+            ("Independent of the data it checks", "not recorded" if independent is None else
+             "yes" if independent else "NO"),
             ("Expectations evaluated", fnum(stats.get("evaluated_expectations", doc.get("n_expectations")))),
             ("Successful", fnum(stats.get("successful_expectations"))),
             ("Unsuccessful", fnum(stats.get("unsuccessful_expectations", len(failures)))),
@@ -336,8 +385,20 @@ def risk_flags(inp: ReportInputs) -> list[dict[str, str]]:
         failed = [r["name"] for r in gates.get("rows", []) if r.get("failed")]
         flags.append({"severity": "high", "text": "Policy gate(s) failed" + (f": {', '.join(failed)}" if failed else "")
                       + ". The model must not be approved on this evidence."})
+    if ev.tags.get("governance.feature_order") == "unverified":
+        flags.append({"severity": "high", "text": "Feature order UNVERIFIED: the model carries no feature names "
+                      "(no signature with column names, no logged training-data schema, no feature_columns in the "
+                      "configuration), so the validation file's column order was assumed. If it differs from the "
+                      "order the model was trained on, every explanation here is of the wrong features."})
     if validation.get("failed"):
         flags.append({"severity": "high", "text": "The data contract (great-expectations) did not pass."})
+    elif validation.get("not_independent"):
+        flags.append({"severity": "medium", "text": f"Data contract: {NOT_INDEPENDENT}. It was derived from the "
+                      "validation data's own schema and cannot fail on that data; its result is not evidence of "
+                      "data quality."})
+    if ev.tags.get("governance.allow_pickle") == "true":
+        flags.append({"severity": "medium", "text": "The model was loaded from a pickle by explicit opt-in "
+                      "(allow_pickle): loading it ran code stored with the model. Log the model in pt2 format."})
     st = stability_value(ev.stability)
     if st is not None and not math.isnan(st) and st < 0.8:
         flags.append({"severity": "medium", "text": f"Global importance is unstable between random halves of the "

@@ -14,6 +14,7 @@ import yaml
 
 from governance import __version__
 from governance.report.format import fnum, fpct
+from governance.report.inputs import NOT_INDEPENDENT, contract_independent, effect, stability_value
 from governance.report.evidence import ModelFacts, RunEvidence
 from governance.report.options import MODEL_CARD_FIELDS, MORE_INFO, parse_model_card_options
 from governance.report.render import render_template
@@ -28,6 +29,35 @@ def _md_escape(value: Any) -> str:
     s = s.replace("|", "\\|").replace("`", "\\`").replace("*", "\\*").replace("_", "\\_")
     s = s.replace("[", "\\[").replace("]", "\\]")
     return s
+
+
+def approval_text(facts: ModelFacts) -> str:
+    """The version's approval state from its governance tags (see governance.registry)."""
+    tags = facts.version_tags or {}
+    state = tags.get("governance.approval_state")
+    run = tags.get("governance.approved_run_id")
+    if state == "approved":
+        return f"approved (report of governance run {run})"
+    if state == "superseded":
+        return (f"superseded: the approval of run {run} no longer covers the latest evidence "
+                f"(run {tags.get('governance.superseded_by_run_id')})")
+    if state == "rejected":
+        return "rejected"
+    return "not approved" if facts.name else "not provided"
+
+
+def caveats(evidence: RunEvidence) -> list[str]:
+    """What the explanation run could not be sure of (feature order, contract, pickle)."""
+    out = []
+    tags = evidence.tags
+    if tags.get("governance.feature_order") == "unverified":
+        out.append("feature order UNVERIFIED: the model carries no feature names; the validation file's column "
+                   "order was assumed")
+    if contract_independent(evidence) is False:
+        out.append(f"data {NOT_INDEPENDENT}")
+    if tags.get("governance.allow_pickle") == "true":
+        out.append("the model was loaded from a pickle by explicit opt-in")
+    return out
 
 
 def build_model_card(facts: ModelFacts, evidence: RunEvidence | None, card_options: dict[str, Any] | None,
@@ -46,16 +76,17 @@ def build_model_card(facts: ModelFacts, evidence: RunEvidence | None, card_optio
         for f in sorted(gi["features"], key=lambda f: f.get("rank", 0))[:10]:
             importance.append({"rank": fnum(f.get("rank")), "feature": str(f["feature"]),
                                "importance": fpct(f.get("importance")),
-                               "ci": f"{fpct(f.get('ci_low'))} to {fpct(f.get('ci_high'))}"})
-        st = (evidence.stability or {}).get("spearman")
+                               "ci": f"{fpct(f.get('ci_low'))} to {fpct(f.get('ci_high'))}",
+                               "effect": effect(f, long=True)})
         explanation = {
             "method": "DLBacktrace",
             "primary_mode": str(gi.get("primary_mode")),
             "n_samples": fnum(gi.get("n_samples")),
-            "stability": fnum(st),
+            "stability": fnum(stability_value(evidence.stability)),
             "gates": {"true": "passed", "false": "failed"}.get(evidence.tags.get("governance.gates_passed", ""),
                                                                  "not provided"),
             "run_id": evidence.run_id,
+            "caveats": caveats(evidence),
         }
     datasets = []
     for d in facts.training_datasets:
@@ -76,6 +107,7 @@ def build_model_card(facts: ModelFacts, evidence: RunEvidence | None, card_optio
         ("Output signature", facts.signature_outputs or "not provided"),
         ("Architecture", arch_text), ("Training run", facts.source_run_id or "not provided"),
         ("Model artifact SHA-256", facts.artifact_sha256 or "not provided"),
+        ("Governance approval", approval_text(facts)),
     ]
     mct = {
         "schema_version": MCT_SCHEMA_VERSION,

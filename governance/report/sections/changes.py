@@ -8,6 +8,10 @@ from governance.report.format import fnum, fpct, ftext, not_provided
 from governance.report.inputs import ReportInputs
 
 
+#: Explanation-quality metrics of the run: compared in the quality table, not listed here one by one.
+QUALITY_METRIC_PREFIX = "governance_quality_"
+
+
 def build(inp: ReportInputs) -> dict[str, Any]:
     """Rank shifts and metric changes against the previous audited version."""
     ev, features, top = inp.ev, inp.features, inp.opts.top_features
@@ -40,7 +44,7 @@ def build(inp: ReportInputs) -> dict[str, Any]:
     metrics = []
     for source, b_all, a_all in (("training", prev.training_metrics, m.training_metrics),
                                  ("explanation", prev.run_metrics, ev.metrics)):
-        for k in sorted(set(b_all) | set(a_all)):
+        for k in sorted(k for k in set(b_all) | set(a_all) if not k.startswith(QUALITY_METRIC_PREFIX)):
             b, a = b_all.get(k), a_all.get(k)
             delta = "n/a" if b is None or a is None else f"{a - b:+.4f}"
             metrics.append({"source": source, "name": k, "before": fnum(b, 4), "after": fnum(a, 4), "delta": delta})

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from governance.report.format import fnum, fpct, ftext, is_missing, not_provided
-from governance.report.inputs import ReportInputs, id_column, pred_column
+from governance.report.inputs import ReportInputs, effect, id_column, pred_column
 from governance.report.evidence import RunEvidence
 
 
@@ -67,6 +67,14 @@ def leaders(ev: RunEvidence, dictionary: dict[str, str], top: int = 8) -> list[d
     return rows
 
 
+def directions(gi: dict[str, Any]) -> tuple[dict[str, dict], dict[str, dict[str, dict]]]:
+    """global_importance.json's feature entries by name: overall, and per predicted class."""
+    overall = {str(f.get("feature")): f for f in gi.get("features") or []}
+    by_class = {str(c): {str(f.get("feature")): f for f in (doc or {}).get("features") or []}
+                for c, doc in (gi.get("by_class") or {}).items()}
+    return overall, by_class
+
+
 def build(inp: ReportInputs) -> dict[str, Any]:
     """The configured sample of decisions with their reason codes."""
     ev, dictionary = inp.ev, inp.dictionary
@@ -106,16 +114,19 @@ def build(inp: ReportInputs) -> dict[str, Any]:
         what = f"the first {min(cfg.n, len(df)):,} decisions by sample id (of {len(df):,})"
     rows = []
     undefined: set[str] = set()
+    overall, by_class = directions(ev.global_importance)
     for _, r in sel.head(cfg.n).iterrows():
         sides = {}
+        lookup = by_class.get(str(r[pc])) if pc else None
         for side in ("supporting", "adverse"):
             items = []
             for feat, share, given in reason_list(r, side):
                 text = dictionary.get(feat) or (given if given and given != feat else None)
                 if text is None:
                     undefined.add(feat)
+                entry = (lookup or {}).get(feat) or overall.get(feat)
                 items.append({"feature": feat, "text": text or "no plain-language text configured",
-                              "value": share})
+                              "value": share, "effect": effect(entry, long=True)})
             sides[side] = items
         rows.append({"id": ftext(r[idc]), "prediction": ftext(r[pc]) if pc else "n/a",
                      "adverse": sides["adverse"], "supporting": sides["supporting"]})

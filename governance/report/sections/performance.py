@@ -19,7 +19,7 @@ def split_class_metric(name: str) -> tuple[str, str] | None:
 
 
 def build(inp: ReportInputs) -> dict[str, Any]:
-    """Training-run metrics (overall and per class) and the explanation run's metrics."""
+    """The model's own metrics, as its training run logged them (overall and per class)."""
     ev = inp.ev
     m = ev.model.training_metrics
     overall, per_class = [], {}
@@ -32,7 +32,6 @@ def build(inp: ReportInputs) -> dict[str, Any]:
     class_metrics = sorted({k for d in per_class.values() for k in d})
     class_rows = [{"cls": c, "cells": [fnum(per_class[c].get(k), 4) for k in class_metrics]}
                   for c in sorted(per_class)]
-    gov = [{"name": k, "value": fnum(v, 4)} for k, v in ev.metrics.items()]
     src = ev.model.source_run_id
     return {
         "source_run": ftext(src),
@@ -44,7 +43,5 @@ def build(inp: ReportInputs) -> dict[str, Any]:
         "class_rows": class_rows,
         "class_missing": None if class_rows else not_provided(
             "no per-class metrics (names like precision_class_1) were logged"),
-        "explanation_metrics": gov,
-        "explanation_missing": None if gov else not_provided("the explanation run logged no metrics"),
     }
 

@@ -9,6 +9,13 @@ from governance.report.format import fnum, ftext, kv_rows, not_provided
 from governance.report.inputs import ReportInputs
 
 
+def task_text(tags: dict[str, str], cfg: dict[str, Any]) -> str | None:
+    """The task and how the stage knew it (run tags ``governance.task`` / ``task_source``)."""
+    task = tags.get("governance.task") or cfg.get("task")
+    source = tags.get("governance.task_source")
+    return f"{task} ({source})" if task and source else task
+
+
 def build(inp: ReportInputs) -> dict[str, Any]:
     """Purpose and scope from the configuration; model facts, architecture and packages from MLflow."""
     ev, opts, m, cfg = inp.ev, inp.opts, inp.ev.model, inp.ev.config
@@ -26,7 +33,7 @@ def build(inp: ReportInputs) -> dict[str, Any]:
         "purpose_missing": opts.intended_purpose is None,
         "out_of_scope": opts.out_of_scope,
         "out_of_scope_missing": None if opts.out_of_scope else not_provided("set report.out_of_scope"),
-        "model_rows": kv_rows([("Task", cfg.get("task")), ("Flavours", m.flavors), ("PyTorch format", m.pytorch_format),
+        "model_rows": kv_rows([("Task", task_text(ev.tags, cfg)), ("Flavours", m.flavors), ("PyTorch format", m.pytorch_format),
                                ("Input signature", m.signature_inputs), ("Output signature", m.signature_outputs),
                                ("Logged with MLflow", m.mlflow_version), ("Logged with torch", m.torch_version),
                                ("Model logged at (UTC)", m.created), ("Description", m.description)]),

@@ -5,25 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from governance.report import plots
-from governance.report.format import fnum, fpct, is_missing, not_provided
-from governance.report.inputs import ReportInputs, shares
+from governance.report.format import fnum, fpct, not_provided
+from governance.report.inputs import DIRECTION_NOT_RECORDED, ReportInputs, effect, shares
+
+
+EFFECT_NOTE = ("Effect: how a feature's value relates to its signed relevance over the samples (Spearman \u03c1); "
+               "raises: higher values push the explained output up; lowers: down; mixed: |\u03c1| < 0.1.")
+EFFECT_NOTE_MISSING = ("Effect: direction not recorded (the explanation run predates the value-relevance "
+                       "correlation); the sign of the mean signed share is not shown as a direction, since it is "
+                       "near zero for any centred feature.")
 
 
 def feature_rows(features: list[dict[str, Any]], top: int) -> list[dict[str, str]]:
     """Formatted rows of the global importance table (top ``top``)."""
-    out = []
-    for f in features[:top]:
-        signed = f.get("signed")
-        direction = "n/a" if is_missing(signed) else ("raises the output" if signed > 0 else
-                                                       "lowers the output" if signed < 0 else "neutral")
-        out.append({
-            "rank": fnum(f.get("rank")), "feature": str(f.get("feature")),
-            "importance": fpct(f.get("importance")), "signed": fnum(signed),
-            "std": fnum(f.get("std")),
-            "ci": f"{fpct(f.get('ci_low'))} to {fpct(f.get('ci_high'))}",
-            "direction": direction,
-        })
-    return out
+    return [{"rank": fnum(f.get("rank")), "feature": str(f.get("feature")),
+             "importance": fpct(f.get("importance")), "signed": fnum(f.get("signed")),
+             "std": fnum(f.get("std")), "ci": f"{fpct(f.get('ci_low'))} to {fpct(f.get('ci_high'))}",
+             "direction": effect(f)} for f in features[:top]]
 
 
 def build_global(inp: ReportInputs) -> dict[str, Any]:
@@ -34,7 +32,9 @@ def build_global(inp: ReportInputs) -> dict[str, Any]:
         inp.top_names, [float(f.get("importance") or 0) for f in top],
         [float(f.get("ci_low", f.get("importance")) or 0) for f in top],
         [float(f.get("ci_high", f.get("importance")) or 0) for f in top]))
+    recorded = any(r["direction"] != DIRECTION_NOT_RECORDED for r in rows)
     return {"features": rows, "n_features": fnum(len(inp.features)), "shown": fnum(len(rows)), "chart": chart,
+            "effect_note": EFFECT_NOTE if recorded else EFFECT_NOTE_MISSING,
             "chart_alt": "Bar chart of global importance with 95% confidence intervals for the top "
                          f"{len(rows)} features"}
 

@@ -21,7 +21,7 @@ def build(inp: ReportInputs) -> dict[str, Any]:
     """Method rows and one sentence per mode."""
     gi, primary = inp.ev.global_importance, inp.primary
     return {
-        "method_rows": kv_rows([("Method", "DLBacktrace (relevance propagation, spec/backtrace-rules.md)"),
+        "method_rows": kv_rows([("Method", "DLBacktrace (relevance propagation; rules in docs/relevance-rules.md of mlflow-governance)"),
                                 ("Primary mode", primary),
                                 ("Modes computed", sorted((gi.get("modes") or {}).keys()) or primary),
                                 ("Multiplier (seed relevance)", fnum(inp.ev.config.get("multiplier"))),

@@ -67,6 +67,15 @@ def test_explanation_results_in_the_card(published):
     rows = re.findall(r"^\| (\d+) \| ([^|]+) \|", md, flags=re.M)
     assert rows[0][0] == "1" and rows[0][1].strip() == "income"
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md
+    # stability is the recorded split-half rank correlation (the key stability.json has), not "n/a"
+    st = json.loads((published.out_v2 / "governance/explanations/stability.json").read_text())
+    assert f"stability {st['stability']:.3f}," in md and "stability n/a" not in md
+    # direction of effect from the recorded value-relevance correlation, in words
+    gi = json.loads((published.out_v2 / "governance/explanations/global_importance.json").read_text())
+    dti = next(f for f in gi["features"] if f["feature"] == "debt_to_income")
+    assert dti["direction"] == "raises" and dti["signed"] < 0  # the mean signed share points the wrong way
+    row = next(line for line in md.splitlines() if line.startswith("| ") and "debt\\_to\\_income" in line)
+    assert f"higher values raise the output (\u03c1 {dti['value_relevance_correlation']:+.2f})" in row
 
 
 def test_card_command_for_a_model_uri(published, tracking, tmp_path):
@@ -76,6 +85,69 @@ def test_card_command_for_a_model_uri(published, tracking, tmp_path):
     card = json.loads((tmp_path / "model_card.json").read_text())
     assert card["model_details"]["name"] == "credit-risk"
     assert "income" in card["quantitative_analysis"]["graphics"]["description"]  # found via the registry
+    # a folder that holds anything is refused, and left as it was
+    res = CliRunner().invoke(main, ["card", "--model-uri", "models:/credit-risk/2", "--output-dir", str(tmp_path)])
+    assert res.exit_code == 1 and "is not empty" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_card.html", "model_card.json", "model_card.md"]
+
+
+def test_card_without_output_dir_is_logged_to_the_governance_run(published, tracking, tmp_path, monkeypatch):
+    """Never into the current folder: the card goes to the run, outside governance/ (whose
+    manifest it would otherwise break)."""
+    import mlflow
+
+    from governance.archive import verify_run
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["card", "--model-uri", "models:/credit-risk/2"])
+    assert res.exit_code == 0, res.output
+    rid = tracking.explain_run_ids["v2"]
+    assert f"runs:/{rid}/model_cards/credit-risk-v2" in res.output
+    assert list(tmp_path.iterdir()) == []
+    names = {f.path for f in mlflow.MlflowClient().list_artifacts(rid, "model_cards/credit-risk-v2")}
+    assert names == {f"model_cards/credit-risk-v2/model_card.{e}" for e in ("md", "json", "html")}
+    assert verify_run(rid).ok
+
+
+def test_card_for_the_audited_alias_cites_the_approved_run(published, tracking, tmp_path):
+    from governance.approval import approve
+
+    approve(tracking.model_name, tracking.versions["v2"], "Dana Reviewer", "Validator", policy="default")
+    res = CliRunner().invoke(main, ["card", "--model-uri", "models:/credit-risk@audited", "--output-dir",
+                                    str(tmp_path / "card")])
+    assert res.exit_code == 0, res.output
+    rid = tracking.explain_run_ids["v2"]
+    assert f"explanation results from governance run {rid}" in res.output
+    md = (tmp_path / "card" / "model_card.md").read_text()
+    assert f"(governance run {rid})" in md
+    assert f"approved (report of governance run {rid})" in md
+
+
+def test_card_never_unpickles_a_model_without_opt_in(tracking, tmp_path, monkeypatch):
+    """A model logged in MLflow's pickle format whose unpickling runs code. Without a governance
+    run the card falls back to the model's files: it must not load it unless --allow-pickle."""
+    import mlflow
+
+    import pickle_payload
+
+    marker = tmp_path / "marker.txt"
+    monkeypatch.setenv(pickle_payload.MARKER_ENV, str(marker))
+    with mlflow.start_run(run_name="pickled"):
+        mlflow.pytorch.log_model(pickle_payload.Payload(), name="model", serialization_format="pickle",
+                                 registered_model_name="pickled-model", pip_requirements=["torch"])
+    assert not marker.exists()
+    res = CliRunner().invoke(main, ["card", "--model-uri", "models:/pickled-model/1", "--output-dir",
+                                    str(tmp_path / "safe")])
+    assert res.exit_code == 0, res.output
+    assert not marker.exists(), "the pickle was loaded without opt-in"
+    card = json.loads((tmp_path / "safe" / "model_card.json").read_text())
+    assert card["model_parameters"]["model_architecture"] == MORE_INFO
+    res = CliRunner().invoke(main, ["card", "--model-uri", "models:/pickled-model/1", "--output-dir",
+                                    str(tmp_path / "opted-in"), "--allow-pickle"])
+    assert res.exit_code == 0, res.output
+    assert marker.exists()  # the opt-in really loads it (and so ran its code)
+    card = json.loads((tmp_path / "opted-in" / "model_card.json").read_text())
+    assert "Payload with 21 parameters" in card["model_parameters"]["model_architecture"]
 
 
 def test_card_without_governance_run_and_unknown_model(tracking, tmp_path):
@@ -88,4 +160,4 @@ def test_card_without_governance_run_and_unknown_model(tracking, tmp_path):
     assert "Explanation results: not provided" in md
     assert f"{len(MODEL_CARD_FIELDS)} of {len(MODEL_CARD_FIELDS)} fields" in md
     res = CliRunner().invoke(main, ["card", "--model-uri", "models:/does-not-exist/7", "--output-dir", str(tmp_path)])
-    assert res.exit_code == 2 and "not found" in res.output
+    assert res.exit_code == 1 and res.output.startswith("error: ") and "not found" in res.output

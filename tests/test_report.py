@@ -254,5 +254,125 @@ def test_cli_report_error_exit_code(tracking):
     from governance.cli import main
 
     res = CliRunner().invoke(main, ["report", "--run-id", "doesnotexist"])
-    assert res.exit_code == 2
-    assert "not found" in res.output
+    assert res.exit_code == 1
+    assert res.output.startswith("error: ") and "not found" in res.output and "Traceback" not in res.output
+
+
+# ----------------------------------------------------------------------------- issue 10 / 9
+
+
+def _listing(client, rid):
+    out, todo = set(), ["governance"]
+    while todo:
+        for f in client.list_artifacts(rid, todo.pop()):
+            (todo.append(f.path) if f.is_dir else out.add((f.path, f.file_size)))
+    return out
+
+
+def test_output_dir_never_deletes_a_users_file(published, tracking, tmp_path, monkeypatch):
+    """`report --output-dir DIR` used to wipe DIR/governance/ (with `.` at a repository root, the
+    package itself). A folder holding anything is refused before anything is written or logged."""
+    import mlflow
+    from click.testing import CliRunner
+
+    from governance.cli import main
+
+    client = mlflow.MlflowClient()
+    rid = tracking.explain_run_ids["v3"]
+    before = _listing(client, rid)
+    repo = tmp_path / "repo"
+    (repo / "governance").mkdir(parents=True)
+    (repo / "governance" / "__init__.py").write_text("# the user's package\n")
+    (repo / "notes.txt").write_text("mine")
+    monkeypatch.chdir(repo)
+    for target in (".", str(repo)):
+        res = CliRunner().invoke(main, ["report", "--run-id", rid, "--output-dir", target])
+        assert res.exit_code == 1, res.output
+        assert res.output.startswith("error: --output-dir") and "is not empty" in res.output
+    assert (repo / "governance" / "__init__.py").read_text() == "# the user's package\n"
+    assert sorted(p.name for p in repo.rglob("*")) == ["__init__.py", "governance", "notes.txt"]
+    assert _listing(client, rid) == before
+    # a new folder (or an empty one) receives the complete governance/ folder
+    res = CliRunner().invoke(main, ["report", "--run-id", rid, "--output-dir", str(tmp_path / "new" / "out")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "new" / "out" / "governance" / "manifest.json").is_file()
+
+
+def test_report_on_a_run_whose_contract_failed_says_so(tracking, tmp_path):
+    """No "run explain first": the run has no explanation because its data broke the contract."""
+    import mlflow
+    from click.testing import CliRunner
+
+    from governance.cli import main
+    from report_fixtures import validation_result
+
+    doc = validation_result(160, success=False)
+    folder = tmp_path / "governance" / "data_quality"
+    folder.mkdir(parents=True)
+    (folder / "validation_result.json").write_text(json.dumps(doc))
+    with mlflow.start_run(run_name="explain-contract-failed") as run:
+        mlflow.log_artifacts(str(tmp_path / "governance"), "governance")
+        mlflow.set_tags({"governance.status": "failed", "governance.contract_source": doc["contract_source"]})
+    res = CliRunner().invoke(main, ["report", "--run-id", run.info.run_id])
+    assert res.exit_code == 2, res.output
+    assert "its data broke the contract (training data 'train' of the model's run)" in res.output
+    assert "expect_column_values_to_be_between on income (3 values outside [-6.0, 6.0])" in res.output
+    assert "run `mlflow-governance explain` on it first" not in res.output
+
+
+def test_performance_is_the_models_own_metrics_and_quality_is_named_in_words(published):
+    html = _html(published.out_v2)
+    performance = html[html.index('id="sec-performance"'):html.index('id="sec-explainability"')]
+    assert "accuracy" in performance and "governance_" not in performance
+    assert "governance_quality_" not in html  # not in the change log either
+    quality = html[html.index("<h3>Explanation quality</h3>"):html.index("Gates of the explanation run")]
+    assert quality.count("Deletion gap, LeRF minus MoRF") == 1
+    assert "Rank similarity after randomising every layer (MPRT)" in quality
+    assert "DLBacktrace, signed mode" in quality and "Gradient \u00d7 input" in quality
+    assert re.search(r"Deletion gap, LeRF minus MoRF[^<]*<span class=\"mono\">delta_\u200bauc</span></td><td>higher</td>",
+                     quality)
+
+
+def test_effect_column_follows_the_value_relevance_correlation(published):
+    """debt_to_income raises default risk; the old Effect column (sign of the mean signed share)
+    called it "lowers the output". The recorded direction is used, with its rho."""
+    gi = json.loads((published.out_v2 / "governance/explanations/global_importance.json").read_text())
+    dti = next(f for f in gi["features"] if f["feature"] == "debt_to_income")
+    assert dti["signed"] < 0 and dti["direction"] == "raises"
+    html = _html(published.out_v2)
+    importance = html[html.index("<h3>Global importance</h3>"):html.index("<h3>Comparison of modes</h3>")]
+    row = re.search(r"<td>debt_to_income</td>.*?</tr>", importance).group(0)
+    assert f"raises (\u03c1 {dti['value_relevance_correlation']:+.2f})" in row
+    assert "lowers the output" not in row
+    decisions = html[html.index('id="sec-decisions"'):html.index('id="sec-risks"')]
+    assert "higher values raise the output (\u03c1" in decisions or "higher values lower the output (\u03c1" in decisions
+
+
+def test_dataset_hashes_come_from_explain_time_one_per_input(published, tracking, tmp_path):
+    """Each input keeps the hash explain took; a file changed afterwards does not change it."""
+    from governance.report.context import build_context, manifest_inputs
+    from governance.report.evidence import load_run_evidence
+
+    recorded = json.loads((published.out_v2 / "governance/data_quality/datasets.json").read_text())["datasets"]
+    hashes = {d["name"]: d["sha256"] for d in recorded}
+    assert len(set(hashes.values())) == 2
+    html = _html(published.out_v2)
+    data = html[html.index('id="sec-data"'):html.index('id="sec-performance"')]
+    for h in hashes.values():
+        assert h in data
+    manifest = json.loads((published.out_v2 / "governance/manifest.json").read_text())
+    assert {d["name"]: d["sha256"] for d in manifest["inputs"]["datasets"]} == hashes
+    # the source file changes after explain: the report still shows what explain read
+    source = Path(next(d["source"] for d in recorded if d["name"] == "validation"))
+    saved = source.read_bytes()
+    source.write_bytes(saved + b"changed later")
+    try:
+        ev = load_run_evidence(tracking.explain_run_ids["v2"], workdir=tmp_path / "ev")
+        rows = build_context(ev)["data"]["datasets"]
+        assert {r["name"]: r["sha256"] for r in rows} == hashes
+        assert {d["name"]: d["sha256"] for d in manifest_inputs(ev)["datasets"]} == hashes
+    finally:
+        source.write_bytes(saved)
+    # a run explained before datasets.json existed says so instead of hashing anything now
+    old = load_run_evidence(tracking.explain_run_ids["v1"], workdir=tmp_path / "old")
+    assert [r["sha256"] for r in build_context(old)["data"]["datasets"]] == ["not recorded at explain time"]

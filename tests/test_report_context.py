@@ -187,3 +187,138 @@ def test_a_failed_render_logs_nothing(governance_store, tracking, monkeypatch, t
         publish_report(rid, config_path=bad)
     assert listing() == before
     assert "governance.report_id" not in client.get_run(rid).data.tags
+
+
+# ----------------------------------------------------------------------------- honesty (issue 10)
+
+
+def _html_of(ev) -> str:
+    from governance.report.context import build_context
+    from governance.report.render import render_html
+
+    return render_html(build_context(ev))
+
+
+def test_what_the_stage_could_not_be_sure_of_is_flagged(evidence):
+    """Unverified feature order, a contract derived from the data it checks, a pickle loaded by
+    opt-in: each shows as a risk flag and where it applies, never as a plain "passed"."""
+    validation = dict(evidence.validation, contract_source="validation data schema", independent=False,
+                      notes=["no training data was logged with the model"])
+    tags = dict(evidence.tags, **{"governance.feature_order": "unverified", "governance.feature_order_source": "none",
+                                  "governance.allow_pickle": "true", "governance.contract_independent": "false"})
+    html = _html_of(dataclasses.replace(evidence, tags=tags, validation=validation))
+    risks = html[html.index('id="sec-risks"'):html.index('id="sec-changes"')]
+    assert "Feature order UNVERIFIED" in risks
+    assert "contract not independent of the data it checks" in risks
+    assert "loaded from a pickle by explicit opt-in" in risks
+    cover = html[html.index('id="sec-cover"'):html.index('id="sec-system"')]
+    assert "UNVERIFIED: the model carries no feature names" in cover
+    assert "from a pickle, by explicit opt-in" in cover
+    data = html[html.index('id="sec-data"'):html.index('id="sec-performance"')]
+    assert re.search(r'<span class="fail">contract not independent of the data it checks</span>', data)
+    assert "no training data was logged with the model" in data
+    summary = html[html.index('aria-label="Summary"'):html.index("</table>", html.index('aria-label="Summary"'))]
+    assert "Data contract</th><td>contract not independent of the data it checks" in summary
+    assert "Data contract</th><td>passed" not in summary
+
+
+def test_an_older_run_with_a_schema_derived_contract_is_not_independent(evidence):
+    validation = {k: v for k, v in evidence.validation.items() if k not in ("independent", "notes")}
+    validation["contract_source"] = "validation data schema"
+    tags = {k: v for k, v in evidence.tags.items() if k != "governance.contract_independent"}
+    html = _html_of(dataclasses.replace(evidence, tags=tags, validation=validation))
+    assert "Data contract: contract not independent of the data it checks" in html
+
+
+def test_direction_not_recorded_for_an_older_run(governance_store, tmp_path):
+    from governance.report.context import build_context
+    from governance.report.evidence import load_run_evidence
+    from report_fixtures import use_store
+
+    with use_store(governance_store.tracking_uri):
+        old = load_run_evidence(governance_store.explain_run_ids["v1"], workdir=tmp_path)
+    ctx = build_context(old)
+    assert {r["direction"] for r in ctx["explainability"]["features"]} == {"direction not recorded"}
+    assert "direction not recorded" in ctx["explainability"]["effect_note"]
+
+
+def test_all_expectations_table_stays_inside_the_page(evidence, tmp_path):
+    """A contract with long parameters (type lists, float64 bounds) used to run off the page."""
+    import subprocess
+
+    from PIL import Image
+
+    from governance.report.context import build_context
+    from governance.report.render import render_html, render_pdf
+
+    types = ["bool", "int8", "int16", "int32", "int64", "uint8", "float32", "float64", "Int64", "Float64"]
+    results = []
+    for i in range(12):
+        col = f"a_rather_long_feature_name_number_{i:02d}_with_suffix"
+        results.append({"success": True, "expectation_config": {
+            "type": "expect_column_values_to_be_in_type_list", "kwargs": {"column": col, "type_list": types[:6]}},
+            "result": {"observed_value": "float64"}})
+        results.append({"success": True, "expectation_config": {
+            "type": "expect_column_values_to_be_between",
+            "kwargs": {"column": col, "min_value": -1.7976931348623157e308, "max_value": 1.7976931348623157e308,
+                       "mostly": 0.999}},
+            "result": {"element_count": 160, "unexpected_count": 0}})
+    validation = {"success": True, "contract_source": "training data", "great_expectations": {
+        "success": True, "suite_name": "governance_contract", "results": results, "statistics": {}}}
+    ev = dataclasses.replace(evidence, validation=validation)
+    pdf = tmp_path / "r.pdf"
+    pdf.write_bytes(render_pdf(render_html(build_context(ev)), created=ev.start_time))
+    pages = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], check=True, capture_output=True,
+                           text=True).stdout.split("\f")
+    first = next(i for i, p in enumerate(pages, start=1) if "All expectations" in p)
+    for page in range(first, first + 2):
+        subprocess.run(["pdftoppm", "-png", "-r", "40", "-f", str(page), "-l", str(page), str(pdf),
+                        str(tmp_path / "p")], check=True)
+    for png in sorted(tmp_path.glob("p-*.png")):
+        im = Image.open(png).convert("L")
+        right = im.crop((int(im.width * (210 - 14) / 210), 0, im.width, im.height))  # the 16 mm margin
+        assert min(right.getdata()) > 200, f"{png.name}: the table runs into the right margin"
+
+
+# ----------------------------------------------------------------------------- section registry (issue 11)
+
+
+def test_a_new_part_is_one_builder_and_one_partial_registered_in_one_table(evidence, monkeypatch):
+    """e.g. mean heatmaps for images: registered after per-class importance, printed there;
+    a part whose builder returns None (does not apply to the run) prints nothing."""
+    import jinja2
+
+    from governance.report import render
+    from governance.report.sections import explainability
+    from governance.report.sections.base import Part
+
+    partial = '<h3>Mean heatmaps</h3>\n<p>{{ x.heatmaps.n }} classes</p>\n'
+    env = render.environment()
+    monkeypatch.setattr(env, "loader", jinja2.ChoiceLoader(
+        [jinja2.DictLoader({"sections/explainability/heatmaps.html.j2": partial}), env.loader]))
+    env.cache.clear() if env.cache is not None else None
+    parts = list(explainability.PARTS)
+    at = [p.id for p in parts].index("per_class") + 1
+    parts[at:at] = [Part("heatmaps", lambda inp: {"heatmaps": {"n": "2"}}, "sections/explainability/heatmaps.html.j2"),
+                    Part("words", lambda inp: None, "sections/explainability/absent.html.j2")]
+    monkeypatch.setattr(explainability, "PARTS", tuple(parts))
+    html = _html_of(evidence)
+    assert "<h3>Mean heatmaps</h3>\n<p>2 classes</p>\n" in html
+    assert html.index("Importance per predicted class") < html.index("Mean heatmaps") < html.index("Layer ranking")
+
+
+def test_a_new_section_is_numbered_and_listed_from_the_table(evidence, monkeypatch):
+    import jinja2
+
+    from governance.report import context, render
+    from governance.report.sections.base import Section
+
+    env = render.environment()
+    monkeypatch.setattr(env, "loader", jinja2.ChoiceLoader([jinja2.DictLoader({
+        "sections/fairness.html.j2": '<section class="chapter" id="fairness">{{ fairness.text }}</section>\n'}),
+        env.loader]))
+    monkeypatch.setattr(context, "SECTIONS", context.SECTIONS + (
+        Section("fairness", "Fairness", lambda inp: {"text": "by group"}, "sections/fairness.html.j2"),))
+    html = _html_of(evidence)
+    assert '<a href="#sec-fairness">10. Fairness</a>' in html
+    assert html.index('id="sec-appendix"') < html.index('<section class="chapter" id="fairness">by group</section>')

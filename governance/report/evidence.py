@@ -393,14 +393,15 @@ def _signature_text(spec: Any) -> str | None:
 
 
 def find_governance_run(client, name: str, version: str) -> str | None:
-    """The governance run of a model version: its ``governance.run_id`` tag, else a tag search."""
+    """The governance run of a model version: its latest explanation (tag
+    ``governance.explained_run_id``, else ``governance.run_id``), else a tag search."""
     from mlflow.exceptions import MlflowException
 
     try:
         mv = client.get_model_version(name, version)
     except MlflowException:
         return None
-    for key in ("governance.run_id", "governance.explained_run_id"):
+    for key in ("governance.explained_run_id", "governance.run_id"):
         rid = (mv.tags or {}).get(key)
         if rid:
             return rid

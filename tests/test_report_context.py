@@ -109,11 +109,14 @@ def test_templates_ship_inside_the_wheel(tmp_path):
                     str(tmp_path / "w"), str(root)], check=True, capture_output=True)
     wheel = next((tmp_path / "w").glob("*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for t in ("audit_report.html.j2", "model_card.md.j2", "model_card.html.j2", "report.css"):
+    for t in ("audit_report.html.j2", "model_card.md.j2", "model_card.html.j2", "report.css", "macros.html.j2",
+              "sections/cover.html.j2", "sections/explainability/quality.html.j2"):
         assert f"governance/templates/{t}" in names
+    assert "governance/policies/default.yaml" in names
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = ("from governance.report.render import template_dir; d = template_dir(); "
-            "print(d); assert (d / 'audit_report.html.j2').is_file()")
+            "print(d); assert (d / 'audit_report.html.j2').is_file(); "
+            "from governance.policy import load_policy; assert load_policy('default').gates")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True,
                          env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}).stdout
     assert str(tmp_path / "site") in out

@@ -33,11 +33,8 @@ DIRECTION_LABELS = {"raises": "higher values raise the output", "lowers": "highe
 NEUTRAL = "#4d6f91"
 
 
-def importance_bar(table: pd.DataFrame, path: str | Path, *, title: str, top_k: int = 20) -> Path:
-    """Horizontal bars of the top ``top_k`` features' importance with their 95% CIs, coloured by
-    the direction of effect when the table has a ``direction`` column (how a feature's value
-    relates to its relevance), else in one colour: the sign of the mean signed share is no
-    direction (it is near zero for any centred feature)."""
+def importance_figure(table: pd.DataFrame, *, title: str, top_k: int = 20) -> Any:
+    """The figure of :func:`importance_bar` (not saved)."""
     from matplotlib.patches import Patch
 
     t = table.sort_values("rank").head(top_k).iloc[::-1]
@@ -53,7 +50,15 @@ def importance_bar(table: pd.DataFrame, path: str | Path, *, title: str, top_k: 
                   fontsize=7, loc="lower right")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return fig
+
+
+def importance_bar(table: pd.DataFrame, path: str | Path, *, title: str, top_k: int = 20) -> Path:
+    """Horizontal bars of the top ``top_k`` features' importance with their 95% CIs, coloured by
+    the direction of effect when the table has a ``direction`` column (how a feature's value
+    relates to its relevance), else in one colour: the sign of the mean signed share is no
+    direction (it is near zero for any centred feature)."""
+    return _save(importance_figure(table, title=title, top_k=top_k), path)
 
 
 def mode_comparison(tables: Mapping[str, pd.DataFrame], path: str | Path, *, top_k: int = 15) -> Path:

@@ -61,8 +61,11 @@ def caveats(evidence: RunEvidence) -> list[str]:
 
 
 def build_model_card(facts: ModelFacts, evidence: RunEvidence | None, card_options: dict[str, Any] | None,
-                     *, date: str | None) -> dict[str, Any]:
-    """The model-card context: ``fields`` (human), ``facts`` (MLflow), ``mct`` (JSON document)."""
+                     *, date: str | None, approval: str | None = None) -> dict[str, Any]:
+    """The model-card context: ``fields`` (human), ``facts`` (MLflow), ``mct`` (JSON document).
+
+    ``approval`` (the version's approval state, :func:`approval_text`) is given for a card made
+    on its own; the card inside a report leaves it out: the approval comes after the report."""
     human = parse_model_card_options(card_options)
     fields = {k: human.get(k, MORE_INFO) for k in MODEL_CARD_FIELDS}
     missing = [k for k in MODEL_CARD_FIELDS if k not in human]
@@ -107,8 +110,7 @@ def build_model_card(facts: ModelFacts, evidence: RunEvidence | None, card_optio
         ("Output signature", facts.signature_outputs or "not provided"),
         ("Architecture", arch_text), ("Training run", facts.source_run_id or "not provided"),
         ("Model artifact SHA-256", facts.artifact_sha256 or "not provided"),
-        ("Governance approval", approval_text(facts)),
-    ]
+    ] + ([("Governance approval", approval)] if approval else [])
     mct = {
         "schema_version": MCT_SCHEMA_VERSION,
         "model_details": {

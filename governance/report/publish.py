@@ -29,7 +29,7 @@ from governance.report.evidence import (
     load_run_evidence,
     resolve_model_version,
 )
-from governance.report.model_card import build_model_card, render_model_card
+from governance.report.model_card import approval_text, build_model_card, render_model_card
 from governance.report.options import ReportError, parse_model_card_options, parse_report_options
 from governance.report.render import render_html, render_pdf
 
@@ -263,7 +263,7 @@ def publish_model_card(model_uri: str, *, run_id: str | None = None, config_path
                 raise ReportError(f"model {model_uri!r} not found: {facts.architecture_note}")
             card_cfg = override.get("model_card")
             date = facts.created[:10] if facts.created else None
-        card = build_model_card(facts, ev, card_cfg, date=date)
+        card = build_model_card(facts, ev, card_cfg, date=date, approval=approval_text(facts))
         files = render_model_card(card)
         result = CardResult(files=files, run_id=ev.run_id if ev is not None else None)
         if output_dir is not None:

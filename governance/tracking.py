@@ -171,20 +171,18 @@ def load_model(model_uri: str, device: str = "cpu", *, allow_pickle: bool = Fals
     MLflow's pickle-free check on. Raises :class:`ModelLoadError` with the URI and the cause.
     """
     import mlflow.pytorch
+    from mlflow.models import Model
 
-    try:
-        info = mlflow.models.get_model_info(model_uri)
-    except Exception as exc:
-        raise ModelLoadError(f"model URI '{model_uri}' could not be resolved: {_reason(exc)}") from exc
-    if "pytorch" not in (info.flavors or {}):
-        raise ModelLoadError(
-            f"model URI '{model_uri}' is not a PyTorch model (flavours: {sorted(info.flavors or {})})"
-        )
     with tempfile.TemporaryDirectory(prefix="governance-model-") as tmp:
-        try:
+        try:  # downloading runs nothing; the MLmodel file and the files are read before any load
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+            meta = Model.load(local)
         except Exception as exc:
-            raise ModelLoadError(f"model URI '{model_uri}' could not be downloaded: {_reason(exc)}") from exc
+            raise ModelLoadError(f"model URI '{model_uri}' could not be resolved: {_reason(exc)}") from exc
+        if "pytorch" not in (meta.flavors or {}):
+            raise ModelLoadError(
+                f"model URI '{model_uri}' is not a PyTorch model (flavours: {sorted(meta.flavors or {})})"
+            )
         serialization = model_serialization(local)
         if serialization == PICKLE and not allow_pickle:
             raise PickleRefused(pickle_refusal(model_uri))
@@ -209,13 +207,13 @@ def load_model(model_uri: str, device: str = "cpu", *, allow_pickle: bool = Fals
     except Exception:
         name = version = None
     handle = ModelHandle(
-        model=model, uri=model_uri, model_id=getattr(info, "model_id", None),
-        source_run_id=info.run_id, registered_name=name, registered_version=version,
+        model=model, uri=model_uri, model_id=getattr(meta, "model_id", None),
+        source_run_id=meta.run_id, registered_name=name, registered_version=version,
         serialization=serialization, allow_pickle=bool(allow_pickle),
     )
-    _read_signature(handle, info.signature)
-    handle.inputs = model_inputs(model, info.signature)
-    hint = task_hint(handle, getattr(info, "metadata", None))
+    _read_signature(handle, meta.signature)
+    handle.inputs = model_inputs(model, meta.signature)
+    hint = task_hint(handle, meta.metadata)
     if hint is not None:
         handle.task_hint, handle.task_hint_source = hint
     return handle

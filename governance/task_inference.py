@@ -13,7 +13,7 @@ Pure functions without torch or MLflow, so the decision is tested on its own.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from governance.errors import InputError
 from governance.tasks import TASKS
@@ -91,6 +91,17 @@ def _from_output(shape: Sequence[int] | None, output_range: tuple[float, float] 
     note = (f"the model's output {_shape_text(shape)} is not one score per class, so it is explained as "
             "regression of its sum; set --task (config task:) if it is something else")
     return TaskDecision("regression", f"inferred from output (shape {_shape_text(shape)})", note)
+
+
+def output_facts(output: Any) -> tuple[tuple[int, ...], tuple[float, float]]:
+    """The shape and (min, max) of a model's output on a sample (a tensor or an array): the
+    ``output_shape`` and ``output_range`` :func:`infer_task` takes."""
+    import numpy as np
+
+    values = output.detach().cpu().float().numpy() if hasattr(output, "detach") else np.asarray(output, dtype=float)
+    if values.size == 0:
+        return tuple(values.shape), (float("nan"), float("nan"))
+    return tuple(int(d) for d in values.shape), (float(np.nanmin(values)), float(np.nanmax(values)))
 
 
 def check_task_output(task: str, output_shape: Sequence[int] | None, where: str) -> None:

@@ -160,3 +160,23 @@ def test_dataset_source_recorded_for_each_reference(credit_store, monkeypatch) -
     logged = sources.dataset_source(f"mlflow-dataset:{credit_store.train_run}/validation")
     assert logged.to_dict()["uri"].endswith("/data/validation.parquet")
     assert sources.dataset_source("<dataframe>") is None
+
+
+def test_registered_source_resolves_artifact_uris(credit_store, frame) -> None:
+    """With the source registered (the plugin's mlflow.dataset_source entry point does it), MLflow
+    itself takes an artifact URI as a dataset source and loads it back."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    sources.register()
+    sources.register()
+    assert get_registered_sources().count(sources.MlflowArtifactDatasetSource) == 1
+    uri = f"runs:/{credit_store.train_run}/data/validation.parquet"
+    ds = mlflow.data.from_pandas(frame, source=uri, name="v")
+    assert isinstance(ds.source, sources.MlflowArtifactDatasetSource)
+    rid = mlflow.MlflowClient().create_run(credit_store.experiment_id).info.run_id
+    with mlflow.start_run(run_id=rid):
+        mlflow.log_input(ds, context="validation")
+    logged = mlflow.MlflowClient().get_run(rid).inputs.dataset_inputs[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.data.get_source(logged).load(dst_path=tmp)
+        pd.testing.assert_frame_equal(pd.read_parquet(local), frame)

@@ -1,11 +1,12 @@
-"""Task inference (governance.task_inference): config > model metadata > output, every branch."""
+"""Task inference (governance.task_inference): config > model metadata > output, every branch; and
+real logged models (2 logits, 3 classes, regression, probability) explained with the inferred task."""
 
 from __future__ import annotations
 
 import pytest
 
 from governance.errors import InputError
-from governance.task_inference import TaskDecision, TaskError, check_task_output, infer_task
+from governance.task_inference import TaskDecision, TaskError, check_task_output, infer_task, output_facts
 
 
 def test_config_wins_over_everything() -> None:
@@ -82,3 +83,45 @@ def test_check_task_output_accepts_fitting_shapes() -> None:
     for task, shape in [("binary-classification", (3,)), ("binary-classification", (3, 1)),
                         ("multiclass-classification", (3, 4)), ("regression", (3, 7)), ("generation", (2, 5, 9))]:
         check_task_output(task, shape, "config")
+
+
+def test_output_facts_of_tensors_and_arrays() -> None:
+    import numpy as np
+    import torch
+
+    assert output_facts(torch.tensor([[0.2], [0.7]])) == ((2, 1), (pytest.approx(0.2), pytest.approx(0.7)))
+    assert output_facts(np.array([[-1.0, 3.0]])) == ((1, 2), (-1.0, 3.0))
+
+
+@pytest.mark.parametrize("kind, expected", [("two_logits", "multiclass-classification"),
+                                            ("three_classes", "multiclass-classification"),
+                                            ("regression", "regression"), ("probability", "binary-classification")])
+def test_logged_models_explained_with_the_inferred_task(credit_store, kind: str, expected: str) -> None:
+    """Real pt2 models, no config: the handle's hint (none) and the output decide; the stage then
+    explains each with the decided task (the call the stage makes once wired)."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import torch
+    from torch import nn
+
+    from governance.pipeline import explain_model
+    from governance.tracking import load_model
+
+    heads = {"two_logits": nn.Linear(6, 2), "three_classes": nn.Linear(6, 3), "regression": nn.Linear(6, 1),
+             "probability": nn.Sequential(nn.Linear(6, 1), nn.Sigmoid())}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), heads[kind]).eval()
+    x = np.random.default_rng(1).normal(size=(40, 5)).astype(np.float32) * 3
+    with mlflow.start_run(experiment_id=credit_store.experiment_id):
+        info = mlflow.pytorch.log_model(model, name=kind, input_example=x[:4], pip_requirements=["torch"])
+    handle = load_model(info.model_uri)
+    hint = (handle.task_hint, handle.task_hint_source) if handle.task_hint else None
+    shape, rng = output_facts(handle.model(torch.from_numpy(x[:16])))
+    decision = infer_task(None, hint, shape, rng)
+    assert decision.task == expected and decision.source.startswith("inferred from output")
+    assert (decision.note is not None) == (kind == "regression")
+    res = explain_model(handle, pd.DataFrame(x, columns=list("abcde")), log=False, quiet=True,
+                        config={"task": decision.task, "modes": ["signed"], "quality": {"enabled": False},
+                                "aggregation": {"n_bootstrap": 20}})
+    assert res.n_samples == 40 and len(res.global_importance["features"]) == 5

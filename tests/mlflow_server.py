@@ -15,6 +15,17 @@ import urllib.request
 from pathlib import Path
 
 
+def cli_env(tracking_uri: str, tmpdir: Path) -> dict[str, str]:
+    """The environment of a command-line run against ``tracking_uri``: offline, no telemetry, this
+    venv's commands first, a private temp dir (to see what a run leaves there), no inherited run."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_DISABLE_TELEMETRY="true",
+               HF_HUB_OFFLINE="1", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", TMPDIR=str(tmpdir),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(k, None)
+    return env
+
+
 def free_port() -> int:
     """A port nothing listens on now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from examples.credit_risk.generator import DRIVERS, FEATURE_NAMES, NOISE, STRONG_DRIVERS
+from mlflow_server import cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPL = "governance/explanations/"
@@ -39,15 +40,6 @@ def driver_ranking(features: list[dict]) -> dict:
     }
 
 
-def _env(uri: str, tmpdir: Path) -> dict[str, str]:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1",
-               MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", TMPDIR=str(tmpdir),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(k, None)
-    return env
-
-
 def _mlflow_run(tmp_path: Path, uri: str, *params: str) -> subprocess.CompletedProcess:
     """`mlflow run pipelines` with a private temp dir (``tmp_path/tmp``) and storage dir."""
     (tmp_path / "tmp").mkdir(exist_ok=True)
@@ -55,7 +47,7 @@ def _mlflow_run(tmp_path: Path, uri: str, *params: str) -> subprocess.CompletedP
            "--experiment-name", "e2e", "--storage-dir", str(tmp_path / "mlflow-run")]
     for p in params:
         cmd += ["-P", p]
-    return subprocess.run(cmd, cwd=tmp_path, env=_env(uri, tmp_path / "tmp"), capture_output=True, text=True,
+    return subprocess.run(cmd, cwd=tmp_path, env=cli_env(uri, tmp_path / "tmp"), capture_output=True, text=True,
                           timeout=900, stdin=subprocess.DEVNULL)
 
 

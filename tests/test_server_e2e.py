@@ -7,7 +7,6 @@ directory; the server's processes are gone afterwards."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,22 +15,13 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mlflow_server import MlflowServer, _alive
+from mlflow_server import MlflowServer, _alive, cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODEL = "srv-credit"
 # torch keeps its compile cache in the temp dir (shared by every torch program, not a run's leftover)
 SHARED_CACHES = ("torchinductor_",)
-
-
-def _env(uri: str, tmpdir: Path) -> dict[str, str]:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1",
-               MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", TMPDIR=str(tmpdir),
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(k, None)
-    return env
 
 
 def _run(cmd: list[str], env: dict, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -64,7 +54,7 @@ def test_pipeline_and_commands_on_a_tracking_server(tmp_path: Path, record_prope
     try:
         server.start()
         started = time.monotonic() - t0
-        env = _env(server.uri, tmpdir)
+        env = cli_env(server.uri, tmpdir)
         cli = str(BIN / "mlflow-governance")
 
         # the whole pipeline through the server (small: few rows, two epochs)

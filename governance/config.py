@@ -80,6 +80,13 @@ class GovernanceConfig:
         d.pop("configured")
         return d
 
+    def with_overrides(self, **overrides: Any) -> "GovernanceConfig":
+        """A validated copy with ``overrides`` (those not None) applied; keeps :attr:`configured`
+        (rebuilding from :meth:`to_dict` would mark every key as given)."""
+        cfg = config_from_dict(self.to_dict(), **overrides)
+        cfg.configured = self.configured | {k for k, v in overrides.items() if v is not None}
+        return cfg
+
     def given(self, key: str) -> bool:
         """Whether the user set ``key`` (top-level name, e.g. ``task``), in the file or on the command line."""
         return key in self.configured

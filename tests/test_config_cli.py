@@ -46,6 +46,9 @@ def test_precedence_file_then_set_then_options(tmp_path: Path) -> None:
     assert given == {"task": "regression", "primary_mode": "default", "reason_codes": {"top_n": 5},
                      "batch_size": 64, "modes": "signed"}
     assert apply_settings({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
+    again = cfg.with_overrides(batch_size=32, task=None)
+    assert again.configured == cfg.configured | {"batch_size"} and again.batch_size == 32
+    assert not load_config().with_overrides(modes="signed").given("task")
 
 
 @pytest.mark.parametrize("settings, message", [

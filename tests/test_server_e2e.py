@@ -34,10 +34,14 @@ def _ok(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout
 
 
-def approve_args(version: str) -> list[str]:
-    """The sign-off command (one place to add the approver's ``--policy`` when approve needs it)."""
-    return ["approve", "--model-name", MODEL, "--version", version, "--approver", "A. Validator",
+def approve_args(cli: str, env: dict, version: str) -> list[str]:
+    """The sign-off command, in one place: with the approver's policy (the packaged ``default``)
+    where `approve` takes ``--policy``."""
+    args = ["approve", "--model-name", MODEL, "--version", version, "--approver", "A. Validator",
             "--role", "Independent validator"]
+    if "--policy" in subprocess.run([cli, "approve", "--help"], env=env, capture_output=True, text=True).stdout:
+        args += ["--policy", "default"]
+    return args
 
 
 def _leftovers(tmpdir: Path) -> list[str]:
@@ -96,7 +100,7 @@ def test_pipeline_and_commands_on_a_tracking_server(tmp_path: Path, record_prope
                          "--output-dir", str(work / "card")], env, work))
         assert any(Path(line).suffix == ".md" and Path(line).is_file() for line in card.split())
         assert "OK" in _run([cli, "verify", "--run-id", rid], env, work).stdout
-        approved = _run([cli, *approve_args("1")], env, work)
+        approved = _run([cli, *approve_args(cli, env, "1")], env, work)
         _ok(approved)
         mv = client.get_model_version(MODEL, "1")
         assert mv.tags["governance.approval_decision"] == "approve" and "audited" in mv.aliases

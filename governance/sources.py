@@ -240,7 +240,7 @@ def resolve_source(reference: str | Path, *, tracking_uri: str | None = None) ->
     if text.startswith(DATASET_PREFIX):
         return _resolve_logged(text, tracking_uri)
     scheme = _scheme(text)
-    if scheme is None:
+    if scheme is None or Path(text).exists():  # a local name with a colon is still local
         p = Path(text).expanduser()
         return _local(p, display, None, str(p.resolve()), None)
     if scheme == "file":

@@ -180,3 +180,10 @@ def test_registered_source_resolves_artifact_uris(credit_store, frame) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.data.get_source(logged).load(dst_path=tmp)
         pd.testing.assert_frame_equal(pd.read_parquet(local), frame)
+
+
+def test_a_local_name_with_a_colon_stays_local(tmp_path: Path, frame, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    frame.head(5).to_parquet("v2:holdout.parquet")
+    loaded = load_data("v2:holdout.parquet")
+    assert loaded.source == "v2:holdout.parquet" and len(loaded.frame) == 5

@@ -232,7 +232,7 @@ def resolve_source(reference: str | Path, *, tracking_uri: str | None = None) ->
     """
     display = str(reference)
     if isinstance(reference, Path):
-        return _local(reference, display, None, str(reference.resolve()), None)
+        return _local(reference.expanduser().absolute(), display, None, str(reference.resolve()), None)
     text = display.strip()
     if not text:
         raise _error("no data given: pass a parquet/CSV file, a folder of parquet files, an artifact URI "
@@ -241,7 +241,7 @@ def resolve_source(reference: str | Path, *, tracking_uri: str | None = None) ->
         return _resolve_logged(text, tracking_uri)
     scheme = _scheme(text)
     if scheme is None or Path(text).exists():  # a local name with a colon is still local
-        p = Path(text).expanduser()
+        p = Path(text).expanduser().absolute()  # absolute: readers take "a:b.parquet" for a URI
         return _local(p, display, None, str(p.resolve()), None)
     if scheme == "file":
         p = _file_uri_path(text)

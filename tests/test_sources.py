@@ -34,7 +34,7 @@ def test_local_file_as_given(credit_store, frame, monkeypatch) -> None:
     monkeypatch.chdir(credit_store.validation_parquet.parent)
     with resolve_source("validation.parquet") as src:
         assert (src.kind, src.format, src.name, src.display) == ("file", "parquet", "validation", "validation.parquet")
-        assert src.files == (Path("validation.parquet"),) and src.uri == str(credit_store.validation_parquet)
+        assert src.files == (credit_store.validation_parquet,) and src.uri == str(credit_store.validation_parquet)
         assert src.download_dir is None and src.relative_names() == ["validation.parquet"]
     loaded = load_data("validation.csv")
     assert loaded.source == "validation.csv" and loaded.name == "validation"

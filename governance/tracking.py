@@ -211,7 +211,7 @@ def load_model(model_uri: str, device: str = "cpu", *, allow_pickle: bool = Fals
         source_run_id=meta.run_id, registered_name=name, registered_version=version,
         serialization=serialization, allow_pickle=bool(allow_pickle),
     )
-    _read_signature(handle, meta.signature)
+    read_signature(handle, meta.signature)
     handle.inputs = model_inputs(model, meta.signature)
     hint = task_hint(handle, meta.metadata)
     if hint is not None:
@@ -224,7 +224,7 @@ def _reason(exc: BaseException) -> str:
     return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
 
 
-def _read_signature(handle: ModelHandle, signature: Any) -> None:
+def read_signature(handle: ModelHandle, signature: Any) -> None:
     """Feature names (named columns) and the output shape (one tensor output) of the signature."""
     if signature is None:
         return

@@ -1,8 +1,11 @@
 """The effective configuration of a governance run (`governance.yaml`), validated with clear errors.
 
 Every option has a default, every option can come from the YAML file, and the command line
-overrides the file. ``report`` and ``model_card`` are free-form here: the report module
-validates them.
+overrides the file: named options (``--task``, ``--modes``...) and ``--set key=value`` for any
+key (nested keys with dots, values read as YAML: ``--set reason_codes.top_n=3``,
+``--set 'feature_columns=[a, b]'``). ``report`` and ``model_card`` are free-form here: the
+report module validates them. :attr:`GovernanceConfig.configured` names the keys the user gave
+(so a default is never mistaken for a choice, e.g. the task).
 """
 
 from __future__ import annotations
@@ -67,10 +70,26 @@ class GovernanceConfig:
     gates: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     model_card: dict[str, Any] = field(default_factory=dict)
+    allow_pickle: bool = False
+    inputs: dict[str, Any] | None = None
+    configured: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, YAML-safe dict of every option (the effective configuration)."""
-        return copy.deepcopy(asdict(self))
+        d = copy.deepcopy(asdict(self))
+        d.pop("configured")
+        return d
+
+    def with_overrides(self, **overrides: Any) -> "GovernanceConfig":
+        """A validated copy with ``overrides`` (those not None) applied; keeps :attr:`configured`
+        (rebuilding from :meth:`to_dict` would mark every key as given)."""
+        cfg = config_from_dict(self.to_dict(), **overrides)
+        cfg.configured = self.configured | {k for k, v in overrides.items() if v is not None}
+        return cfg
+
+    def given(self, key: str) -> bool:
+        """Whether the user set ``key`` (top-level name, e.g. ``task``), in the file or on the command line."""
+        return key in self.configured
 
     def to_yaml(self) -> str:
         """The effective configuration as YAML with sorted keys (deterministic)."""
@@ -80,6 +99,20 @@ class GovernanceConfig:
         """Check every value; raise :class:`ConfigError` naming the key. Returns ``self``."""
         if self.task not in TASKS:
             raise ConfigError(f"task: '{self.task}' is not one of {', '.join(TASKS)}")
+        for name, value in (("allow_pickle", self.allow_pickle), ("quality.enabled", self.quality.enabled)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}: must be true or false, got {value!r}")
+        if self.target_column is not None and not isinstance(self.target_column, str):
+            raise ConfigError(f"target_column: must be a column name, got {self.target_column!r}")
+        for name, value in (("aggregation.seed", self.aggregation.seed),
+                            ("aggregation.top_units", self.aggregation.top_units),
+                            ("aggregation.n_bootstrap", self.aggregation.n_bootstrap)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name}: must be a non-negative integer, got {value!r}")
+        if self.inputs is not None:
+            from governance.model_inputs import parse_input_mapping
+
+            parse_input_mapping(self.inputs)
         if not self.modes:
             raise ConfigError("modes: at least one mode is needed")
         bad = [m for m in self.modes if m not in MODES]
@@ -149,40 +182,107 @@ def _build_section(name: str, cls: type, value: Any) -> Any:
     return cls(**value)
 
 
-def config_from_dict(data: dict[str, Any] | None, **overrides: Any) -> GovernanceConfig:
-    """Build and validate a config from a mapping; ``overrides`` that are not None win."""
-    data = dict(data or {})
+def _scalar_keys() -> set[str]:
+    """Top-level keys that hold a value, not a section of keys."""
+    return {f.name for f in fields(GovernanceConfig)} - set(_SECTIONS) - {"report", "model_card", "inputs", "configured"}
+
+
+def _parse_setting(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set: '{item}' is not key=value (e.g. --set reason_codes.top_n=3)")
+    path = key.split(".")
+    if any(not part for part in path):
+        raise ConfigError(f"--set {key}: empty part in the key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: the value is not valid YAML ({str(exc).splitlines()[0]})") from exc
+    return path, value
+
+
+def apply_settings(data: dict[str, Any], settings: list[str] | tuple[str, ...] | None) -> dict[str, Any]:
+    """``data`` with each ``key=value`` of ``settings`` applied in order (dots nest; values are YAML)."""
+    out = copy.deepcopy(dict(data or {}))
+    for item in settings or ():
+        path, value = _parse_setting(item)
+        node = out
+        if len(path) > 1 and path[0] in _scalar_keys():
+            raise ConfigError(f"--set {'.'.join(path)}: {path[0]} is not a section (set it as {path[0]}=...)")
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(f"--set {'.'.join(path)}: {where} is not a section (it is {child!r})")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any] | None, *, settings: list[str] | tuple[str, ...] | None = None,
+                     **overrides: Any) -> GovernanceConfig:
+    """Build and validate a config from a mapping, then ``settings`` (``key=value``), then
+    ``overrides`` that are not None. Records which top-level keys were given."""
+    data = apply_settings(dict(data or {}), settings)
     for key, value in overrides.items():
         if value is not None:
             data[key] = value
-    known = {f.name for f in fields(GovernanceConfig)}
+    known = {f.name for f in fields(GovernanceConfig)} - {"configured"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown configuration key(s) {unknown}; known: {sorted(known)}")
+    given = frozenset(k for k, v in data.items() if v is not None)
     if isinstance(data.get("modes"), str):
         data["modes"] = [m.strip() for m in data["modes"].split(",") if m.strip()]
+    if isinstance(data.get("feature_columns"), str):
+        data["feature_columns"] = [c.strip() for c in data["feature_columns"].split(",") if c.strip()]
     for name, cls in _SECTIONS.items():
         current = data.get(name)
         if not isinstance(current, cls):
             data[name] = _build_section(name, cls, current)
-    for key in ("gates", "report", "model_card"):
+    for key in ("gates", "report", "model_card", "task", "modes", "primary_mode", "batch_size",
+                "multiplier", "device", "allow_pickle"):
         if data.get(key) is None and key in data:
             del data[key]
-    return GovernanceConfig(**data).validate()
+    try:
+        cfg = GovernanceConfig(**data)
+    except TypeError as exc:
+        raise ConfigError(f"configuration: {exc}") from exc
+    cfg.configured = given
+    return cfg.validate()
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> GovernanceConfig:
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The mapping in ``governance.yaml`` (empty when ``path`` is None)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    return loaded or {}
+
+
+def user_settings(path: str | Path | None = None, settings: list[str] | tuple[str, ...] | None = None,
+                  **overrides: Any) -> dict[str, Any]:
+    """What the user gave: the file, then ``--set`` items, then named options that are not None
+    (validated, so a bad key is reported before any work). Passing this mapping on keeps
+    :attr:`GovernanceConfig.configured` exact, which passing a whole config would not."""
+    data = apply_settings(read_config_file(path), settings)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    config_from_dict(data)
+    return data
+
+
+def load_config(path: str | Path | None = None, *, settings: list[str] | tuple[str, ...] | None = None,
+                **overrides: Any) -> GovernanceConfig:
     """Load ``governance.yaml`` (or defaults when ``path`` is None) and apply CLI overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
-        data = loaded or {}
-    return config_from_dict(data, **overrides)
+    return config_from_dict(read_config_file(path), settings=settings, **overrides)

@@ -53,17 +53,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def load_data(data: str | Path | pd.DataFrame, *, tracking_uri: str | None = None) -> LoadedData:
-    """Load ``data`` (DataFrame, file path, or ``mlflow-dataset:<run-id>/<name>``)."""
+    """Load ``data``: a DataFrame, or any reference :func:`governance.sources.resolve_source` takes."""
     if isinstance(data, pd.DataFrame):
         return LoadedData(frame=data, source="<dataframe>", name="dataframe")
-    text = str(data)
-    if text.startswith(DATASET_PREFIX):
-        ref = text[len(DATASET_PREFIX):]
-        if "/" not in ref:
-            raise DataLoadError(f"expected {DATASET_PREFIX}<run-id>/<dataset-name>, got '{text}'")
-        run_id, name = ref.split("/", 1)
-        from governance.tracking import load_logged_dataset
+    from governance.sources import read_source, resolve_source
 
-        return LoadedData(frame=load_logged_dataset(run_id, name), source=text, name=name)
-    p = Path(text)
-    return LoadedData(frame=read_table(p), source=str(p.resolve()), name=p.stem)
+    with resolve_source(data, tracking_uri=tracking_uri) as src:
+        return LoadedData(frame=read_source(src), source=src.display, name=src.name)

@@ -30,9 +30,43 @@ class ModelLoadError(InputError):
     """The model URI does not exist or is not a PyTorch model; the message names the URI."""
 
 
+class PickleRefused(ModelLoadError):
+    """The model is stored as a pickle and the caller did not opt in to loading it."""
+
+
+PT2 = "pt2"
+PICKLE = "pickle"
+TASK_TAG = "governance.task"
+
+
+@dataclass(frozen=True)
+class ModelInputSpec:
+    """One tensor the model's forward takes: its name, and dtype/shape when the model records them
+    (``-1`` is a free dimension, e.g. the batch)."""
+
+    name: str
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+
+    def describe(self) -> str:
+        """``name: float32 (-1, 5)`` (dtype and shape only when known)."""
+        parts = [self.dtype or "", str(tuple(self.shape)) if self.shape is not None else ""]
+        extra = " ".join(p for p in parts if p)
+        return f"{self.name}: {extra}" if extra else self.name
+
+
 @dataclass
 class ModelHandle:
-    """A loaded model and what is known about where it came from."""
+    """A loaded model and what is known about it: where it came from and what it carries.
+
+    ``serialization`` is ``pt2`` or ``pickle`` (None for an in-memory module); ``allow_pickle`` says
+    the caller opted in to loading a pickle (the stage records it as ``governance.allow_pickle``).
+    ``feature_names`` are the column names of the MLflow signature's inputs when the signature names
+    columns (``feature_names_source`` says where they came from). ``task_hint`` is a task read from
+    the model's metadata (``task_hint_source`` says which); ``output_shape`` is the signature's
+    output shape; ``inputs`` are the tensors the forward takes (more than one: a multi-input model).
+    Nothing here decides the task or the feature order: the stage does.
+    """
 
     model: Any
     uri: str
@@ -40,6 +74,14 @@ class ModelHandle:
     source_run_id: str | None = None
     registered_name: str | None = None
     registered_version: str | None = None
+    serialization: str | None = None
+    allow_pickle: bool = False
+    feature_names: list[str] | None = None
+    feature_names_source: str | None = None
+    task_hint: str | None = None
+    task_hint_source: str | None = None
+    output_shape: tuple[int, ...] | None = None
+    inputs: list[ModelInputSpec] | None = None
 
 
 def client() -> MlflowClient:
@@ -68,26 +110,91 @@ def _registered_version(uri: str) -> tuple[str | None, str | None]:
     return name, str(version)
 
 
-def load_model(model_uri: str, device: str = "cpu") -> ModelHandle:
-    """Load a PyTorch-flavour MLflow model (pt2 or pickle) from any model URI.
+def model_serialization(local_model_dir: str | Path) -> str:
+    """``pt2`` or ``pickle``, read from a downloaded MLflow model's files without loading anything:
+    the PyTorch flavour's ``model_data`` folder holds ``model.pt2`` (torch.export) or ``model.pth``
+    (``torch.save``, a pickle). Raises :class:`ModelLoadError` when it holds neither."""
+    import yaml
+
+    root = Path(local_model_dir)
+    try:
+        meta = yaml.safe_load((root / "MLmodel").read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelLoadError(f"{root}: no readable MLmodel file ({exc})") from exc
+    flavour = (meta.get("flavors") or {}).get("pytorch") or {}
+    data = root / str(flavour.get("model_data", "data"))
+    if data.is_file():  # very old layout: model_data names the serialized file itself
+        return PT2 if data.suffix == ".pt2" else PICKLE
+    if (data / "model.pt2").is_file():
+        return PT2
+    if (data / "model.pth").is_file():
+        return PICKLE
+    raise ModelLoadError(f"{root}: the PyTorch flavour's {data.name}/ holds neither model.pt2 nor model.pth")
+
+
+def pickle_refusal(model_uri: str) -> str:
+    """Why a pickled model is not loaded and how to fix it (one line)."""
+    return (f"model '{model_uri}' is stored as a pickle (torch.save): loading it runs any code the file "
+            "contains. Log it as pt2 instead, mlflow.pytorch.log_model(model, name=..., input_example=x, "
+            "serialization_format='pt2'), or, if you trust whoever wrote it, opt in with --allow-pickle "
+            "(config allow_pickle: true)")
+
+
+class _PicklePolicy:
+    """MLflow's own switch (``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``) for the duration of a load: off,
+    MLflow also refuses a pt2 archive that carries pickled records."""
+
+    KEY = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+
+    def __init__(self, allow: bool) -> None:
+        self.allow = allow
+        self.saved: str | None = None
+
+    def __enter__(self) -> None:
+        self.saved = os.environ.get(self.KEY)
+        os.environ[self.KEY] = "true" if self.allow else "false"
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is None:
+            os.environ.pop(self.KEY, None)
+        else:
+            os.environ[self.KEY] = self.saved
+
+
+def load_model(model_uri: str, device: str = "cpu", *, allow_pickle: bool = False) -> ModelHandle:
+    """Load a PyTorch-flavour MLflow model from any model URI, refusing pickles unless opted in.
 
     Supports ``runs:/<id>/<path>``, ``models:/<name>/<version>``, ``models:/<name>@<alias>``,
-    ``models:/m-<id>`` and local paths. Raises :class:`ModelLoadError` with the URI and the cause.
+    ``models:/m-<id>`` and local paths. The model is downloaded into a temporary folder (removed
+    afterwards) and its serialization read from the files before anything is deserialized: a
+    pickle raises :class:`PickleRefused` unless ``allow_pickle``; a pt2 archive is loaded with
+    MLflow's pickle-free check on. Raises :class:`ModelLoadError` with the URI and the cause.
     """
     import mlflow.pytorch
+    from mlflow.models import Model
 
-    try:
-        info = mlflow.models.get_model_info(model_uri)
-    except Exception as exc:
-        raise ModelLoadError(f"model URI '{model_uri}' could not be resolved: {exc}") from exc
-    if "pytorch" not in (info.flavors or {}):
-        raise ModelLoadError(
-            f"model URI '{model_uri}' is not a PyTorch model (flavours: {sorted(info.flavors or {})})"
-        )
-    try:
-        model = mlflow.pytorch.load_model(model_uri)
-    except Exception as exc:
-        raise ModelLoadError(f"model URI '{model_uri}' could not be loaded: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="governance-model-") as tmp:
+        try:  # downloading runs nothing; the MLmodel file and the files are read before any load
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+            meta = Model.load(local)
+        except Exception as exc:
+            raise ModelLoadError(f"model URI '{model_uri}' could not be resolved: {_reason(exc)}") from exc
+        if "pytorch" not in (meta.flavors or {}):
+            raise ModelLoadError(
+                f"model URI '{model_uri}' is not a PyTorch model (flavours: {sorted(meta.flavors or {})})"
+            )
+        serialization = model_serialization(local)
+        if serialization == PICKLE and not allow_pickle:
+            raise PickleRefused(pickle_refusal(model_uri))
+        try:
+            with _PicklePolicy(allow_pickle):
+                model = mlflow.pytorch.load_model(local)
+        except Exception as exc:
+            if "pickle" in str(exc).lower() and not allow_pickle:
+                raise PickleRefused(f"model '{model_uri}': its pt2 archive carries pickled records, and "
+                                    "loading them runs code; re-export it with torch.export or opt in "
+                                    "with --allow-pickle (config allow_pickle: true)") from exc
+            raise ModelLoadError(f"model URI '{model_uri}' could not be loaded: {_reason(exc)}") from exc
     if device != "cpu" and hasattr(model, "to"):
         model = model.to(device)
     try:
@@ -99,54 +206,180 @@ def load_model(model_uri: str, device: str = "cpu") -> ModelHandle:
         name, version = _registered_version(model_uri)
     except Exception:
         name = version = None
-    return ModelHandle(
-        model=model, uri=model_uri, model_id=getattr(info, "model_id", None),
-        source_run_id=info.run_id, registered_name=name, registered_version=version,
+    handle = ModelHandle(
+        model=model, uri=model_uri, model_id=getattr(meta, "model_id", None),
+        source_run_id=meta.run_id, registered_name=name, registered_version=version,
+        serialization=serialization, allow_pickle=bool(allow_pickle),
     )
+    read_signature(handle, meta.signature)
+    handle.inputs = model_inputs(model, meta.signature)
+    hint = task_hint(handle, meta.metadata)
+    if hint is not None:
+        handle.task_hint, handle.task_hint_source = hint
+    return handle
+
+
+def _reason(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
+
+
+def read_signature(handle: ModelHandle, signature: Any) -> None:
+    """Feature names (named columns) and the output shape (one tensor output) of the signature."""
+    if signature is None:
+        return
+    inputs = signature.inputs
+    if inputs is not None and not inputs.is_tensor_spec() and inputs.has_input_names():
+        handle.feature_names = [str(n) for n in inputs.input_names()]
+        handle.feature_names_source = "model signature"
+    outputs = signature.outputs
+    if outputs is not None and outputs.is_tensor_spec() and len(outputs.inputs) == 1:
+        handle.output_shape = tuple(int(d) for d in outputs.inputs[0].shape)
+
+
+def model_inputs(model: Any, signature: Any = None) -> list[ModelInputSpec]:
+    """The tensors ``model``'s forward takes, in order: names from the forward's parameters (an
+    exported program keeps the original names), dtype and shape from the MLflow signature's tensor
+    specs when it has them (their names win when set)."""
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = [p.name for p in params]
+    except (TypeError, ValueError, AttributeError):
+        names = []
+    specs: list[Any] = []
+    if signature is not None and signature.inputs is not None and signature.inputs.is_tensor_spec():
+        specs = list(signature.inputs.inputs)
+    n = len(specs) or len(names) or 1
+    out = []
+    for i in range(n):
+        spec = specs[i] if i < len(specs) else None
+        name = getattr(spec, "name", None) or (names[i] if i < len(names) else f"input_{i}")
+        dtype = str(spec.type) if spec is not None else None
+        shape = tuple(int(d) for d in spec.shape) if spec is not None else None
+        out.append(ModelInputSpec(name=str(name), dtype=dtype, shape=shape))
+    return out
+
+
+def _registered_version_of(handle: ModelHandle) -> tuple[str | None, str | None]:
+    """The registered version behind ``handle`` (from its URI, else the one created from its run)."""
+    name, version = handle.registered_name, handle.registered_version
+    if name and version:
+        return name, version
+    if not handle.source_run_id:
+        return None, None
+    try:
+        found = client().search_model_versions(f"run_id='{handle.source_run_id}'")
+    except Exception:
+        return None, None
+    if handle.model_id:
+        found = [v for v in found if getattr(v, "model_id", None) in (None, handle.model_id)]
+    if not found:
+        return None, None
+    mv = max(found, key=lambda v: int(v.version))
+    return mv.name, str(mv.version)
+
+
+def task_hint(handle: ModelHandle, metadata: Mapping[str, Any] | None = None) -> tuple[str, str] | None:
+    """A task recorded with the model, and where: the ``governance.task`` tag of the registered
+    version, of the logged model, the ``governance.task`` key of the MLmodel metadata, or the tag
+    of the run that logged the model (first found). The value is returned as recorded; the stage's
+    :func:`governance.task_inference.infer_task` interprets it."""
+    c = client()
+    name, version = _registered_version_of(handle)
+    if name and version:
+        try:
+            value = (c.get_model_version(name, version).tags or {}).get(TASK_TAG)
+        except Exception:
+            value = None
+        if value:
+            return value, f"{TASK_TAG} tag on registered version {name}/{version}"
+    if handle.model_id:
+        try:
+            value = (c.get_logged_model(handle.model_id).tags or {}).get(TASK_TAG)
+        except Exception:
+            value = None
+        if value:
+            return value, f"{TASK_TAG} tag on logged model {handle.model_id}"
+    if metadata and metadata.get(TASK_TAG):
+        return str(metadata[TASK_TAG]), f"{TASK_TAG} in the MLmodel metadata"
+    if handle.source_run_id:
+        try:
+            value = c.get_run(handle.source_run_id).data.tags.get(TASK_TAG)
+        except Exception:
+            value = None
+        if value:
+            return value, f"{TASK_TAG} tag on run {handle.source_run_id}"
+    return None
+
+
+def log_model_input(run_id: str, handle: ModelHandle) -> bool:
+    """Record the model as a model input of the run (MLflow 3 links runs and logged models, and the
+    UI shows it on the run); False when the model is not a logged model (no model id)."""
+    from mlflow.entities import LoggedModelInput
+
+    if not handle.model_id:
+        return False
+    client().log_inputs(run_id, models=[LoggedModelInput(model_id=handle.model_id)])
+    return True
 
 
 # ------------------------------------------------------------------------------- datasets
 
 
-def _dataset_frame(dataset_input: Any) -> pd.DataFrame:
-    from mlflow.data import get_source
+@dataclass
+class LoggedSchema:
+    """What MLflow stores about a logged dataset even when its rows cannot be loaded: the column
+    names in order with their MLflow types, the profile (``num_rows``...), and where it is."""
 
-    from governance.data import read_table
+    name: str
+    digest: str
+    run_id: str
+    context: str | None
+    columns: list[str]
+    types: dict[str, str]
+    profile: dict[str, Any]
+    source_type: str
+    loadable: bool
 
-    source = get_source(dataset_input)
-    local = source.load()
-    p = Path(str(local))
-    if p.is_dir():
-        files = sorted(list(p.glob("*.parquet")) + list(p.glob("*.csv")))
-        if not files:
-            raise FileNotFoundError(f"no parquet or CSV file under {p}")
-        p = files[0]
-    return read_table(p)
+    @property
+    def where(self) -> str:
+        """``training data 'train' of run <id>``."""
+        return f"{self.context or 'logged'} data '{self.name}' of run {self.run_id}"
 
 
-def load_logged_dataset(run_id: str, name: str) -> pd.DataFrame:
-    """The table behind a dataset that run ``run_id`` logged with ``mlflow.log_input``."""
-    from governance.data import DataLoadError
+def _input_context(dataset_input: Any) -> str | None:
+    return {t.key: t.value for t in dataset_input.tags}.get("mlflow.data.context")
 
+
+def _schema_of(dataset_input: Any, run_id: str) -> LoggedSchema | None:
+    import json
+
+    from governance.sources import source_location
+
+    ds = dataset_input.dataset
     try:
-        run = client().get_run(run_id)
-    except Exception as exc:
-        raise DataLoadError(f"mlflow-dataset:{run_id}/{name}: run not found ({exc})") from exc
-    inputs = run.inputs.dataset_inputs if run.inputs else []
-    names = sorted({d.dataset.name for d in inputs})
-    match = [d for d in inputs if d.dataset.name == name]
-    if not match:
-        raise DataLoadError(f"run {run_id} logged no dataset named '{name}' (it has: {names or 'none'})")
+        schema = json.loads(ds.schema) if ds.schema else {}
+    except ValueError:
+        schema = {}
+    cols = schema.get("mlflow_colspec") if isinstance(schema, dict) else None
+    if not isinstance(cols, list) or not all(isinstance(c, dict) and c.get("name") for c in cols):
+        return None
     try:
-        return _dataset_frame(match[0])
-    except Exception as exc:
-        raise DataLoadError(
-            f"mlflow-dataset:{run_id}/{name}: the dataset's source could not be loaded ({exc})"
-        ) from exc
+        profile = json.loads(ds.profile) if ds.profile else {}
+    except ValueError:
+        profile = {}
+    return LoggedSchema(
+        name=ds.name, digest=ds.digest, run_id=run_id, context=_input_context(dataset_input),
+        columns=[str(c["name"]) for c in cols], types={str(c["name"]): str(c.get("type")) for c in cols},
+        profile=profile if isinstance(profile, dict) else {}, source_type=ds.source_type,
+        loadable=source_location(ds) is not None,
+    )
 
 
-def training_frame(handle: ModelHandle) -> tuple[pd.DataFrame, str] | None:
-    """The training table logged (context ``training``) by the run that produced the model."""
+def _training_input(handle: ModelHandle) -> Any | None:
     if not handle.source_run_id:
         return None
     try:
@@ -154,13 +387,38 @@ def training_frame(handle: ModelHandle) -> tuple[pd.DataFrame, str] | None:
     except Exception:
         return None
     for d in run.inputs.dataset_inputs if run.inputs else []:
-        ctx = {t.key: t.value for t in d.tags}.get("mlflow.data.context")
-        if ctx == "training":
-            try:
-                return _dataset_frame(d), f"training data '{d.dataset.name}' of run {handle.source_run_id}"
-            except Exception:
-                return None
+        if _input_context(d) == "training":
+            return d
     return None
+
+
+def training_schema(handle: ModelHandle) -> LoggedSchema | None:
+    """The stored schema and profile of the training dataset the model's run logged (context
+    ``training``), available even when it was logged without a loadable source
+    (``mlflow.data.from_pandas(df)``); None when the run logged none with a column schema."""
+    d = _training_input(handle)
+    return _schema_of(d, handle.source_run_id) if d is not None else None
+
+
+def load_logged_dataset(run_id: str, name: str) -> pd.DataFrame:
+    """The table behind a dataset that run ``run_id`` logged with ``mlflow.log_input``."""
+    from governance.sources import DATASET_PREFIX, read_source, resolve_source
+
+    with resolve_source(f"{DATASET_PREFIX}{run_id}/{name}") as src:
+        return read_source(src)
+
+
+def training_frame(handle: ModelHandle) -> tuple[pd.DataFrame, str] | None:
+    """The training table logged (context ``training``) by the run that produced the model; None
+    when there is none or its source cannot be loaded (see :func:`training_schema`)."""
+    d = _training_input(handle)
+    if d is None:
+        return None
+    try:
+        frame = load_logged_dataset(handle.source_run_id, d.dataset.name)
+    except Exception:
+        return None
+    return frame, f"training data '{d.dataset.name}' of run {handle.source_run_id}"
 
 
 # ------------------------------------------------------------------------------- runs
@@ -286,8 +544,11 @@ def log_dataset(run_id: str, frame: pd.DataFrame, *, source: str, name: str,
     kwargs: dict[str, Any] = {"name": name}
     if target_column and target_column in frame.columns:
         kwargs["targets"] = target_column
-    if source and not source.startswith("<") and not source.startswith("mlflow-dataset:"):
-        kwargs["source"] = source
+    from governance.sources import dataset_source
+
+    resolved = dataset_source(source) if source else None
+    if resolved is not None:
+        kwargs["source"] = resolved
     kwargs["digest"] = pandas_digest(frame)
     ds = mlflow.data.from_pandas(frame, **kwargs)
     # MLflow infers the schema from every row (9 s on 100k x 79); column types are the same on a sample
@@ -300,20 +561,10 @@ def log_dataset(run_id: str, frame: pd.DataFrame, *, source: str, name: str,
 
 def tag_model_version(handle: ModelHandle, tags: Mapping[str, Any]) -> bool:
     """Set ``governance.*`` tags on the registered version behind ``handle``; False if none."""
-    name, version = handle.registered_name, handle.registered_version
-    c = client()
-    if not (name and version) and handle.source_run_id:
-        try:
-            found = c.search_model_versions(f"run_id='{handle.source_run_id}'")
-        except Exception:
-            found = []
-        if handle.model_id:
-            found = [v for v in found if getattr(v, "model_id", None) in (None, handle.model_id)]
-        if found:
-            mv = max(found, key=lambda v: int(v.version))
-            name, version = mv.name, str(mv.version)
+    name, version = _registered_version_of(handle)
     if not (name and version):
         return False
+    c = client()
     for k, v in sorted(tags.items()):
         c.set_model_version_tag(name, version, k if k.startswith(TAG_PREFIX) else TAG_PREFIX + k, str(v))
     return True

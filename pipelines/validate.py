@@ -1,4 +1,6 @@
-"""Entry point `validate`: check the data contract only (exit 2 when it fails)."""
+"""Entry point `validate`: check the data contract only (exit 2 when it fails).
+
+``set`` takes configuration keys as ``key=value`` items separated by ``;`` (as in `explain`)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,10 @@ import argparse
 import sys
 
 import _common
+from governance.config import config_from_dict, user_settings
+from governance.errors import GovernanceError
 from governance.pipeline import validate_data
+from governance.tracking import load_model
 from governance.validation import ContractViolation
 
 
@@ -16,13 +21,22 @@ def main() -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--target-column", default="")
     p.add_argument("--config", default="")
+    p.add_argument("--set", default="")
+    p.add_argument("--allow-pickle", default="false")
     a = p.parse_args()
     try:
-        outcome = validate_data(a.model_uri, a.data, config=_common.config_path(a.config),
-                                target_column=_common.opt(a.target_column))
+        allow = True if a.allow_pickle.strip().lower() in ("true", "1", "yes") else None
+        given = user_settings(_common.config_path(a.config), [s.strip() for s in a.set.split(";") if s.strip()],
+                              target_column=_common.opt(a.target_column), allow_pickle=allow)
+        cfg = config_from_dict(given)
+        handle = load_model(a.model_uri, device=cfg.device, allow_pickle=cfg.allow_pickle)
+        outcome = validate_data(handle, a.data, config=given)
     except ContractViolation as exc:
         print(str(exc), file=sys.stderr)
-        return 2
+        return exc.exit_code
+    except GovernanceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     print(outcome.message())
     return 0
 

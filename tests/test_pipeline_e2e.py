@@ -1,7 +1,8 @@
-"""End to end: `mlflow run pipelines --env-manager local` (train -> validate -> explain) in a
-temp sqlite store; every artifact exists and loads, and the primary global importance puts the
-generator's true drivers above its pure-noise features. How each mode ranks them is recorded
-(printed and attached to the test report as user properties)."""
+"""End to end: `mlflow run pipelines --env-manager local` (train -> validate -> explain -> report)
+in a temp sqlite store; every artifact exists and loads, and the primary global importance puts
+the generator's true drivers above its pure-noise features. How each mode ranks them is recorded
+(printed and attached to the test report as user properties). The pipeline leaves nothing in the
+temp directory and makes no run besides its steps'; a failing step's run is still its child."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from examples.credit_risk.generator import DRIVERS, FEATURE_NAMES, NOISE, STRONG_DRIVERS
+from mlflow_server import cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPL = "governance/explanations/"
@@ -38,26 +40,38 @@ def driver_ranking(features: list[dict]) -> dict:
     }
 
 
+def _mlflow_run(tmp_path: Path, uri: str, *params: str) -> subprocess.CompletedProcess:
+    """`mlflow run pipelines` with a private temp dir (``tmp_path/tmp``) and storage dir."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT / "pipelines"), "--env-manager", "local",
+           "--experiment-name", "e2e", "--storage-dir", str(tmp_path / "mlflow-run")]
+    for p in params:
+        cmd += ["-P", p]
+    return subprocess.run(cmd, cwd=tmp_path, env=cli_env(uri, tmp_path / "tmp"), capture_output=True, text=True,
+                          timeout=900, stdin=subprocess.DEVNULL)
+
+
+def _new_temp_entries(tmp_path: Path) -> list[str]:
+    """What the run left in its temp dir (torch's shared compile cache aside)."""
+    return sorted(p.name for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_"))
+
+
 @pytest.mark.slow
 def test_mlflow_run_pipeline_end_to_end(tmp_path: Path, record_property) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     client.create_experiment("e2e", artifact_location=(tmp_path / "artifacts").as_uri())
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1",
-               MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(k, None)
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT / "pipelines"), "--env-manager", "local",
-           "--experiment-name", "e2e", "-P", "n_train=6000", "-P", "n_valid=600", "-P", "epochs=6",
-           "-P", "registered_model_name=credit-e2e", "-P", f"steps={STEPS}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = _mlflow_run(tmp_path, uri, "n_train=6000", "n_valid=600", "epochs=6",
+                       "registered_model_name=credit-e2e", f"steps={STEPS}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert _new_temp_entries(tmp_path) == []
 
     mlflow.set_tracking_uri(uri)
     runs = {r.data.tags.get("mlflow.project.entryPoint"): r for r in client.search_runs(
         [client.get_experiment_by_name("e2e").experiment_id])}
-    assert {"main", "train", "validate", "explain"} <= set(runs)
+    steps = {"main", "train", "explain"} | ({"validate"} & set(STEPS.split(",")))
+    assert set(runs) == steps  # the report is logged into the explain run: no run of its own
+    assert len(client.search_runs([client.get_experiment_by_name("e2e").experiment_id])) == len(steps)
     assert all(r.info.status == "FINISHED" for r in runs.values())
     main, explain = runs["main"], runs["explain"]
     assert main.data.tags["governance.explain_run_id"] == explain.info.run_id
@@ -90,7 +104,7 @@ def test_mlflow_run_pipeline_end_to_end(tmp_path: Path, record_property) -> None
     texts = set(codes["supporting_1_text"].dropna())
     assert "Credit score" in texts or "Debt-to-income ratio" in texts  # the dictionary was applied
     tags = explain.data.tags
-    reported = "report" in runs
+    reported = "report" in STEPS.split(",")
     assert tags["governance.status"] == ("reported" if reported else "explained")
     assert tags["governance.model_uri"] == "models:/credit-e2e/1"
     if reported:  # the report step ran on this explanation run: its outputs are there too
@@ -110,3 +124,18 @@ def test_mlflow_run_pipeline_end_to_end(tmp_path: Path, record_property) -> None
     assert all(r < primary["best_noise_rank"] for f, r in primary["strong_driver_ranks"].items()
                if f != "annual_income"), primary
     assert max(primary["strong_driver_ranks"].values()) <= 12, primary
+
+
+@pytest.mark.slow
+def test_a_failed_step_is_still_a_child_of_the_pipeline_run(tmp_path: Path) -> None:
+    """n_valid=1 makes the train step fail (a validation AUC needs both classes)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("e2e", artifact_location=(tmp_path / "artifacts").as_uri())
+    proc = _mlflow_run(tmp_path, uri, "n_train=200", "n_valid=1", "epochs=1", "registered_model_name=")
+    assert proc.returncode != 0
+    assert "error: step train failed" in proc.stderr
+    runs = {r.data.tags.get("mlflow.project.entryPoint"): r for r in client.search_runs([exp])}
+    assert set(runs) == {"main", "train"}
+    assert runs["train"].info.status == "FAILED" and runs["main"].info.status == "FAILED"
+    assert runs["train"].data.tags["mlflow.parentRunId"] == runs["main"].info.run_id

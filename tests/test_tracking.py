@@ -84,7 +84,7 @@ def test_model_version_tags_found_from_a_runs_uri(credit_store) -> None:
     assert not tracking.tag_model_version(tracking.ModelHandle(model=None, uri="<mem>"), {"probe": "no"})
 
 
-def test_pickle_format_model_loads_and_explains(credit_store, tmp_path) -> None:
+def test_pickle_format_model_loads_and_explains_only_with_opt_in(credit_store, tmp_path) -> None:
     import mlflow.pytorch
 
     from examples.credit_risk.model import CreditRiskMLP
@@ -95,12 +95,109 @@ def test_pickle_format_model_loads_and_explains(credit_store, tmp_path) -> None:
     with mlflow.start_run(experiment_id=credit_store.experiment_id):
         info = mlflow.pytorch.log_model(model, name="pickled", serialization_format="pickle",
                                         pip_requirements=["torch"])
-    h = load_model(info.model_uri)
+    with pytest.raises(tracking.PickleRefused, match="stored as a pickle.*serialization_format='pt2'.*--allow-pickle"):
+        load_model(info.model_uri)
+    h = load_model(info.model_uri, allow_pickle=True)
+    assert (h.serialization, h.allow_pickle) == ("pickle", True)
     assert isinstance(h.model, torch.nn.Module) and not isinstance(h.model, torch.fx.GraphModule)
     df = pd.read_parquet(credit_store.validation_parquet).head(40)
     res = explain_model(h, df, target_column="default", modes="signed", log=False, quiet=True,
                         config={"quality": {"enabled": False}})
     assert res.n_samples == 40 and len(res.global_importance["features"]) == 78
+
+
+def test_a_pickle_runs_no_code_without_opt_in(credit_store, tmp_path, monkeypatch) -> None:
+    """Unpickling MarkerMLP writes a file: refused, the file never appears; opted in, it does."""
+    import mlflow.pytorch
+
+    from pickle_models import MARKER_ENV, MarkerMLP
+
+    marker = tmp_path / "marker.txt"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
+    with mlflow.start_run(experiment_id=credit_store.experiment_id):
+        info = mlflow.pytorch.log_model(MarkerMLP(), name="marker", serialization_format="pickle",
+                                        registered_model_name="marker-model", pip_requirements=["torch"])
+    for uri in (info.model_uri, "models:/marker-model/1"):
+        with pytest.raises(tracking.PickleRefused, match=f"model '{uri}' is stored as a pickle"):
+            load_model(uri)
+        assert not marker.exists()
+    assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION" not in __import__("os").environ
+    h = load_model("models:/marker-model/1", allow_pickle=True)
+    assert marker.read_text() == "code ran while unpickling\n"  # the test can see the code run
+    assert h.serialization == "pickle" and h.allow_pickle
+
+
+def test_pt2_handle_carries_serialization_and_signature(credit_store) -> None:
+    h = load_model(credit_store.runs_uri)
+    assert (h.serialization, h.allow_pickle) == ("pt2", False)
+    assert h.feature_names is None  # a pt2 signature has tensors, not named columns
+    assert h.output_shape == (-1, 1)
+    assert h.inputs == [tracking.ModelInputSpec(name="x", dtype="float32", shape=(-1, 78))]
+
+
+def test_named_signature_columns_become_feature_names(credit_store) -> None:
+    import mlflow.pytorch
+
+    from examples.credit_risk.model import CreditRiskMLP
+
+    df = pd.read_parquet(credit_store.validation_parquet).drop(columns="default")
+    with mlflow.start_run(experiment_id=credit_store.experiment_id):
+        info = mlflow.pytorch.log_model(CreditRiskMLP().eval(), name="named", serialization_format="pickle",
+                                        input_example=df.head(3), pip_requirements=["torch"])
+    h = load_model(info.model_uri, allow_pickle=True)
+    assert h.feature_names == list(df.columns) and h.feature_names_source == "model signature"
+
+
+def test_task_hint_from_tags_and_metadata(credit_store) -> None:
+    import mlflow.pytorch
+
+    c = mlflow.MlflowClient()
+    with mlflow.start_run(experiment_id=credit_store.experiment_id):
+        mlflow.set_tag("governance.task", "regression")
+        info = mlflow.pytorch.log_model(torch.nn.Linear(4, 2), name="hinted", input_example=torch.zeros(3, 4).numpy(),
+                                        registered_model_name="hinted-model", pip_requirements=["torch"],
+                                        metadata={"governance.task": "multiclass-classification"})
+    h = load_model(info.model_uri)
+    assert (h.task_hint, h.task_hint_source) == ("multiclass-classification", "governance.task in the MLmodel metadata")
+    c.set_logged_model_tags(info.model_id, {"governance.task": "classifier"})
+    h = load_model(info.model_uri)
+    assert (h.task_hint, h.task_hint_source) == ("classifier", f"governance.task tag on logged model {info.model_id}")
+    c.set_model_version_tag("hinted-model", "1", "governance.task", "binary-classification")
+    h = load_model("models:/hinted-model/1")
+    assert (h.task_hint, h.task_hint_source) == (
+        "binary-classification", "governance.task tag on registered version hinted-model/1")
+    other = c.create_run(credit_store.experiment_id, tags={"governance.task": "regression"}).info.run_id
+    assert tracking.task_hint(tracking.ModelHandle(model=None, uri="x", source_run_id=other)) == (
+        "regression", f"governance.task tag on run {other}")
+    assert load_model(credit_store.runs_uri).task_hint is None
+
+
+def test_model_input_links_the_run_to_the_logged_model(credit_store) -> None:
+    h = load_model(credit_store.runs_uri)
+    rid = mlflow.MlflowClient().create_run(credit_store.experiment_id).info.run_id
+    assert tracking.log_model_input(rid, h)
+    run = mlflow.MlflowClient().get_run(rid)
+    assert [m.model_id for m in run.inputs.model_inputs] == [h.model_id]
+    assert not tracking.log_model_input(rid, tracking.ModelHandle(model=None, uri="<mem>"))
+
+
+def test_training_schema_without_a_loadable_source(credit_store) -> None:
+    import mlflow.pytorch
+
+    df = pd.read_parquet(credit_store.validation_parquet)
+    with mlflow.start_run(experiment_id=credit_store.experiment_id):
+        mlflow.log_input(mlflow.data.from_pandas(df.head(100), name="train-no-source"), context="training")
+        info = mlflow.pytorch.log_model(torch.nn.Linear(78, 1), name="m", input_example=torch.zeros(2, 78).numpy(),
+                                        pip_requirements=["torch"])
+    h = load_model(info.model_uri)
+    assert tracking.training_frame(h) is None  # no rows to load
+    schema = tracking.training_schema(h)
+    assert schema.columns == list(df.columns) and schema.types["default"] == "long"
+    assert schema.types["fico_score"] == "float" and schema.profile["num_rows"] == 100
+    assert not schema.loadable and schema.where == f"training data 'train-no-source' of run {h.source_run_id}"
+    full = tracking.training_schema(load_model(credit_store.runs_uri))
+    assert full.loadable and full.profile["num_rows"] == 5000 and full.columns[-1] == "default"
 
 
 def test_fast_dataset_digest_and_schema_match_mlflow(credit_store) -> None:

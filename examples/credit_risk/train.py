@@ -22,6 +22,7 @@ from examples.credit_risk.generator import (
     feature_documentation, generate_loans,
 )
 from examples.credit_risk.model import evaluate_mlp, train_mlp
+from governance.sources import dataset_source
 
 EXAMPLE_DIR = Path(__file__).resolve().parent
 
@@ -33,8 +34,10 @@ def train_and_log(
     """Generate, train, and log into the active MLflow run (one is started if none is).
 
     Logs: the model (pt2) under ``model``, train/validation tables as artifacts under ``data/``
-    and as MLflow dataset inputs (``training`` and ``validation``), the data dictionary, the
-    standardiser, params and validation metrics. Returns run id, model URI and the data paths.
+    and as MLflow dataset inputs (``training`` and ``validation``, their source the logged copy),
+    the data dictionary, the standardiser, params and validation metrics. Returns run id, model
+    URI, the tables' artifact URIs, and their local paths when ``data_dir`` is given (otherwise
+    they are written to a temporary folder that is removed).
     """
     import mlflow.pytorch
 
@@ -46,39 +49,44 @@ def train_and_log(
     model = train_mlp(train[FEATURE_NAMES].to_numpy(), train[TARGET].to_numpy(), epochs=epochs, seed=seed)
     metrics = evaluate_mlp(model, valid[FEATURE_NAMES].to_numpy(), valid[TARGET].to_numpy())
 
-    out = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="credit-risk-"))
-    out.mkdir(parents=True, exist_ok=True)
-    train_path, valid_path = out / "train.parquet", out / "validation.parquet"
-    train.to_parquet(train_path, index=False)
-    valid.to_parquet(valid_path, index=False)
-    (out / "standardiser.json").write_text(json.dumps({"mean": std.mean, "std": std.std}, indent=2, sort_keys=True))
-    feature_documentation().to_csv(out / "data_dictionary.csv", index=False)
-    (out / "truth.json").write_text(json.dumps(
-        {"drivers": DRIVERS, "strong_drivers": STRONG_DRIVERS, "noise": NOISE, "reason_text": REASON_TEXT},
-        indent=2, sort_keys=True))
-
-    mlflow.log_params({"n_train": n_train, "n_valid": n_valid, "seed": seed, "epochs": epochs,
-                       "architecture": "78-39-19-1 relu dropout0.2 sigmoid"})
-    mlflow.log_metrics(metrics)
-    mlflow.log_artifacts(str(out), "data")
-    artifact_uri = mlflow.get_artifact_uri("data")
+    with tempfile.TemporaryDirectory(prefix="credit-risk-") as tmp:
+        out = Path(data_dir) if data_dir else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        train_path, valid_path = out / "train.parquet", out / "validation.parquet"
+        train.to_parquet(train_path, index=False)
+        valid.to_parquet(valid_path, index=False)
+        (out / "standardiser.json").write_text(json.dumps({"mean": std.mean, "std": std.std}, indent=2, sort_keys=True))
+        feature_documentation().to_csv(out / "data_dictionary.csv", index=False)
+        (out / "truth.json").write_text(json.dumps(
+            {"drivers": DRIVERS, "strong_drivers": STRONG_DRIVERS, "noise": NOISE, "reason_text": REASON_TEXT},
+            indent=2, sort_keys=True))
+        mlflow.log_params({"n_train": n_train, "n_valid": n_valid, "seed": seed, "epochs": epochs,
+                           "architecture": "78-39-19-1 relu dropout0.2 sigmoid"})
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(out), "data")
+    artifact_uri = mlflow.get_artifact_uri("data").rstrip("/")
+    uris = {name: f"{artifact_uri}/{name}.parquet" for name in ("train", "validation")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # mlflow's hints on int targets and sources
-        for frame, path, context in ((train, train_path, "training"), (valid, valid_path, "validation")):
-            source = f"{artifact_uri.rstrip('/')}/{path.name}"
-            ds = mlflow.data.from_pandas(frame, source=source, name=path.stem, targets=TARGET)
+        for frame, name, context in ((train, "train", "training"), (valid, "validation", "validation")):
+            # the logged copy is the source; mlflow-artifacts:/ (a tracking server's proxied
+            # artifacts) needs governance's dataset source, MLflow has none for it
+            ds = mlflow.data.from_pandas(frame, source=dataset_source(uris[name]), name=name, targets=TARGET)
             mlflow.log_input(ds, context=context)
         example = np.ascontiguousarray(valid[FEATURE_NAMES].to_numpy()[:4], dtype=np.float32)
         info = mlflow.pytorch.log_model(
             model, name="model", input_example=example, registered_model_name=registered_model_name,
             pip_requirements=["torch", "mlflow"],
         )
+    local = data_dir is not None
     return {
         "run_id": active.info.run_id,
         "model_uri": info.model_uri,
         "runs_uri": f"runs:/{active.info.run_id}/model",
-        "train_path": str(train_path),
-        "validation_path": str(valid_path),
+        "train_uri": uris["train"],
+        "validation_uri": uris["validation"],
+        "train_path": str(Path(data_dir) / "train.parquet") if local else None,
+        "validation_path": str(Path(data_dir) / "validation.parquet") if local else None,
         "metrics": metrics,
     }
 

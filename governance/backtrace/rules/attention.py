@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..context import RuleContext, STABILISER
+from ..context import RuleContext, STABILISER, per_map
 from ..registry import aten_ops, register_rule
 from . import affine
 
@@ -82,14 +82,6 @@ def bilinear_matmul(x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, out: torc
     return rx, ry
 
 
-def _one_map(fn, R):
-    """Apply a per-map rule to R or, in contrastive mode, to each of (R+, R-)."""
-    if isinstance(R, tuple):
-        a, b = fn(R[0]), fn(R[1])
-        return {k: (a[k], b[k]) for k in a}
-    return fn(R)
-
-
 # --- matmul / bmm / mm of two activations ------------------------------------------------------
 
 @register_rule(aten.mm, aten.matmul, aten.bmm, contrastive=True)
@@ -102,13 +94,13 @@ def matmul_rule(ctx: RuleContext, node: fx.Node, R):
     x, y, out = ctx.value(lhs), ctx.value(rhs), ctx.value(node)
     den = stab(2 * out)
 
-    def one(r: torch.Tensor) -> dict:
+    def one(c: RuleContext, r: torch.Tensor) -> dict:
         rx, ry = bilinear_matmul(x, y, r, out, den=den)
         if lhs is rhs:  # x @ x
             return {lhs: rx + ry}
         return {lhs: rx, rhs: ry}
 
-    return _one_map(one, R)
+    return per_map(ctx, R, one)
 
 
 # --- einsum --------------------------------------------------------------------------------------
@@ -131,7 +123,8 @@ def _einsum_unit(ctx: RuleContext, node: fx.Node, eq: str, ops: list, idx: int) 
         _, vjp = torch.func.vjp(lambda v: fwd(v, wt), primal)
         return vjp(s)[0]
 
-    return affine.AffineUnit(ops[idx], w, None, fwd, bwd, ctx.value(node))
+    out = ctx.value(node)
+    return affine.AffineUnit(ops[idx], w, None, fwd, bwd, out, product=lambda: out, row_dims=0)
 
 
 @register_rule(*aten_ops("einsum"), contrastive=True)
@@ -151,7 +144,7 @@ def einsum_rule(ctx: RuleContext, node: fx.Node, R):
         return affine._default_or_signed(ctx, node, u, R, signed=ctx.mode == "signed")
     x, y, out = ctx.value(ops[0]), ctx.value(ops[1]), ctx.value(node)
 
-    def one(r: torch.Tensor) -> dict:
+    def one(c: RuleContext, r: torch.Tensor) -> dict:
         rn = r / stab(2 * out)
         _, vjp = torch.func.vjp(lambda a, b: torch.einsum(eq, a, b), x, y)
         gx, gy = vjp(rn)
@@ -159,7 +152,7 @@ def einsum_rule(ctx: RuleContext, node: fx.Node, R):
             return {ops[0]: gx * x + gy * y}
         return {ops[0]: gx * x, ops[1]: gy * y}
 
-    return _one_map(one, R)
+    return per_map(ctx, R, one)
 
 
 # --- scaled dot-product attention --------------------------------------------------------------
@@ -286,10 +279,10 @@ def sdpa_rule(ctx: RuleContext, node: fx.Node, R):
         is_causal=bool(b.get("is_causal") or False), scale=b.get("scale"),
         enable_gqa=bool(b.get("enable_gqa") or False), rel=rel,
     )
-    per_map = res if pair else (res,)
+    each = res if pair else (res,)
     peers = ctx.peers if pair else [ctx]
     outs = []
-    for c, (r_q, r_k, r_v, absorbed) in zip(peers, per_map):
+    for c, (r_q, r_k, r_v, absorbed) in zip(peers, each):
         if absorbed.dim() > 0:
             c.absorb(absorbed)
         out: dict[fx.Node, torch.Tensor] = {}

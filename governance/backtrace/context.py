@@ -154,6 +154,10 @@ class RuleContext:
         n = self.batch_size
         if t.dim() == 0:
             return t.to(torch.float64).expand(n).clone()
+        if t.dim() == 1 and t.shape[0] == n:
+            return t.to(torch.float64)
+        if t.shape[0] == n:
+            return t.sum(tuple(range(1, t.dim()))).to(torch.float64)
         return t.reshape(n, -1).sum(1).to(torch.float64)
 
     def per_sample_abs(self, t: torch.Tensor) -> torch.Tensor:
@@ -180,7 +184,7 @@ class RuleContext:
         s_red = s.sum(red) if red else s
         b_flat = b.reshape(-1).to(torch.float64)
         # rows (the batch, or the batch folded with other axes) times b, then per sample
-        self._book(self.absorbed, s_red.reshape(-1, b_flat.numel()).to(torch.float64) @ b_flat)
+        self._book(self.absorbed, torch.mv(s_red.reshape(-1, b_flat.numel()).to(torch.float64), b_flat))
 
     def reroute(self, amount: torch.Tensor) -> None:
         """Book relevance that saturation moved from one side of a unit to the other."""

@@ -11,7 +11,7 @@ from torch import fx, nn
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .capture import GraphCache, flatten_inputs, input_names
 from .context import RuleContext
-from .explanation import Explanation
+from .explanation import Explanation, NetRelevance
 from .modules import ModuleMap, build_module_map
 from .recording import record
 from .rules.affine import mark_foldable_batch_norms
@@ -44,6 +44,7 @@ class Backtrace:
         self.output_index = output_index
         self._graphs = GraphCache(model)
         self._module_maps: dict[int, ModuleMap] = {}
+        self._fused: dict[int, dict] = {}  # batch norms folded into the layer before, per graph
 
     def explain(
         self,
@@ -88,7 +89,9 @@ class Backtrace:
         for c, s in zip(ctxs, seeds):
             c.one_signed = mode != "signed" and bool((s >= 0).all())
             c.peers = ctxs
-        fused = mark_foldable_batch_norms(gm, ctxs[0])
+        fused = self._fused.get(id(gm))
+        if fused is None:
+            fused = self._fused[id(gm)] = mark_foldable_batch_norms(gm, ctxs[0])
         for c in ctxs:
             c.fused = fused
         check_rules(ctxs[0], gm)
@@ -107,7 +110,7 @@ class Backtrace:
         return Explanation(
             mode=mode, task=task,
             input_relevance=_combine(pos.input_relevance, neg.input_relevance),
-            layer_relevance={k: pos.layer_relevance[k] - neg.layer_relevance[k] for k in pos.layer_relevance},
+            layer_relevance=NetRelevance(pos.layer_relevance, neg.layer_relevance),
             output=y, target=tgt,
             seed_relevance=pos.seed_relevance - neg.seed_relevance,
             module_types=modules.types, positive=pos, negative=neg,

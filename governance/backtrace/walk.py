@@ -174,13 +174,16 @@ def _books(ctx: RuleContext, seeds: dict, edges: list, branch: dict) -> dict[str
     for name, table in (("bias", ctx.absorbed), ("rerouted", ctx.rerouted)):
         for node, amount in table.items():
             add(name, paths(node), amount)
-    out = {}
-    for t in tables:
-        acc = torch.zeros(len(names), n, dtype=torch.float64, device=device)
-        idx, vals = adds[t]
-        if idx:
-            acc.index_add_(0, torch.tensor(idx, device=device), torch.stack(vals))
-        out[t] = acc
+    # all tables in one (tables x modules, N) accumulator: one index_add_
+    idx, vals = [], []
+    for ti, t in enumerate(tables):
+        idx.extend(ti * len(names) + i for i in adds[t][0])
+        vals.extend(adds[t][1])
+    acc = torch.zeros(len(tables) * len(names), n, dtype=torch.float64, device=device)
+    if idx:
+        acc.index_add_(0, torch.tensor(idx, device=device), torch.stack(vals))
+    rows = acc.unbind(0)
+    out = {t: rows[ti * len(names):(ti + 1) * len(names)] for ti, t in enumerate(tables)}
     books = {}
     for m, i in row.items():
         b_in, s_in = (branch.get(m) or [None, None])

@@ -76,6 +76,9 @@ class AffineUnit:
     row_dims: int = 1
     # each unit has a single contribution (an element-wise scale): P and N are exact from S and D
     single_term: bool = False
+    # (input dim, weight dim) of the input features: inputs concatenated along it meet weights
+    # concatenated along it in one product, Σ_k fwd(x_k, W_k); None where the op can't (groups)
+    in_stack: tuple[int, int] | None = None
 
 
 # --- op descriptions ---------------------------------------------------------------------------
@@ -224,6 +227,7 @@ def affine_unit(node: fx.Node, ctx: RuleContext) -> AffineUnit:
     name = node.target._opname
     args = list(node.args)
     stack: tuple[int, int] | None = (-1, 0)
+    in_stack: tuple[int, int] | None = (-1, -1)
     if name == "linear":
         x_node, w = args[0], ctx.value(args[1])
         b = ctx.value(args[2]) if len(args) > 2 and args[2] is not None else None
@@ -247,12 +251,13 @@ def affine_unit(node: fx.Node, ctx: RuleContext) -> AffineUnit:
             fwd = lambda x, w: torch.matmul(w, x)  # noqa: E731
             bwd = lambda s, w, shape: _sum_to(torch.matmul(w.transpose(-1, -2), s), shape)  # noqa: E731
             w = c
-            stack = (-2, -2)
+            stack, in_stack = (-2, -2), (-2, -1)
             row_dims = max(ctx.value(x_node).dim() - 2, 0) if w.dim() == 2 else 0
         transposed, groups = False, 1
     elif name.startswith("conv"):
         x_node, w, b, fwd, bwd, transposed, groups = _conv_desc(node, ctx)
         stack = (1, 1 if transposed else 0) if groups == 1 else None
+        in_stack = (1, 0 if transposed else 1) if groups == 1 else None
         row_dims = 1
     elif name in ("batch_norm", "_native_batch_norm_legit_no_training"):
         scale, shift = _bn_params(node, ctx)
@@ -286,7 +291,7 @@ def affine_unit(node: fx.Node, ctx: RuleContext) -> AffineUnit:
         d = out - own_bias if own_bias is not None else out
         return d * fold if fold is not None else d
 
-    return AffineUnit(x_node, w, b, fwd, bwd, pre, stack, product, row_dims)
+    return AffineUnit(x_node, w, b, fwd, bwd, pre, stack, product, row_dims, in_stack=in_stack)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -300,19 +305,41 @@ def is_nonnegative(x: torch.Tensor) -> bool:
     return x.numel() == 0 or bool(x.min() >= 0)
 
 
-def magnitude(u: AffineUnit, x: torch.Tensor, nonneg: bool) -> torch.Tensor:
+def magnitude(u: AffineUnit, x: torch.Tensor, nonneg: bool, wabs: torch.Tensor | None = None) -> torch.Tensor:
     """S_j = P_j + N_j = Σ_i |z_ji|: one product of absolute values (a fresh tensor)."""
-    return u.fwd(x if nonneg else x.abs(), u.weight.abs())
+    return u.fwd(x if nonneg else x.abs(), u.weight.abs() if wabs is None else wabs)
+
+
+def _sign_parts(x: torch.Tensor, u: AffineUnit) -> torch.Tensor:
+    """[x⁺ ; |x⁻|] concatenated along the input-feature axis (``u.in_stack``)."""
+    return torch.cat([x.clamp(min=0), x.clamp(max=0).neg_()], dim=u.in_stack[0])
+
+
+def _blocks(u: AffineUnit, rows: list[list[torch.Tensor]]) -> torch.Tensor:
+    """One weight from blocks: each row of blocks along the input axis, the rows along the
+    unit axis (``u.in_stack``, ``u.stack``)."""
+    return torch.cat([torch.cat(r, dim=u.in_stack[1]) for r in rows], dim=u.stack[1])
+
+
+def _split_units(u: AffineUnit, t: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """The unit-axis blocks of a stacked result."""
+    return list(t.chunk(parts, dim=u.stack[0]))
 
 
 def _exact_pos_neg(u: AffineUnit, x: torch.Tensor, nonneg: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """P and N as sums of one-signed terms: positive contributions are W⁺x⁺ and W⁻x⁻, negative
-    ones W⁺x⁻ and W⁻x⁺."""
-    wp, wn = u.weight.clamp(min=0), u.weight.clamp(max=0)
+    """P and N as sums of one-signed terms: positive contributions are W⁺x⁺ and |W⁻||x⁻|,
+    negative ones |W⁻|x⁺ and W⁺|x⁻| (one product when inputs and units stack)."""
+    wp, wn = u.weight.clamp(min=0), u.weight.clamp(max=0).neg_()
+    if u.stack is not None and (nonneg or u.in_stack is not None):
+        if nonneg:
+            P, N = _split_units(u, u.fwd(x, torch.cat([wp, wn], dim=u.stack[1])), 2)
+        else:
+            P, N = _split_units(u, u.fwd(_sign_parts(x, u), _blocks(u, [[wp, wn], [wn, wp]])), 2)
+        return P, N
     if nonneg:
-        return u.fwd(x, wp), u.fwd(x, wn).neg_()
-    xp, xn = x.clamp(min=0), x.clamp(max=0)
-    return u.fwd(xp, wp) + u.fwd(xn, wn), (u.fwd(xp, wn) + u.fwd(xn, wp)).neg_()
+        return u.fwd(x, wp), u.fwd(x, wn)
+    xp, xn = x.clamp(min=0), x.clamp(max=0).neg_()
+    return u.fwd(xp, wp) + u.fwd(xn, wn), u.fwd(xp, wn) + u.fwd(xn, wp)
 
 
 def pos_neg2(u: AffineUnit, x: torch.Tensor, S: torch.Tensor, nonneg: bool,
@@ -394,6 +421,15 @@ def _by_sign(u: AffineUnit, x: torch.Tensor, coef, maps: int, merged: bool, nonn
             return u.bwd(coef, torch.cat([first, second], dim=u.stack[1]), shape)
         return u.bwd(coef[0], first, shape).add_(u.bwd(coef[1], second, shape))
 
+    if merged and not nonneg and u.in_stack is not None:  # both signs of x in one product
+        ax = u.in_stack[0] % x.dim()
+        shape2 = list(shape)
+        shape2[ax] *= 2
+        gh = u.bwd(coef, _blocks(u, [[wp2, wn2], [wn2, wp2]]), torch.Size(shape2))
+        g, h = gh.chunk(2, dim=ax)
+        out = _per_map(g, maps, x) * x.clamp(min=0)
+        out.addcmul_(_per_map(h, maps, x), x.clamp(max=0).neg_())
+        return out.view(shape)
     g = products(wp2, wn2)
     if nonneg:
         _per_map(g, maps, x).mul_(x)
@@ -439,16 +475,13 @@ def _spread(u: AffineUnit, x: torch.Tensor, buf: torch.Tensor, maps: int, merged
 
 def _saturated(t: torch.Tensor, R: torch.Tensor, bound: float | None, below: bool) -> torch.Tensor | None:
     """Units with relevance whose pre-activation lies beyond ``bound`` (None when there are none).
-    The test runs on float 0/1 masks: comparisons into a float buffer, one min/max read."""
+    The test multiplies a float 0/1 comparison by R and counts: bool masks are slow on CPU."""
     if bound is None:
         return None
-    probe = torch.empty_like(R)
-    (torch.lt if below else torch.gt)(t, bound, out=probe)
-    lo, hi = torch.aminmax(probe.mul_(R)) if probe.numel() else (probe.new_zeros(()), probe.new_zeros(()))
-    if not (bool(lo != 0) or bool(hi != 0)):
+    probe = (torch.lt if below else torch.gt)(t, bound, out=torch.empty_like(R))
+    if not int(torch.count_nonzero(probe.mul_(R))):
         return None
-    beyond = t < bound if below else t > bound
-    return beyond.logical_and_(R != 0)
+    return probe != 0
 
 
 # --- the three modes -----------------------------------------------------------------------
@@ -463,13 +496,14 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
     lo_b, hi_b = ctx.saturation(node) if sat is None else sat
     t = u.pre_activation
     lo, hi = _saturated(t, R, lo_b, below=True), _saturated(t, R, hi_b, below=False)
-    S = magnitude(u, x, nonneg)
+    wabs = u.weight.abs()
+    S = magnitude(u, x, nonneg, wabs)
     if lo is None and hi is None:  # R_in = |x| ⊙ |W|ᵀ (R / (S + |b|))  (signed: x ⊙ Wᵀ ...)
         den = S.add_(babs) if babs is not None else S
         s = safe_div(R, den, out=den)
         if babs is not None:
             ctx.absorb_product(s, babs)
-        g = u.bwd(s, u.weight if signed else u.weight.abs(), x.shape)
+        g = u.bwd(s, u.weight if signed else wabs, x.shape)
         return {u.x_node: g.mul_(x if signed or nonneg else x.abs())}
     # saturation: the zeroed side leaves numerator and denominator, the other side takes its share
     P2, N2, rows = pos_neg2(u, x, S, nonneg, babs)

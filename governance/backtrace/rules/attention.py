@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..context import RuleContext, STABILISER, per_map
+from ..context import RuleContext, STABILISER, per_map, safe_div
 from ..registry import aten_ops, register_rule
 from . import affine
 
@@ -50,8 +50,10 @@ aten = torch.ops.aten
 
 
 def stab(v: torch.Tensor) -> torch.Tensor:
-    """``v + ε·sign(v)`` with ε = 1e-9 and sign(0) = +1 (spec 6)."""
-    return torch.where(v >= 0, v + STABILISER, v - STABILISER)
+    """``v + ε·sign(v)`` with ε = 1e-9 and sign(0) = +1 (spec 6), in arithmetic (a bool
+    ``where`` is slow on CPU): ``v + 0.0`` turns −0 into +0, then ε takes that sign."""
+    out = v + 0.0
+    return out.add_(torch.copysign(out.new_full((), STABILISER), out))
 
 
 def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
@@ -199,15 +201,16 @@ def attention_relevance(
     bias = None
     if is_causal:
         keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        logits = logits.masked_fill(~keep, -math.inf)
+        logits.masked_fill_(~keep, -math.inf)
     if mask is not None:
         if mask.dtype == torch.bool:
-            logits = logits.masked_fill(~mask, -math.inf)
+            logits.masked_fill_(~mask, -math.inf)
         else:
             bias = mask.to(dtype)
-            logits = logits + bias
+            logits.add_(bias)
     a = torch.softmax(logits, dim=-1)
-    a = torch.nan_to_num(a, nan=0.0)  # fully masked rows: SDPA returns 0 there
+    del logits
+    a.nan_to_num_(nan=0.0)  # fully masked rows: SDPA returns 0 there
     o = torch.matmul(a, v)
     q_rel, k_rel, v_rel = rel
     scores_rel = q_rel or k_rel
@@ -217,9 +220,8 @@ def attention_relevance(
     den_s = stab(n_s * s) if n_s else None
     frac = None
     if bias is not None and scores_rel:  # the scores' share of S·scale + M (add rule)
-        ms = (s * scale).abs()
-        d = ms + bias.abs()
-        frac = torch.where(d > 0, ms / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
+        ms = (s * scale).abs_()
+        frac = safe_div(ms, ms + bias.abs())
     results = []
     for r_o in maps:
         r_q = r_k = r_v = None
@@ -227,21 +229,21 @@ def attention_relevance(
         rn = r_o / den_o if den_o is not None else None
         # 1. O = A V
         if v_rel and rn is not None:
-            r_v = torch.matmul(a.transpose(-1, -2), rn) * v
+            r_v = torch.matmul(a.transpose(-1, -2), rn).mul_(v)
         if scores_rel and rn is not None:
-            r_a = torch.matmul(rn, v.transpose(-1, -2)) * a
+            r_a = torch.matmul(rn, v.transpose(-1, -2)).mul_(a)
             # 2. softmax: R_S = R_A; an additive float mask takes its bias share (eager's add)
             if frac is not None:
                 r_s = r_a * frac
-                absorbed = r_a - r_s
+                absorbed = r_a.sub_(r_s)
             else:
                 r_s = r_a
             # 3. S = Q Kᵀ
-            rs = r_s / den_s
+            rs = r_s.div_(den_s)
             if q_rel:
-                r_q = torch.matmul(rs, k) * q
+                r_q = torch.matmul(rs, k).mul_(q)
             if k_rel:
-                r_k = torch.matmul(rs.transpose(-1, -2), q) * k
+                r_k = torch.matmul(rs.transpose(-1, -2), q).mul_(k)
         if groups > 1:
             shp = lambda t: t.unflatten(-3, (t.shape[-3] // groups, groups)).sum(-3)  # noqa: E731
             r_k = shp(r_k) if r_k is not None else None

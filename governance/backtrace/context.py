@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import operator
 from typing import Any
 
@@ -35,6 +37,47 @@ VALUE_PRESERVING = {
 }
 
 STABILISER = 1e-9
+
+# Below this many multiply-adds a product runs on one intra-op thread: a parallel region costs
+# tens of microseconds, and on a busy machine it waits for a thread that lost its core.
+PARALLEL_WORK = 1 << 22
+
+# the caller's intra-op thread count while a walk runs on one thread (``walk_threads``)
+_PRODUCT_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("product_threads", default=None)
+
+
+@contextlib.contextmanager
+def walk_threads(parallel: bool = True):
+    """Run the walk on one intra-op thread, keeping the caller's count for the big products
+    (``product_threads``; none when ``parallel`` is False: a small model). Most of the walk is
+    element-wise and memory-bound, or small: its parallel regions save little, and each one
+    waits for its slowest thread, which on a busy machine is a thread that lost its core (two
+    threads then run slower than one). The caller's setting is restored on exit."""
+    n = torch.get_num_threads()
+    token = _PRODUCT_THREADS.set(n if parallel else 1)
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+        _PRODUCT_THREADS.reset(token)
+
+
+@contextlib.contextmanager
+def product_threads(work: float):
+    """Inside ``walk_threads``: the caller's intra-op threads for a convolution or matrix
+    product of about ``work`` multiply-adds, when that is enough to be worth parallelising."""
+    n = _PRODUCT_THREADS.get()
+    if n is None or n <= 1 or work < PARALLEL_WORK:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

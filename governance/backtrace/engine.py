@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Mapping
 
 import torch
@@ -10,15 +11,20 @@ from torch import fx, nn
 
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .capture import GraphCache, flatten_inputs, input_names
-from .context import RuleContext
+from .context import PARALLEL_WORK, RuleContext, walk_threads
 from .explanation import Explanation, NetRelevance
 from .modules import ModuleMap, build_module_map
-from .recording import record
+from .recording import forward_work, record
 from .rules.affine import mark_foldable_batch_norms
 from .seeding import TASKS, make_seed
 from .walk import check_rules, walk
 
 from governance.tasks import MODES
+
+
+# Forward passes below this many multiply-adds explain on one intra-op thread: their ops are too
+# small for parallel regions to pay (an MLP at batch 1024 is ~4M).
+SMALL_MODEL_WORK = 16 * PARALLEL_WORK
 
 
 def infer_task(y: torch.Tensor) -> str:
@@ -45,6 +51,7 @@ class Backtrace:
         self._graphs = GraphCache(model)
         self._module_maps: dict[int, ModuleMap] = {}
         self._fused: dict[int, dict] = {}  # batch norms folded into the layer before, per graph
+        self._work: dict[tuple, float] = {}  # forward multiply-adds per graph and input shapes
 
     def explain(
         self,
@@ -80,7 +87,13 @@ class Backtrace:
         if not tensors:
             raise ValueError("explain() needs at least one tensor input")
         n = int(tensors[0].shape[0])
-        recording = record(gm, flat)
+        # a small model runs on one intra-op thread throughout (``context.walk_threads``)
+        size_key = (id(gm), tuple(tuple(t.shape) for t in tensors))
+        work = self._work.get(size_key)
+        with walk_threads(parallel=False) if work is not None and work < SMALL_MODEL_WORK else nullcontext():
+            recording = record(gm, flat)
+        if work is None:
+            work = self._work[size_key] = forward_work(gm, recording.values)
         modules = self._module_map(gm)
         out_node, y = self._output(gm, recording)
         task = task or infer_task(y)
@@ -95,7 +108,7 @@ class Backtrace:
         for c in ctxs:
             c.fused = fused
         check_rules(ctxs[0], gm)
-        with torch.no_grad():
+        with torch.no_grad(), walk_threads(parallel=work >= SMALL_MODEL_WORK):
             results = walk(gm, ctxs, [{out_node: s} for s in seeds])
         exps = [
             self._explanation(mode, task, captured.placeholders, names, flat, single, r, modules,

@@ -162,3 +162,37 @@ def _relevant_nodes(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> set[fx.No
         if n.op == "call_function" and _packet_name(n.target) in INDEX_PATH_OPS:
             stack.extend(a for a in _arg_nodes(n) if a in depends and a not in relevant)
     return relevant
+
+
+# ops whose cost is a product: (the contraction size of each output element) x (output size)
+_PRODUCT_OPS = {
+    "linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d",
+    "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+}
+
+
+def forward_work(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> float:
+    """Multiply-adds of the recorded forward pass, estimated from its products (outputs times
+    contraction sizes); the engine sizes its parallelism by it."""
+    total = 0.0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or _packet_name(node.target) not in _PRODUCT_OPS:
+            continue
+        out = values.get(node)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        args = [values.get(a) if isinstance(a, fx.Node) else a for a in node.args[:3]]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not isinstance(out, torch.Tensor) or len(tensors) < 2:
+            continue
+        name = _packet_name(node.target)
+        if name.startswith("conv"):
+            inner = tensors[1][0].numel()
+        elif name.startswith("_scaled") or name.startswith("scaled"):
+            inner = 2 * tensors[1].shape[-2]
+        elif name == "addmm":
+            inner = tensors[1].shape[-1]
+        else:
+            inner = tensors[0].shape[-1] if tensors[0].dim() else 1
+        total += float(out.numel()) * inner
+    return total

@@ -75,6 +75,18 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
     def crossing(user: fx.Node, arg: fx.Node) -> bool:
         return arg.op == "placeholder" or paths.get(user) != paths.get(arg)
 
+    # per-sample sums by tensor: pass-through rules hand the same tensor across several module
+    # boundaries, and its sums are read once (a weak reference tells a reused id apart)
+    sums: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+
+    def sample_sums(c: RuleContext, k: int, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (k, id(r))
+        hit = sums.get(key)
+        if hit is None or hit[0]() is not r:
+            s = c.per_sample(r)
+            hit = sums[key] = (weakref.ref(r), s, s if c.one_signed else c.per_sample_abs(r))
+        return hit[1], hit[2]
+
     for node in reversed(list(gm.graph.nodes)):
         if node.op != "call_function":
             continue
@@ -119,8 +131,7 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
                     continue
                 _accumulate(maps[k], arg, r)
                 if crossing(node, arg):  # only edges that enter or leave a module count in the books
-                    s = ck.per_sample(r)
-                    edges[k].append((node, arg, s, s if ck.one_signed else ck.per_sample_abs(r)))
+                    edges[k].append((node, arg, *sample_sums(ck, k, r)))
             if residual:
                 mod = ctx0.module_path(node)
                 rec = branch[k].setdefault(mod, [0.0, 0.0])
@@ -128,7 +139,7 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
                     if arg not in relevant:
                         continue
                     inside = mod in ctx0.modules.path_set(arg) if arg.op != "placeholder" else False
-                    rec[0 if inside else 1] = rec[0 if inside else 1] + ck.per_sample(r)
+                    rec[0 if inside else 1] = rec[0 if inside else 1] + sample_sums(ck, k, r)[0]
     results = []
     for k in range(n_maps):
         results.append(WalkResult(maps[k], _books(ctxs[k], seeds[k], edges[k], branch[k])))

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..context import RuleContext, first_output, safe_div
+from ..context import RuleContext, first_output, product_threads, safe_div
 from ..registry import register_rule
 
 aten = torch.ops.aten
@@ -79,6 +79,17 @@ class AffineUnit:
     # (input dim, weight dim) of the input features: inputs concatenated along it meet weights
     # concatenated along it in one product, Σ_k fwd(x_k, W_k); None where the op can't (groups)
     in_stack: tuple[int, int] | None = None
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``fwd`` with the caller's intra-op threads when it is big (``context.product_threads``;
+        work estimated as input size times the weight's size per output unit)."""
+        with product_threads(x.numel() * (w.numel() / max(w.shape[0], 1))):
+            return self.fwd(x, w)
+
+    def backward(self, s: torch.Tensor, w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """``bwd`` with the caller's intra-op threads when it is big."""
+        with product_threads(s.numel() * (w.numel() / max(w.shape[0], 1))):
+            return self.bwd(s, w, shape)
 
 
 # --- op descriptions ---------------------------------------------------------------------------
@@ -307,7 +318,7 @@ def is_nonnegative(x: torch.Tensor) -> bool:
 
 def magnitude(u: AffineUnit, x: torch.Tensor, nonneg: bool, wabs: torch.Tensor | None = None) -> torch.Tensor:
     """S_j = P_j + N_j = Σ_i |z_ji|: one product of absolute values (a fresh tensor)."""
-    return u.fwd(x if nonneg else x.abs(), u.weight.abs() if wabs is None else wabs)
+    return u.forward(x if nonneg else x.abs(), u.weight.abs() if wabs is None else wabs)
 
 
 def _sign_parts(x: torch.Tensor, u: AffineUnit) -> torch.Tensor:
@@ -332,14 +343,14 @@ def _exact_pos_neg(u: AffineUnit, x: torch.Tensor, nonneg: bool) -> tuple[torch.
     wp, wn = u.weight.clamp(min=0), u.weight.clamp(max=0).neg_()
     if u.stack is not None and (nonneg or u.in_stack is not None):
         if nonneg:
-            P, N = _split_units(u, u.fwd(x, torch.cat([wp, wn], dim=u.stack[1])), 2)
+            P, N = _split_units(u, u.forward(x, torch.cat([wp, wn], dim=u.stack[1])), 2)
         else:
-            P, N = _split_units(u, u.fwd(_sign_parts(x, u), _blocks(u, [[wp, wn], [wn, wp]])), 2)
+            P, N = _split_units(u, u.forward(_sign_parts(x, u), _blocks(u, [[wp, wn], [wn, wp]])), 2)
         return P, N
     if nonneg:
-        return u.fwd(x, wp), u.fwd(x, wn)
+        return u.forward(x, wp), u.forward(x, wn)
     xp, xn = x.clamp(min=0), x.clamp(max=0).neg_()
-    return u.fwd(xp, wp) + u.fwd(xn, wn), u.fwd(xp, wn) + u.fwd(xn, wp)
+    return u.forward(xp, wp) + u.forward(xn, wn), u.forward(xp, wn) + u.forward(xn, wp)
 
 
 def pos_neg2(u: AffineUnit, x: torch.Tensor, S: torch.Tensor, nonneg: bool,
@@ -351,7 +362,7 @@ def pos_neg2(u: AffineUnit, x: torch.Tensor, S: torch.Tensor, nonneg: bool,
     lost precision, or one side is empty and must be seen as exactly 0) are recomputed from the
     one-signed sums on their batch rows (every row when the op is not batch-separable); the
     relevance split of those rows must then avoid the cancelling identity too (``_spread``)."""
-    D = u.product() if u.product is not None else u.fwd(x, u.weight)
+    D = u.product() if u.product is not None else u.forward(x, u.weight)
     if u.single_term:  # one contribution per unit: (|z| ± z) is exact
         return S + D, S.sub_(D), None
     kappa = PRECISION_MARGIN
@@ -418,14 +429,14 @@ def _by_sign(u: AffineUnit, x: torch.Tensor, coef, maps: int, merged: bool, nonn
 
     def products(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:  # firstᵀα + secondᵀβ
         if merged:
-            return u.bwd(coef, torch.cat([first, second], dim=u.stack[1]), shape)
-        return u.bwd(coef[0], first, shape).add_(u.bwd(coef[1], second, shape))
+            return u.backward(coef, torch.cat([first, second], dim=u.stack[1]), shape)
+        return u.backward(coef[0], first, shape).add_(u.backward(coef[1], second, shape))
 
     if merged and not nonneg and u.in_stack is not None:  # both signs of x in one product
         ax = u.in_stack[0] % x.dim()
         shape2 = list(shape)
         shape2[ax] *= 2
-        gh = u.bwd(coef, _blocks(u, [[wp2, wn2], [wn2, wp2]]), torch.Size(shape2))
+        gh = u.backward(coef, _blocks(u, [[wp2, wn2], [wn2, wp2]]), torch.Size(shape2))
         g, h = gh.chunk(2, dim=ax)
         out = _per_map(g, maps, x) * x.clamp(min=0)
         out.addcmul_(_per_map(h, maps, x), x.clamp(max=0).neg_())
@@ -463,9 +474,9 @@ def _spread(u: AffineUnit, x: torch.Tensor, buf: torch.Tensor, maps: int, merged
     shape = torch.Size([alpha.shape[0], *x.shape[1:]])
     alpha.add_(beta)
     torch.add(alpha, beta, alpha=-2.0, out=beta)  # α − β
-    g = u.bwd(alpha, u.weight.abs(), shape)
+    g = u.backward(alpha, u.weight.abs(), shape)
     _per_map(g, maps, x).mul_(x.abs())
-    h = u.bwd(beta, u.weight, shape)
+    h = u.backward(beta, u.weight, shape)
     _per_map(h, maps, x).mul_(x)
     g.add_(h)
     if exact is not None:
@@ -503,7 +514,7 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
         s = safe_div(R, den, out=den)
         if babs is not None:
             ctx.absorb_product(s, babs)
-        g = u.bwd(s, u.weight if signed else wabs, x.shape)
+        g = u.backward(s, u.weight if signed else wabs, x.shape)
         return {u.x_node: g.mul_(x if signed or nonneg else x.abs())}
     # saturation: the zeroed side leaves numerator and denominator, the other side takes its share
     P2, N2, rows = pos_neg2(u, x, S, nonneg, babs)
@@ -530,6 +541,33 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
     return {u.x_node: _spread(u, x, buf, 1, merged, by_sign, nonneg, rows)}
 
 
+#: element-wise work runs over blocks of about this many units, so that its dozen or so
+#: temporaries stay in the processor's cache between passes
+BLOCK_UNITS = 1 << 16
+
+
+def _route(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, inv_p: torch.Tensor, inv_n: torch.Tensor,
+           ap: torch.Tensor, bp: torch.Tensor, an: torch.Tensor, bn: torch.Tensor) -> None:
+    """Spec 4's routing of R+ and R- into the half coefficients (a+/2, b+/2, a-/2, b-/2), given
+    2P and 2N in ``inv_p`` / ``inv_n`` (turned into 1/(2P), 1/(2N), 0 for an empty side)."""
+    for v in (inv_p, inv_n):
+        v.reciprocal_().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    if int(torch.count_nonzero(t)) < t.numel():  # mixed units with t = 0 pass nothing
+        still = (t == 0).logical_and_(inv_p != 0).logical_and_(inv_n != 0)
+        inv_p.masked_fill_(still, 0.0)
+        inv_n.masked_fill_(still, 0.0)
+    # float 0/1 masks (comparisons written into float buffers: applying bool masks is slow on
+    # CPU); the bp and an slots serve as scratch until their turn
+    agree = torch.gt(torch.sub(Rp, Rn, out=bp).mul_(t), 0.0, out=bp)
+    no_p, no_n = torch.eq(inv_p, 0.0, out=an), torch.eq(inv_n, 0.0, out=torch.empty_like(inv_n))
+    torch.maximum(no_n, agree, out=ap).mul_(inv_p).mul_(Rp)  # R+ to the positive side
+    torch.maximum(no_p, agree, out=bn).mul_(inv_n).mul_(Rn)  # R- to the negative side
+    disagree = agree.neg_().add_(1.0)
+    to_pos = torch.maximum(no_n, disagree, out=no_n)
+    torch.maximum(no_p, disagree, out=bp).mul_(inv_n).mul_(Rp)  # R+ to the negative side
+    torch.mul(to_pos, inv_p, out=an).mul_(Rn)  # R- to the positive side
+
+
 def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tensor, Rn: torch.Tensor,
                  x: torch.Tensor | None = None):
     """Spec 4. Per unit, with ``agree`` = (R+ − R-)·t > 0 (the larger map and the dominant side
@@ -541,27 +579,15 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     nonneg = is_nonnegative(x)
     babs = u.bias.abs() if u.bias is not None else None
     inv_p, inv_n, rows = pos_neg2(u, x, magnitude(u, x, nonneg), nonneg, babs)
-    # 1/(2P), 1/(2N), 0 for an empty side: the half coefficients are R / (2P) and R / (2N)
-    for v in (inv_p, inv_n):
-        v.reciprocal_().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    t = u.pre_activation
-    if int(torch.count_nonzero(t)) < t.numel():  # mixed units with t = 0 pass nothing
-        still = (t == 0).logical_and_(inv_p != 0).logical_and_(inv_n != 0)
-        inv_p.masked_fill_(still, 0.0)
-        inv_n.masked_fill_(still, 0.0)
     by_sign = split_by_sign(u, x, nonneg, rows)
     merged = by_sign and u.stack is not None
     buf, [(ap, bp), (an, bn)] = _halves(u, Rp, 2, merged)
-    # float 0/1 masks (comparisons written into float buffers: applying bool masks is slow on
-    # CPU); the bp and an slots serve as scratch until their turn
-    agree = torch.gt(torch.sub(Rp, Rn, out=bp).mul_(t), 0.0, out=bp)
-    no_p, no_n = torch.eq(inv_p, 0.0, out=an), torch.eq(inv_n, 0.0, out=torch.empty_like(inv_n))
-    torch.maximum(no_n, agree, out=ap).mul_(inv_p).mul_(Rp)  # R+ to the positive side
-    torch.maximum(no_p, agree, out=bn).mul_(inv_n).mul_(Rn)  # R- to the negative side
-    disagree = agree.neg_().add_(1.0)
-    to_pos = torch.maximum(no_n, disagree, out=no_n)
-    torch.maximum(no_p, disagree, out=bp).mul_(inv_n).mul_(Rp)  # R+ to the negative side
-    torch.mul(to_pos, inv_p, out=an).mul_(Rn)  # R- to the positive side
+    t = u.pre_activation
+    n = Rp.shape[0]
+    step = max(1, BLOCK_UNITS // max(Rp[0].numel(), 1)) if Rp.dim() > 1 else n
+    for lo in range(0, n, step):
+        blk = slice(lo, lo + step)
+        _route(Rp[blk], Rn[blk], t[blk], inv_p[blk], inv_n[blk], ap[blk], bp[blk], an[blk], bn[blk])
     both = _spread(u, x, buf, 2, merged, by_sign, nonneg, rows)
     n = x.shape[0]
     return {u.x_node: (both[:n], both[n:])}

@@ -79,6 +79,9 @@ class AffineUnit:
     # (input dim, weight dim) of the input features: inputs concatenated along it meet weights
     # concatenated along it in one product, Σ_k fwd(x_k, W_k); None where the op can't (groups)
     in_stack: tuple[int, int] | None = None
+    # relevance maps (R+ and R-) may stack on the batch axis of one product; not when the weight
+    # has a batch axis of its own (a matmul with a per-sample constant)
+    stack_maps: bool = True
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``fwd`` with the caller's intra-op threads when it is big (``context.product_threads``;
@@ -239,6 +242,7 @@ def affine_unit(node: fx.Node, ctx: RuleContext) -> AffineUnit:
     args = list(node.args)
     stack: tuple[int, int] | None = (-1, 0)
     in_stack: tuple[int, int] | None = (-1, -1)
+    stack_maps = True
     if name == "linear":
         x_node, w = args[0], ctx.value(args[1])
         b = ctx.value(args[2]) if len(args) > 2 and args[2] is not None else None
@@ -256,7 +260,9 @@ def affine_unit(node: fx.Node, ctx: RuleContext) -> AffineUnit:
         if ctx.is_relevant(lhs) and not ctx.is_relevant(rhs):  # x @ C  ==  x @ (Cᵀ)ᵀ
             x_node, w, b = lhs, ctx.value(rhs).transpose(-1, -2), None
             fwd, bwd = _linear_fwd, _linear_bwd
+            stack = (-1, -2)  # C may carry batch axes in front
             row_dims = ctx.value(x_node).dim() - 1 if w.dim() == 2 else 0
+            stack_maps = w.dim() == 2
         else:  # C @ x: transpose the problem, (C x)ᵀ = xᵀ Cᵀ
             x_node, c, b = rhs, ctx.value(lhs), None
             fwd = lambda x, w: torch.matmul(w, x)  # noqa: E731
@@ -264,6 +270,7 @@ def affine_unit(node: fx.Node, ctx: RuleContext) -> AffineUnit:
             w = c
             stack, in_stack = (-2, -2), (-2, -1)
             row_dims = max(ctx.value(x_node).dim() - 2, 0) if w.dim() == 2 else 0
+            stack_maps = w.dim() == 2
         transposed, groups = False, 1
     elif name.startswith("conv"):
         x_node, w, b, fwd, bwd, transposed, groups = _conv_desc(node, ctx)
@@ -302,7 +309,7 @@ def affine_unit(node: fx.Node, ctx: RuleContext) -> AffineUnit:
         d = out - own_bias if own_bias is not None else out
         return d * fold if fold is not None else d
 
-    return AffineUnit(x_node, w, b, fwd, bwd, pre, stack, product, row_dims, in_stack=in_stack)
+    return AffineUnit(x_node, w, b, fwd, bwd, pre, stack, product, row_dims, in_stack=in_stack, stack_maps=stack_maps)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -461,6 +468,10 @@ def _spread(u: AffineUnit, x: torch.Tensor, buf: torch.Tensor, maps: int, merged
     ``|x| ⊙ |W|ᵀ(α + β) + x ⊙ Wᵀ(α − β)``: two products instead of four, but the terms of a unit
     whose receiving side is small cancel there, so the ``rows`` that hold such units (those
     ``pos_neg2`` recomputed) take the one-signed products."""
+    if maps > 1 and not u.stack_maps:  # one product per map
+        n = x.shape[0]
+        parts = [buf.narrow(0, k * n, n) if merged else buf.narrow(1, k * n, n) for k in range(maps)]
+        return torch.cat([_spread(u, x, p, 1, merged, by_sign, nonneg, rows) for p in parts])
     if by_sign:
         return _by_sign(u, x, buf if merged else (buf[0], buf[1]), maps, merged, nonneg)
     alpha, beta = buf[0], buf[1]

@@ -62,12 +62,14 @@ def _pool_params(node: fx.Node, nd: int):
     return k, s, p, d, ceil
 
 
-def _max_pool_nd(x: torch.Tensor, out: torch.Tensor, R: torch.Tensor, k, s, p, d, ceil) -> torch.Tensor:
-    """Window maxima take the window's relevance (ties share); via unfold/fold on 2-D maps."""
+def _max_pool_nd(x: torch.Tensor, out: torch.Tensor, k, s, p, d, ceil):
+    """Window maxima take the window's relevance (ties share); via unfold/fold on 2-D maps.
+    The comparison with the window maxima is done once and returned as ``share(R)`` for each
+    relevance map."""
     nd = len(k)
     squeeze = nd == 1
     if squeeze:  # 1-D as 2-D with a unit height
-        x, out, R = x.unsqueeze(-2), out.unsqueeze(-2), R.unsqueeze(-2)
+        x, out = x.unsqueeze(-2), out.unsqueeze(-2)
         k, s, p, d = [1] + k, [1] + s, [0] + p, [1] + d
     batch_shape = x.shape[:-2]
     H, W = x.shape[-2:]
@@ -84,14 +86,18 @@ def _max_pool_nd(x: torch.Tensor, out: torch.Tensor, R: torch.Tensor, k, s, p, d
     kk = k[0] * k[1]
     cols = cols.reshape(n, c, kk, -1)
     L = cols.shape[-1]
-    m = out.reshape(n, c, 1, L)
-    hit = (cols == m).to(R.dtype)
+    hit = torch.eq(cols, out.reshape(n, c, 1, L), out=cols)  # float 0/1, in the unfolded copy
     cnt = hit.sum(2, keepdim=True)
-    share = hit * safe_div(R.reshape(n, c, 1, L), cnt)
-    back = F.fold(share.reshape(n, c * kk, L), output_size=(Hp, Wp), kernel_size=k, dilation=d, stride=s)
-    back = back[..., p[0]:p[0] + H, p[1]:p[1] + W]
-    back = back.reshape(*batch_shape, H, W)
-    return back.squeeze(-2) if squeeze else back
+
+    def share(R: torch.Tensor) -> torch.Tensor:
+        if squeeze:
+            R = R.unsqueeze(-2)
+        part = hit.to(R.dtype) * safe_div(R.reshape(n, c, 1, L), cnt.to(R.dtype))
+        back = F.fold(part.reshape(n, c * kk, L), output_size=(Hp, Wp), kernel_size=k, dilation=d, stride=s)
+        back = back[..., p[0]:p[0] + H, p[1]:p[1] + W].reshape(*batch_shape, H, W)
+        return back.squeeze(-2) if squeeze else back
+
+    return share
 
 
 @register_rule(*aten_ops("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
@@ -112,7 +118,7 @@ def max_pool_rule(ctx: RuleContext, node: fx.Node, R):
     elif nd == 3:
         raise ctx.unsupported(node, "3-d max pooling is supported with stride = kernel and no padding only")
     else:
-        share = lambda r: _max_pool_nd(x, out, r, k, s, p, d, ceil)  # noqa: E731
+        share = _max_pool_nd(x, out, k, s, p, d, ceil)
     return per_map(ctx, R, lambda c, r: {x_node: share(first_output(r))})
 
 

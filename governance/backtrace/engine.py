@@ -87,13 +87,35 @@ class Backtrace:
         if not tensors:
             raise ValueError("explain() needs at least one tensor input")
         n = int(tensors[0].shape[0])
-        # a small model runs on one intra-op thread throughout (``context.walk_threads``)
+        # a small model runs on one intra-op thread throughout; a large one records with the
+        # caller's threads and walks on one, its big products on the caller's (context.walk_threads)
         size_key = (id(gm), tuple(tuple(t.shape) for t in tensors))
         work = self._work.get(size_key)
         with walk_threads(parallel=False) if work is not None and work < SMALL_MODEL_WORK else nullcontext():
             recording = record(gm, flat)
         if work is None:
             work = self._work[size_key] = forward_work(gm, recording.values)
+        with walk_threads(parallel=work >= SMALL_MODEL_WORK):
+            return self._walk(gm, recording, captured, names, flat, single, n, mode, task, target,
+                              multiplier, seed, threshold)
+
+    def explain_generation(self, input_ids: torch.Tensor, max_new_tokens: int = 1,
+                           attention_mask: torch.Tensor | None = None, mode: str = "default",
+                           multiplier: float = 100.0, seed: str = "output", **kwargs: Any):
+        """Generate ``max_new_tokens`` tokens greedily and explain each one over the prompt and
+        the earlier generated tokens: a ``generation.GenerationExplanation`` (k x T relevance
+        matrix per sample, per-layer relevance per step). See ``generation.py``."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        from .generation import explain_generation
+
+        return explain_generation(self, input_ids, max_new_tokens=max_new_tokens,
+                                  attention_mask=attention_mask, mode=mode,
+                                  multiplier=multiplier, seed=seed, **kwargs)
+
+    def _walk(self, gm, recording, captured, names, flat, single, n, mode, task, target, multiplier,
+              seed, threshold) -> Explanation:
+        """Seed the output, walk the graph back and assemble the explanation."""
         modules = self._module_map(gm)
         out_node, y = self._output(gm, recording)
         task = task or infer_task(y)
@@ -108,7 +130,7 @@ class Backtrace:
         for c in ctxs:
             c.fused = fused
         check_rules(ctxs[0], gm)
-        with torch.no_grad(), walk_threads(parallel=work >= SMALL_MODEL_WORK):
+        with torch.no_grad():
             results = walk(gm, ctxs, [{out_node: s} for s in seeds])
         exps = [
             self._explanation(mode, task, captured.placeholders, names, flat, single, r, modules,
@@ -129,20 +151,6 @@ class Backtrace:
             module_types=modules.types, positive=pos, negative=neg,
             extras=_combine_extras(pos.extras, neg.extras),
         )
-
-    def explain_generation(self, input_ids: torch.Tensor, max_new_tokens: int = 1,
-                           attention_mask: torch.Tensor | None = None, mode: str = "default",
-                           multiplier: float = 100.0, seed: str = "output", **kwargs: Any):
-        """Generate ``max_new_tokens`` tokens greedily and explain each one over the prompt and
-        the earlier generated tokens: a ``generation.GenerationExplanation`` (k x T relevance
-        matrix per sample, per-layer relevance per step). See ``generation.py``."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        from .generation import explain_generation
-
-        return explain_generation(self, input_ids, max_new_tokens=max_new_tokens,
-                                  attention_mask=attention_mask, mode=mode,
-                                  multiplier=multiplier, seed=seed, **kwargs)
 
     # -- helpers ---------------------------------------------------------------------------
     def _module_map(self, gm: fx.GraphModule) -> ModuleMap:

@@ -17,15 +17,19 @@ work at the cost of a forward+backward pass:
   N = (S − D)/2 cost one product. The difference loses precision where one side is small next to
   ``S + |b|``, and a unit with one empty side must be classified exactly: those units
   (``min(P, N) < κ (S + |b|)``, κ = ``PRECISION_MARGIN``) are recomputed from the one-signed sums
-  (on their batch rows only where the op allows it), so P and N stay within
-  ``κ⁻¹ · (the forward pass's own rounding)`` of the direct sums (a relative 1e-5 in float32,
-  1e-13 in float64; exact where P or N is 0).
+  (on their rows only where the op allows it). Elsewhere the error of P and N is at most κ⁻¹
+  times the rounding of the forward pass itself, ε·(S + |b|) (measured within 13 ε (S + |b|):
+  a relative 1e-5 at most in float32, 3e-14 in float64); P or N = 0 is always seen exactly.
 * A relevance split ``Σ_j a_j max(z_ji, 0) + b_j max(−z_ji, 0)`` (what every mode computes, with
   coefficients a on the positive and b on the negative contributions) equals, because
   max(±z, 0) = (|z| ± z)/2, ``½ (|x_i| (|W|ᵀ(a + b))_i + x_i (Wᵀ(a − b))_i)``: two transposed
   products for any sign of x, and one (``x ⊙ [|W| + W ; |W| − W]ᵀ [a ; b] / 2``, the units of
   both coefficient maps stacked) when x ≥ 0 (after a ReLU). Several relevance maps (R+ and R-)
-  stack on the batch axis of the same call.
+  stack on the batch axis of the same call. With mixed signs the two products cancel for a unit
+  whose receiving side is small (error ε·S/P instead of ε), so the rows that hold such units
+  (those recomputed above) take the one-signed products instead: x⁺ through W⁺ and |x⁻| through
+  |W⁻| for the positive contributions, the other pairs for the negative ones (one product when
+  the inputs of both signs stack along the feature axis).
 * Without active saturation the default and signed rules need no split at all:
   ``R_in = |x| ⊙ |W|ᵀ (R / (S + |b|))`` (signed: ``x ⊙ Wᵀ (R / (S + |b|))``).
 
@@ -51,7 +55,8 @@ aten = torch.ops.aten
 Fwd = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Bwd = Callable[[torch.Tensor, torch.Tensor, torch.Size], torch.Tensor]
 
-#: κ: where min(P, N) < κ (P + N + |b|), P and N are recomputed from their one-signed sums
+#: κ: where min(P, N) < κ (P + N + |b|), P and N are recomputed from their one-signed sums (and
+#: the rows holding such units split relevance without the cancelling identity)
 PRECISION_MARGIN = 2.0 ** -4
 
 

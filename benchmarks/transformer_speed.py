@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> list[CaseResult]:
             print(extra[-1], flush=True)
         else:
             rows.append(run_case(CASES[key], args.repeats, (args.threads,), captum=False))
-            print(report(rows[-1:], args.clock).splitlines()[4], flush=True)
+            print(report(rows[-1:], args.clock, args.threads).splitlines()[4], flush=True)
     print()
-    table = report(rows, args.clock) if rows else "| model | fwd+bwd (ms) | default | signed | contrastive | - |\n|---|---|---|---|---|---|"
+    table = report(rows, args.clock, args.threads) if rows else "| model | fwd+bwd (ms) | default | signed | contrastive | - |\n|---|---|---|---|---|---|"
     print(table.split("\n\nPeak")[0])
     for line in extra:
         print(line)

@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> list:
     rows = []
     for key in args.only.split(","):
         rows.append(run_case(CASES[key.strip()], args.repeats, (args.threads,), captum=False))
-        print(report(rows[-1:], args.clock).splitlines()[4], flush=True)
+        print(report(rows[-1:], args.clock, args.threads).splitlines()[4], flush=True)
     print()
-    print(report(rows, args.clock))
+    print(report(rows, args.clock, args.threads))
     return rows
 
 

@@ -1,13 +1,25 @@
-"""Engine speed: explain() time as a ratio of one forward+backward pass of the same model.
+"""Engine speed: explain() time as a ratio of one forward+backward pass of the same model (issue 14).
 
-For each model and batch, measured in this one run: the median time of a forward+backward
-(gradient x input) pass, of ``Backtrace.explain`` in each mode (graph capture excluded: it is
-cached per input signature), their ratios, and the peak extra memory of each (VmHWM reset via
-/proc/self/clear_refs, so the figure is the resident-set high-water mark above the resting
-level). Targets (issue 2): default <= 2x, contrastive <= 4x.
+For each model and batch, measured in this one run:
 
-    .venv/bin/python benchmarks/engine_speed.py [--only mlp,cnn,resnet34] [--repeats 5]
-        [--clock wall|cpu] [--threads N]
+* the median time of a forward+backward (gradient x input) pass and of ``Backtrace.explain`` in
+  each mode (graph capture excluded: it is cached per input signature), their ratios, and the
+  issue's targets with pass/FAIL per cell (timed with ``--clock``, at the first ``--threads``
+  count);
+* Captum's LRP (epsilon rule) on the same model and batch, where Captum is installed (the
+  ``bench`` extra) and supports the model's layers ("unsupported (...)" otherwise);
+* 1 vs 2 intra-op threads (wall clock: CPU time counts every thread, so it cannot show a speed-up):
+  explain() with two threads must not be slower than with one;
+* the peak extra memory of each mode (tensor allocations above what exists before the call: the
+  profiler's allocation events on CPU, ``max_memory_allocated`` on CUDA), and contrastive over
+  default (target <= 2).
+
+    .venv/bin/python benchmarks/engine_speed.py [--only cnn,resnet34,mlp,minilm,llama]
+        [--repeats N] [--clock wall|cpu] [--threads 1,2] [--device cpu|cuda] [--no-captum]
+
+``--clock cpu`` (process CPU time; use it on a shared machine) applies to the target table; on
+CUDA the clock is the wall clock with synchronisation. ``--only`` also takes the zoo cases of
+``zoo_speed.py`` (moe, lstm, unet).
 """
 
 from __future__ import annotations
@@ -18,51 +30,22 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import ResNet34, SmallCNN, paper_mlp, randomise_batch_norm  # noqa: E402
+from models import (MiniLMClassifier, ResNet34, SmallCNN, paper_mlp, randomise_batch_norm,  # noqa: E402
+                    small_llama, token_batch)
 
 from governance.backtrace import Backtrace  # noqa: E402
 
 MODES = ("default", "signed", "contrastive")
-
-
-@dataclass
-class Case:
-    """One benchmark row: a model, an input batch and the task to seed."""
-
-    name: str
-    build: Callable[[], tuple[torch.nn.Module, object]]
-    task: str
-    repeats: int = 5
-    modes: tuple[str, ...] = MODES
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
-def peak_extra_mib(fn: Callable[[], object]) -> float:
-    """Resident-set high-water mark above the resting level while ``fn`` runs (MiB)."""
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return float("nan")
-    rest = _rss_kib("VmRSS")
-    out = fn()
-    peak = _rss_kib("VmHWM")
-    del out
-    return (peak - rest) / 1024
+THREAD_NOISE = 0.05  # "not slower": within this fraction (equal speeds measure either way round)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def forward_backward(model: torch.nn.Module, x: object, task: str) -> object:
@@ -80,51 +63,195 @@ def forward_backward(model: torch.nn.Module, x: object, task: str) -> object:
     return x.grad * x
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-CLOCK = CLOCKS["wall"]
+def minilm_forward_backward(model, x, task):
+    """Gradient of the top class with respect to the word embeddings, times the embeddings."""
+    emb = model.encoder.embeddings.word_embeddings(x["input_ids"]).detach().requires_grad_(True)
+    y = model(None, x["attention_mask"], inputs_embeds=emb)
+    y.gather(-1, y.argmax(-1, keepdim=True)).sum().backward()
+    return (emb.grad * emb).sum(-1)
 
 
-def timed(fns: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float] | None = None) -> dict[str, float]:
-    """Median time of each function after one warm-up call each (graph capture, allocator);
-    the functions are interleaved per repeat so load changes hit them alike."""
-    clock = clock or CLOCK
+def lm_forward_backward(model, x, task):
+    """Gradient of the last position's top logit with respect to the input embeddings."""
+    emb = model.get_input_embeddings()(x["input_ids"]).detach().requires_grad_(True)
+    logits = model(inputs_embeds=emb, attention_mask=x["attention_mask"], use_cache=False).logits[:, -1]
+    logits.gather(-1, logits.argmax(-1, keepdim=True)).sum().backward()
+    return (emb.grad * emb).sum(-1)
+
+
+@dataclass
+class Case:
+    """One benchmark row: a model, an input batch, the task to seed, its baseline and targets."""
+
+    name: str
+    build: Callable[[], tuple[torch.nn.Module, object]]
+    task: str
+    repeats: int = 5
+    modes: tuple[str, ...] = MODES
+    baseline: Callable[[torch.nn.Module, object, str], object] = forward_backward
+    targets: dict[str, float] = field(default_factory=dict)  # mode -> max ratio (issue 14)
+
+
+@dataclass
+class CaseResult:
+    """Medians at the first thread count per function ((wall s, cpu s)), wall medians per thread
+    count, peak extra MiB, Captum's LRP (its medians, or why it does not apply)."""
+
+    case: Case
+    times: dict[str, tuple[float, float]]
+    threads: dict[int, dict[str, tuple[float, float]]]
+    mem: dict[str, float]
+    captum: str | None = None
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fns: dict[str, Callable[[], object]], repeats: int, device: str = "cpu") -> dict[str, tuple[float, float]]:
+    """Median (wall, cpu) seconds of each function after one warm-up call each (graph capture,
+    allocator); the functions are interleaved per repeat so load changes hit them alike."""
     for fn in fns.values():
         fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    _sync(device)
+    walls: dict[str, list[float]] = {k: [] for k in fns}
+    cpus: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t = clock()
+            w, c = time.perf_counter(), time.process_time()
             fn()
-            times[k].append(clock() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+            _sync(device)
+            walls[k].append(time.perf_counter() - w)
+            cpus[k].append(time.process_time() - c)
+    return {k: (statistics.median(walls[k]), statistics.median(cpus[k])) for k in fns}
 
 
-def run_case(case: Case, repeats: int | None = None,
-             baseline: Callable[[torch.nn.Module, object, str], object] = forward_backward,
-             clock: Callable[[], float] | None = None) -> dict:
-    """Time and measure one case: the baseline and every mode, interleaved per repeat."""
+def thread_times(fns: dict[str, Callable[[], object]], threads: tuple[int, ...], repeats: int,
+                 device: str = "cpu") -> dict[int, dict[str, tuple[float, float]]]:
+    """(median, min) wall seconds of each function at each intra-op thread count. Each function
+    is timed alone (not interleaved with the others: a multi-threaded call leaves worker threads
+    spinning that would slow the next one down), the thread counts alternating per repeat. The
+    minimum shows the speed without interference from other jobs on a shared machine."""
+    out: dict[int, dict[str, tuple[float, float]]] = {n: {} for n in threads}
+    for k, fn in fns.items():
+        walls: dict[int, list[float]] = {n: [] for n in threads}
+        for n in threads:
+            torch.set_num_threads(n)
+            fn()
+        for _ in range(repeats):
+            for n in threads:
+                torch.set_num_threads(n)
+                _sync(device)
+                w = time.perf_counter()
+                fn()
+                _sync(device)
+                walls[n].append(time.perf_counter() - w)
+        for n in threads:
+            out[n][k] = (statistics.median(walls[n]), min(walls[n]))
+    return out
+
+
+def peak_extra_mib(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Peak of the tensor memory allocated while ``fn`` runs, above what was allocated before
+    (MiB): CUDA's allocator statistics, or on CPU the running sum of the profiler's allocation
+    and free events (independent of how the C allocator caches or returns pages)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    cur = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        cur += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+# --- Captum's LRP ------------------------------------------------------------------------------
+
+def captum_lrp(model: torch.nn.Module, x: object, task: str) -> Callable[[], object] | str:
+    """Captum's LRP (epsilon rule on linear and convolution layers, its defaults) as a
+    function, or why it does not apply. Element-wise activations without a Captum rule
+    (sigmoid, tanh, GELU, ...) pass relevance through (IdentityRule, the LRP convention)."""
+    try:
+        from captum.attr import LRP
+        from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
+        from captum.attr._utils.lrp_rules import IdentityRule
+    except ImportError:
+        return "not installed"
+    if isinstance(x, dict):
+        return "unsupported (dict inputs: token ids through embeddings)"
+    identity = (torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.GELU, torch.nn.SiLU, torch.nn.Softmax)
+    known = tuple(SUPPORTED_LAYERS_WITH_RULES) + tuple(SUPPORTED_NON_LINEAR_LAYERS)
+    passing = []
+    for m in model.modules():
+        if list(m.children()) or isinstance(m, known):
+            continue
+        if not isinstance(m, identity):
+            return f"unsupported ({type(m).__name__})"
+        passing.append(m)
+    lrp = LRP(model)
+    with torch.no_grad():
+        y = model(x)
+    target = y.argmax(-1) if task == "multiclass-classification" else None
+
+    def run() -> object:
+        for m in passing:  # Captum removes the rules it finds after each call
+            m.rule = IdentityRule()
+        return lrp.attribute(x, target=target)
+
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001  (Captum's own limits, reported as such)
+        return f"unsupported ({type(e).__name__}: {str(e).splitlines()[0][:60]})"
+    return run
+
+
+# --- one case ------------------------------------------------------------------------------------
+
+def run_case(case: Case, repeats: int | None = None, threads: tuple[int, ...] = (1,), device: str = "cpu",
+             captum: bool = True, memory: bool = True) -> CaseResult:
+    """Time the baseline, every mode and Captum's LRP (interleaved per repeat) at the first
+    thread count, then each function at every thread count, and measure the peak extra memory."""
     torch.manual_seed(0)
     model, x = case.build()
     model.eval()
+    if device != "cpu":
+        model = model.to(device)
+        x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
     bt = Backtrace(model)
-    fns = {"fwd+bwd": lambda: baseline(model, x, case.task)}
+    fns = {"fwd+bwd": lambda: case.baseline(model, x, case.task)}
     for mode in case.modes:
         fns[mode] = (lambda m: lambda: bt.explain(x, mode=m, task=case.task))(mode)
-    med = timed(fns, repeats or case.repeats, clock)
-    mem = {k: peak_extra_mib(fn) for k, fn in fns.items()}
-    return {"case": case.name, "time": med, "mem": mem}
+    lrp = captum_lrp(model, x, case.task) if captum else None
+    if callable(lrp):
+        fns["captum"] = lrp
+    reps = repeats or case.repeats
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads[0])
+        times = timed(fns, reps, device)
+        mem = {k: peak_extra_mib(fn, device) for k, fn in fns.items() if k != "captum"} if memory else {}
+        per_thread = thread_times(fns, threads, reps, device) if len(threads) > 1 else {}
+    finally:
+        torch.set_num_threads(old)
+    return CaseResult(case, times, per_thread, mem, None if callable(lrp) else lrp)
 
 
-def report(rows: list[dict]) -> str:
-    head = "| model | fwd+bwd (ms) | " + " | ".join(f"{m} (x)" for m in MODES) + " | peak extra MiB: fwd+bwd / " + " / ".join(MODES) + " |"
-    lines = [head, "|" + "---|" * (3 + len(MODES))]
-    for r in rows:
-        base = r["time"]["fwd+bwd"]
-        ratios = " | ".join(f"{r['time'][m] / base:.2f}" if m in r["time"] else "-" for m in MODES)
-        mems = " / ".join(f"{r['mem'][k]:.0f}" for k in ["fwd+bwd", *MODES] if k in r["mem"])
-        lines.append(f"| {r['case']} | {base * 1000:.1f} | {ratios} | {mems} |")
-    return "\n".join(lines)
-
+# --- the cases of issue 14 -------------------------------------------------------------------
 
 def _mlp():
     return paper_mlp(), torch.randn(1024, 78)
@@ -138,52 +265,126 @@ def _resnet34():
     return randomise_batch_norm(ResNet34()), torch.randn(16, 3, 224, 224)
 
 
-CASES: list[Case] = [
-    Case("mlp 78-39-19-1, batch 1024", _mlp, "binary-classification", repeats=20),
-    Case("cnn 3x32x32 BN+residual, batch 256", _cnn, "multiclass-classification", repeats=3),
-    Case("resnet-34 shape 3x224x224, batch 16", _resnet34, "multiclass-classification", repeats=2),
-]
-KEYS = {"mlp": 0, "cnn": 1, "resnet34": 2}
+def _minilm():
+    model = MiniLMClassifier().eval()
+    ids, mask = token_batch(8, 128, 30000, 32, low=1000)
+    ids[:, 0] = 101
+    return model, {"input_ids": ids, "attention_mask": mask}
 
 
-# --- issue 3, recurrent / mixture-of-experts / vision half: the cases live in zoo_speed.py
-# (MoE causal LM, LSTM next-word model, U-Net), each with its own forward+backward baseline.
+def _llama():
+    ids = torch.randint(3, 1000, (2, 256), generator=torch.Generator().manual_seed(1))
+    return small_llama(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+CASES: dict[str, Case] = {
+    "cnn": Case("CNN+BN+residual 3x32x32, batch 256", _cnn, "multiclass-classification", repeats=5,
+                targets={"default": 1.4, "contrastive": 2.5}),
+    "resnet34": Case("ResNet-34 shape 3x224x224, batch 16", _resnet34, "multiclass-classification", repeats=3,
+                     targets={"default": 1.4, "contrastive": 2.5}),
+    "mlp": Case("MLP 78-39-19-1, batch 1024", _mlp, "binary-classification", repeats=40,
+                targets={"default": 2.0, "contrastive": 3.5}),
+    "minilm": Case("MiniLM-L6 + head, 8 x 128 tokens", _minilm, "multiclass-classification", repeats=5,
+                   baseline=minilm_forward_backward, targets={"default": 1.5, "contrastive": 3.0}),
+    "llama": Case("LLaMA 4L h256 GQA, 2 x 256 tokens", _llama, "generation", repeats=5,
+                  baseline=lm_forward_backward, targets={"default": 1.5, "contrastive": 3.0}),
+}
 ZOO_KEYS = ("moe", "lstm", "unet")
 
 
-def zoo_case(key: str) -> tuple[Case, Callable]:
-    """(case, baseline) of a zoo benchmark: ``--only moe`` (or lstm, unet) runs it here too."""
-    import zoo_speed
+def case_for(key: str) -> Case:
+    if key in CASES:
+        return CASES[key]
+    if key in ZOO_KEYS:
+        import zoo_speed
 
-    return zoo_speed.CASES[key]
+        return zoo_speed.CASES[key]
+    raise SystemExit(f"unknown case {key!r}; choose from {', '.join([*CASES, *ZOO_KEYS])}")
 
 
-def main(argv: list[str] | None = None) -> None:
+# --- tables ----------------------------------------------------------------------------------------
+
+def _cell(ratio: float, target: float | None) -> str:
+    if target is None:
+        return f"{ratio:.2f}"
+    return f"{ratio:.2f} {'pass' if ratio <= target else 'FAIL'} (<= {target:g})"
+
+
+def report(results: list[CaseResult], clock: str, threads: int = 1) -> str:
+    """The issue's tables: ratios against targets, threads, memory."""
+    ci = 0 if clock == "wall" else 1
+    lines = [f"Ratios to forward+backward ({clock} clock, {threads} thread(s), median):", "",
+             "| model | fwd+bwd (ms) | default | signed | contrastive | Captum LRP-eps |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        t = r.times
+        base = t["fwd+bwd"][ci]
+        cells = [_cell(t[m][ci] / base, r.case.targets.get(m)) if m in t else "-" for m in MODES]
+        cap = f"{t['captum'][ci] / base:.2f}" if "captum" in t else (r.captum or "-")
+        lines.append(f"| {r.case.name} | {base * 1000:.1f} | " + " | ".join(cells) + f" | {cap} |")
+    multi = [r for r in results if r.threads]
+    if multi:
+        ns = list(multi[0].threads)
+        lines += ["", "Threads (wall clock ms, median / min, (median ratio to fwd+bwd at that thread count); each "
+                  "function timed alone; explain() with two threads must not be slower than with one, beyond "
+                  f"{THREAD_NOISE:.0%} of measurement noise):", "",
+                  "| model | function | " + " | ".join(f"{n} thread(s)" for n in ns) + " | median verdict | min verdict |",
+                  "|---|---|" + "---|" * (len(ns) + 2)]
+        for r in multi:
+            for k in r.threads[ns[0]]:
+                ws = [r.threads[n][k] for n in ns]
+                verdicts = []
+                for i in (0, 1):
+                    ok = all(b[i] <= a[i] * (1 + THREAD_NOISE) for a, b in zip(ws, ws[1:]))
+                    verdicts.append(("pass" if ok else "FAIL (slower)") if k in MODES else "(reference)")
+                name = {"captum": "Captum LRP"}.get(k, k)
+                bases = [r.threads[n]["fwd+bwd"][0] for n in ns]
+                cells = [f"{w[0] * 1000:.1f} / {w[1] * 1000:.1f}" + ("" if k == "fwd+bwd" else f" ({w[0] / b:.2f}x)")
+                         for w, b in zip(ws, bases)]
+                lines.append(f"| {r.case.name} | {name} | " + " | ".join(cells) + f" | {verdicts[0]} | {verdicts[1]} |")
+    with_mem = [r for r in results if r.mem]
+    if with_mem:
+        lines += ["", "Peak extra memory (MiB of tensors allocated above the level before the call; "
+                  "contrastive / default <= 2):", "",
+                  "| model | fwd+bwd | default | signed | contrastive | contrastive / default |",
+                  "|---|---|---|---|---|---|"]
+        for r in with_mem:
+            m = r.mem
+            ratio = m["contrastive"] / m["default"] if m.get("default") and "contrastive" in m else float("nan")
+            verdict = "pass" if ratio <= 2.0 else "FAIL"
+            lines.append(f"| {r.case.name} | " + " | ".join(f"{m[k]:.1f}" if k in m else "-" for k in ("fwd+bwd", *MODES))
+                         + f" | {ratio:.2f} {verdict} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[CaseResult]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(KEYS),
-                    help="comma-separated subset of: " + ", ".join([*KEYS, *ZOO_KEYS]))
+    ap.add_argument("--only", default=",".join(CASES),
+                    help="comma-separated subset of: " + ", ".join([*CASES, *ZOO_KEYS]))
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                    help="'cpu' (process CPU time, best with --threads 1) resists a shared, busy machine")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                    help="clock of the target table: 'cpu' (process CPU time) resists a shared, busy machine")
+    ap.add_argument("--threads", default="1,2", help="intra-op thread counts, the first for the target table")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--no-captum", action="store_true", help="skip Captum's LRP")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     args = ap.parse_args(argv)
-    global CLOCK
-    CLOCK = CLOCKS[args.clock]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
-    rows = []
+    threads = tuple(int(v) for v in args.threads.split(","))
+    clock = "wall" if args.device == "cuda" else args.clock
+    if args.device == "cuda":
+        threads = threads[:1]  # intra-op CPU threads do not apply to the GPU kernels
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device here")
+    print(f"torch {torch.__version__}, device {args.device}, threads {threads}, {clock} clock for the target table", flush=True)
+    results = []
     for key in args.only.split(","):
-        if key.strip() in ZOO_KEYS:
-            case, baseline = zoo_case(key.strip())
-            rows.append(run_case(case, args.repeats, baseline=baseline))
-            print(report(rows[-1:]).splitlines()[-1], flush=True)
-            continue
-        case = CASES[KEYS[key.strip()]]
-        rows.append(run_case(case, args.repeats))
-        print(report(rows[-1:]).splitlines()[-1], flush=True)
+        r = run_case(case_for(key.strip()), args.repeats, threads, args.device, captum=not args.no_captum,
+                     memory=not args.no_memory)
+        results.append(r)
+        print(report([r], clock, threads[0]).splitlines()[4], flush=True)
     print()
-    print(report(rows))
+    print(report(results, clock, threads[0]))
+    return results
 
 
 if __name__ == "__main__":

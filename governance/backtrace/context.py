@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import operator
 from typing import Any
 
@@ -36,19 +38,80 @@ VALUE_PRESERVING = {
 
 STABILISER = 1e-9
 
+# Below this many multiply-adds a product runs on one intra-op thread: a parallel region costs
+# tens of microseconds, and on a busy machine it waits for a thread that lost its core.
+PARALLEL_WORK = 1 << 22
 
-def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+# the caller's intra-op thread count while a walk runs on one thread (``walk_threads``)
+_PRODUCT_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("product_threads", default=None)
+
+
+@contextlib.contextmanager
+def walk_threads(parallel: bool = True):
+    """Run the walk on one intra-op thread, keeping the caller's count for the big products
+    (``product_threads``; none when ``parallel`` is False: a small model). Most of the walk is
+    element-wise and memory-bound, or small: its parallel regions save little, and each one
+    waits for its slowest thread, which on a busy machine is a thread that lost its core (two
+    threads then run slower than one). The caller's setting is restored on exit."""
+    n = torch.get_num_threads()
+    token = _PRODUCT_THREADS.set(n if parallel else 1)
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+        _PRODUCT_THREADS.reset(token)
+
+
+@contextlib.contextmanager
+def product_threads(work: float):
+    """Inside ``walk_threads``: the caller's intra-op threads for a convolution or matrix
+    product of about ``work`` multiply-adds, when that is enough to be worth parallelising."""
+    n = _PRODUCT_THREADS.get()
+    if n is None or n <= 1 or work < PARALLEL_WORK:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
+def safe_div(num: torch.Tensor, den: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """num / den where den != 0, else 0 (a unit with nothing to split passes nothing).
 
     Dividing by zero gives ±inf or nan exactly where den == 0 (den is finite elsewhere), so
-    zeroing the non-finite results is the same as masking, in two passes instead of four."""
-    return torch.nan_to_num_(num / den, nan=0.0, posinf=0.0, neginf=0.0)
+    zeroing the non-finite results is the same as masking, in two passes instead of four.
+    ``out`` (which may be ``den`` itself) saves allocating the quotient."""
+    q = torch.div(num, den, out=out) if out is not None else num / den
+    return torch.nan_to_num_(q, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def first_output(R: Any) -> Any:
     """The relevance of output 0 of a tuple-returning op (max pooling with indices, native
     batch/layer norm, max over a dim), whose other outputs carry none; R itself otherwise."""
     return R.get(0) if isinstance(R, dict) else R
+
+
+def per_map(ctx: "RuleContext", R: Any, fn) -> dict:
+    """Apply ``fn(c, r) -> {arg: relevance}`` to the one map R, or (a rule registered with
+    ``contrastive=True``, called with the pair) to each of R+ and R- with that map's context
+    ``c`` (for its books), and zip the results into pairs. Work shared by the maps (recorded
+    values, denominators, masks) is done once, outside ``fn``."""
+    if isinstance(R, tuple):
+        peers = ctx.peers if len(ctx.peers) == len(R) else [ctx] * len(R)
+        outs = [fn(c, r) for c, r in zip(peers, R)]
+        return {k: tuple(o[k] for o in outs) for k in outs[0]}
+    return fn(ctx, R)
+
+
+def map_dtype(R: Any) -> torch.dtype:
+    """The dtype of the relevance a rule received (one map or a contrastive pair)."""
+    r = first_output(R[0] if isinstance(R, tuple) else R)
+    return r.dtype
 
 
 def _feeds_output(node: fx.Node) -> bool:
@@ -134,6 +197,10 @@ class RuleContext:
         n = self.batch_size
         if t.dim() == 0:
             return t.to(torch.float64).expand(n).clone()
+        if t.dim() == 1 and t.shape[0] == n:
+            return t.to(torch.float64)
+        if t.shape[0] == n:
+            return t.sum(tuple(range(1, t.dim()))).to(torch.float64)
         return t.reshape(n, -1).sum(1).to(torch.float64)
 
     def per_sample_abs(self, t: torch.Tensor) -> torch.Tensor:
@@ -150,11 +217,17 @@ class RuleContext:
         self._book(self.absorbed, amount)
 
     def absorb_product(self, s: torch.Tensor, b: torch.Tensor) -> None:
-        """Book Σ s·b per sample for a bias b broadcast over s, without forming s·b."""
-        keep = [0] + [d for d in range(1, s.dim()) if d < s.dim() - b.dim() or b.shape[d - (s.dim() - b.dim())] != 1]
-        red = [d for d in range(1, s.dim()) if d not in keep]
-        s_red = (s.sum(red, keepdim=True) if red else s).to(torch.float64)
-        self._book(self.absorbed, s_red * b.to(torch.float64))
+        """Book Σ s·b per sample for a bias b broadcast over s (b aligned with s's trailing
+        axes), without forming s·b: s summed over b's broadcast axes, then one product."""
+        lead = s.dim() - b.dim()
+        if lead < 0 or (lead == 0 and b.shape[0] != 1):  # b varies along the batch: form s·b
+            self._book(self.absorbed, s.to(torch.float64) * b.to(torch.float64))
+            return
+        red = [d for d in range(max(lead, 1), s.dim()) if b.shape[d - lead] == 1]
+        s_red = s.sum(red) if red else s
+        b_flat = b.reshape(-1).to(torch.float64)
+        # rows (the batch, or the batch folded with other axes) times b, then per sample
+        self._book(self.absorbed, torch.mv(s_red.reshape(-1, b_flat.numel()).to(torch.float64), b_flat))
 
     def reroute(self, amount: torch.Tensor) -> None:
         """Book relevance that saturation moved from one side of a unit to the other."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Mapping
 
 import torch
@@ -10,15 +11,20 @@ from torch import fx, nn
 
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .capture import GraphCache, flatten_inputs, input_names
-from .context import RuleContext
-from .explanation import Explanation
+from .context import PARALLEL_WORK, RuleContext, walk_threads
+from .explanation import Explanation, NetRelevance
 from .modules import ModuleMap, build_module_map
-from .recording import record
+from .recording import forward_work, record
 from .rules.affine import mark_foldable_batch_norms
 from .seeding import TASKS, make_seed
 from .walk import check_rules, walk
 
 from governance.tasks import MODES
+
+
+# Forward passes below this many multiply-adds explain on one intra-op thread: their ops are too
+# small for parallel regions to pay (an MLP at batch 1024 is ~4M).
+SMALL_MODEL_WORK = 16 * PARALLEL_WORK
 
 
 def infer_task(y: torch.Tensor) -> str:
@@ -44,6 +50,8 @@ class Backtrace:
         self.output_index = output_index
         self._graphs = GraphCache(model)
         self._module_maps: dict[int, ModuleMap] = {}
+        self._fused: dict[int, dict] = {}  # batch norms folded into the layer before, per graph
+        self._work: dict[tuple, float] = {}  # forward multiply-adds per graph and input shapes
 
     def explain(
         self,
@@ -79,7 +87,35 @@ class Backtrace:
         if not tensors:
             raise ValueError("explain() needs at least one tensor input")
         n = int(tensors[0].shape[0])
-        recording = record(gm, flat)
+        # a small model runs on one intra-op thread throughout; a large one records with the
+        # caller's threads and walks on one, its big products on the caller's (context.walk_threads)
+        size_key = (id(gm), tuple(tuple(t.shape) for t in tensors))
+        work = self._work.get(size_key)
+        with walk_threads(parallel=False) if work is not None and work < SMALL_MODEL_WORK else nullcontext():
+            recording = record(gm, flat)
+        if work is None:
+            work = self._work[size_key] = forward_work(gm, recording.values)
+        with walk_threads(parallel=work >= SMALL_MODEL_WORK):
+            return self._walk(gm, recording, captured, names, flat, single, n, mode, task, target,
+                              multiplier, seed, threshold)
+
+    def explain_generation(self, input_ids: torch.Tensor, max_new_tokens: int = 1,
+                           attention_mask: torch.Tensor | None = None, mode: str = "default",
+                           multiplier: float = 100.0, seed: str = "output", **kwargs: Any):
+        """Generate ``max_new_tokens`` tokens greedily and explain each one over the prompt and
+        the earlier generated tokens: a ``generation.GenerationExplanation`` (k x T relevance
+        matrix per sample, per-layer relevance per step). See ``generation.py``."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        from .generation import explain_generation
+
+        return explain_generation(self, input_ids, max_new_tokens=max_new_tokens,
+                                  attention_mask=attention_mask, mode=mode,
+                                  multiplier=multiplier, seed=seed, **kwargs)
+
+    def _walk(self, gm, recording, captured, names, flat, single, n, mode, task, target, multiplier,
+              seed, threshold) -> Explanation:
+        """Seed the output, walk the graph back and assemble the explanation."""
         modules = self._module_map(gm)
         out_node, y = self._output(gm, recording)
         task = task or infer_task(y)
@@ -88,7 +124,9 @@ class Backtrace:
         for c, s in zip(ctxs, seeds):
             c.one_signed = mode != "signed" and bool((s >= 0).all())
             c.peers = ctxs
-        fused = mark_foldable_batch_norms(gm, ctxs[0])
+        fused = self._fused.get(id(gm))
+        if fused is None:
+            fused = self._fused[id(gm)] = mark_foldable_batch_norms(gm, ctxs[0])
         for c in ctxs:
             c.fused = fused
         check_rules(ctxs[0], gm)
@@ -107,26 +145,12 @@ class Backtrace:
         return Explanation(
             mode=mode, task=task,
             input_relevance=_combine(pos.input_relevance, neg.input_relevance),
-            layer_relevance={k: pos.layer_relevance[k] - neg.layer_relevance[k] for k in pos.layer_relevance},
+            layer_relevance=NetRelevance(pos.layer_relevance, neg.layer_relevance),
             output=y, target=tgt,
             seed_relevance=pos.seed_relevance - neg.seed_relevance,
             module_types=modules.types, positive=pos, negative=neg,
             extras=_combine_extras(pos.extras, neg.extras),
         )
-
-    def explain_generation(self, input_ids: torch.Tensor, max_new_tokens: int = 1,
-                           attention_mask: torch.Tensor | None = None, mode: str = "default",
-                           multiplier: float = 100.0, seed: str = "output", **kwargs: Any):
-        """Generate ``max_new_tokens`` tokens greedily and explain each one over the prompt and
-        the earlier generated tokens: a ``generation.GenerationExplanation`` (k x T relevance
-        matrix per sample, per-layer relevance per step). See ``generation.py``."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        from .generation import explain_generation
-
-        return explain_generation(self, input_ids, max_new_tokens=max_new_tokens,
-                                  attention_mask=attention_mask, mode=mode,
-                                  multiplier=multiplier, seed=seed, **kwargs)
 
     # -- helpers ---------------------------------------------------------------------------
     def _module_map(self, gm: fx.GraphModule) -> ModuleMap:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
@@ -23,6 +24,27 @@ SUMMARY_COLUMNS = [
     "dropped",
     "branch_share",
 ]
+
+
+class NetRelevance(Mapping):
+    """Contrastive layer relevance R+ − R- per module, worked out on first access: the
+    explanation keeps both maps, and the net map of a module costs a full pass over it."""
+
+    def __init__(self, positive: Mapping[str, torch.Tensor], negative: Mapping[str, torch.Tensor]) -> None:
+        self._positive, self._negative = positive, negative
+        self._net: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, module: str) -> torch.Tensor:
+        net = self._net.get(module)
+        if net is None:
+            net = self._net[module] = self._positive[module] - self._negative[module]
+        return net
+
+    def __iter__(self):
+        return iter(self._positive)
+
+    def __len__(self) -> int:
+        return len(self._positive)
 
 
 @dataclass
@@ -53,7 +75,7 @@ class Explanation:
     mode: str
     task: str
     input_relevance: torch.Tensor | dict[str, torch.Tensor]
-    layer_relevance: dict[str, torch.Tensor]
+    layer_relevance: Mapping[str, torch.Tensor]
     output: torch.Tensor
     target: torch.Tensor | None
     seed_relevance: torch.Tensor

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import fx
 
@@ -14,6 +14,7 @@ class ModuleMap:
     paths: dict[fx.Node, tuple[str, ...]]
     outputs: dict[str, fx.Node]
     types: dict[str, str]
+    _crossed: dict = field(default_factory=dict, repr=False)
 
     def innermost(self, node: fx.Node) -> str:
         p = self.paths.get(node, ("",))
@@ -21,6 +22,17 @@ class ModuleMap:
 
     def path_set(self, node: fx.Node) -> frozenset[str]:
         return frozenset(self.paths.get(node, ("",)))
+
+    def crossed(self, user: fx.Node, arg: fx.Node) -> tuple[frozenset[str], frozenset[str]]:
+        """Modules that relevance leaves and enters on the edge from ``user`` back to ``arg``
+        (memoised: the books visit the same edges on every call)."""
+        key = (user, arg)
+        hit = self._crossed.get(key)
+        if hit is None:
+            pu = self.path_set(user)
+            pa = frozenset() if arg.op == "placeholder" else self.path_set(arg)
+            hit = self._crossed[key] = (pu - pa, pa - pu)
+        return hit
 
 
 def build_module_map(gm: fx.GraphModule, root_type: str = "") -> ModuleMap:

@@ -31,7 +31,7 @@ class Recording:
     """Values of every node of one forward pass, and the relevance flags."""
 
     values: dict[fx.Node, Any]
-    relevant: set[fx.Node]
+    relevant: frozenset[fx.Node]  # shared by every recording of the graph: read-only
     output_values: list[Any] = field(default_factory=list)
 
 
@@ -93,15 +93,31 @@ def _recorder(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[fx.Node]]:
     return rec, kept
 
 
+_RELEVANT: "weakref.WeakKeyDictionary[fx.GraphModule, dict[tuple, frozenset[fx.Node]]]"
+_RELEVANT = weakref.WeakKeyDictionary()
+
+
 def record(gm: fx.GraphModule, flat_inputs: list[Any]) -> Recording:
-    """Run the graph once (no grad) and keep every value; then mark the relevant nodes."""
+    """Run the graph once (no grad) and keep every value; then mark the relevant nodes (which
+    depend on the graph and the inputs' dtypes only, so they are worked out once per pair)."""
     rec, kept = _recorder(gm)
     with torch.no_grad():
         outs = rec(*flat_inputs)
     values: dict[fx.Node, Any] = dict(zip(kept, outs))
     values.update(zip([n for n in gm.graph.nodes if n.op == "placeholder"], flat_inputs))
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     out = fx.node.map_arg(out_node.args[0], lambda n: values[n])
+    key = tuple(v.dtype if isinstance(v, torch.Tensor) else type(v) for v in flat_inputs)
+    per_graph = _RELEVANT.setdefault(gm, {})
+    relevant = per_graph.get(key)
+    if relevant is None:
+        relevant = per_graph[key] = frozenset(_relevant_nodes(gm, values))
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return Recording(values=values, relevant=relevant, output_values=list(outs))
+
+
+def _relevant_nodes(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> set[fx.Node]:
+    """Float tensors that depend on the inputs, and the integer token-id paths to embeddings."""
     depends: set[fx.Node] = set()
     relevant: set[fx.Node] = set()
     embedding_indices: list[fx.Node] = []
@@ -145,5 +161,38 @@ def record(gm: fx.GraphModule, flat_inputs: list[Any]) -> Recording:
         relevant.add(n)
         if n.op == "call_function" and _packet_name(n.target) in INDEX_PATH_OPS:
             stack.extend(a for a in _arg_nodes(n) if a in depends and a not in relevant)
-    outs = out if isinstance(out, (tuple, list)) else [out]
-    return Recording(values=values, relevant=relevant, output_values=list(outs))
+    return relevant
+
+
+# ops whose cost is a product: (the contraction size of each output element) x (output size)
+_PRODUCT_OPS = {
+    "linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d",
+    "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+}
+
+
+def forward_work(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> float:
+    """Multiply-adds of the recorded forward pass, estimated from its products (outputs times
+    contraction sizes); the engine sizes its parallelism by it."""
+    total = 0.0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or _packet_name(node.target) not in _PRODUCT_OPS:
+            continue
+        out = values.get(node)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        args = [values.get(a) if isinstance(a, fx.Node) else a for a in node.args[:3]]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not isinstance(out, torch.Tensor) or len(tensors) < 2:
+            continue
+        name = _packet_name(node.target)
+        if name.startswith("conv"):
+            inner = tensors[1][0].numel()
+        elif name.startswith("_scaled") or name.startswith("scaled"):
+            inner = 2 * tensors[1].shape[-2]
+        elif name == "addmm":
+            inner = tensors[1].shape[-1]
+        else:
+            inner = tensors[0].shape[-1] if tensors[0].dim() else 1
+        total += float(out.numel()) * inner
+    return total

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +27,21 @@ class WalkResult:
 
 
 def _name(target: Any) -> str:
-    return getattr(target, "_opname", getattr(target, "__name__", str(target)))
+    name = getattr(target, "_opname", None) or getattr(target, "__name__", None)
+    return name if name is not None else str(target)
+
+
+_CHECKED: "weakref.WeakKeyDictionary[fx.GraphModule, set[frozenset]]" = weakref.WeakKeyDictionary()
 
 
 def check_rules(ctx: RuleContext, gm: fx.GraphModule) -> None:
-    """Fail before any work if a relevance-carrying op has no rule (never a silent guess)."""
+    """Fail before any work if a relevance-carrying op has no rule (never a silent guess).
+    A graph that passed once with the same relevant nodes passes again (rules are only ever
+    added or replaced), so the check runs once per graph and relevance pattern."""
+    seen = _CHECKED.setdefault(gm, set())
+    key = frozenset(ctx.recording.relevant)  # the recording's own frozenset: no copy
+    if key in seen:
+        return
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target != "_guards_fn" and node in ctx.recording.relevant:
             raise UnsupportedOperationError(f"call_module {node.target}", ctx.module_path(node))
@@ -40,6 +51,7 @@ def check_rules(ctx: RuleContext, gm: fx.GraphModule) -> None:
             continue
         if lookup_rule(node.target) is None:
             raise ctx.unsupported(node)
+    seen.add(key)
 
 
 def _accumulate(table: dict, node: fx.Node, r: Any) -> None:
@@ -58,9 +70,22 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
     ctx0 = ctxs[0]
     contrastive = ctx0.mode == "contrastive"
     paths = ctx0.modules.paths
+    relevant = ctx0.recording.relevant
 
     def crossing(user: fx.Node, arg: fx.Node) -> bool:
         return arg.op == "placeholder" or paths.get(user) != paths.get(arg)
+
+    # per-sample sums by tensor: pass-through rules hand the same tensor across several module
+    # boundaries, and its sums are read once (a weak reference tells a reused id apart)
+    sums: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+
+    def sample_sums(c: RuleContext, k: int, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (k, id(r))
+        hit = sums.get(key)
+        if hit is None or hit[0]() is not r:
+            s = c.per_sample(r)
+            hit = sums[key] = (weakref.ref(r), s, s if c.one_signed else c.per_sample_abs(r))
+        return hit[1], hit[2]
 
     for node in reversed(list(gm.graph.nodes)):
         if node.op != "call_function":
@@ -79,7 +104,8 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
                     maps[k][parent] = slots
                 slots[idx] = slots[idx] + rs[k] if idx in slots else rs[k]
             continue
-        if _name(node.target) in _NO_RULE_NEEDED:
+        name = _name(node.target)
+        if name in _NO_RULE_NEEDED:
             continue
         entry = lookup_rule(node.target)
         if entry is None:
@@ -97,21 +123,23 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
             for k in range(n_maps):
                 ctxs[k].set_current(node)
                 outs.append(entry.fn(ctxs[k], node, rs[k]) if rs[k] is not None else {})
+        residual = name in ("add", "sub") and sum(a in relevant for a in node.args if isinstance(a, fx.Node)) >= 2
         for k in range(n_maps):
+            ck = ctxs[k]
             for arg, r in outs[k].items():
-                if r is None or not ctx0.is_relevant(arg):
+                if r is None or arg not in relevant:
                     continue
                 _accumulate(maps[k], arg, r)
                 if crossing(node, arg):  # only edges that enter or leave a module count in the books
-                    edges[k].append((node, arg, ctx0.per_sample(r), ctx0.per_sample_abs(r)))
-            if _name(node.target) in ("add", "sub") and sum(ctx0.is_relevant(a) for a in node.args) >= 2:
+                    edges[k].append((node, arg, *sample_sums(ck, k, r)))
+            if residual:
                 mod = ctx0.module_path(node)
                 rec = branch[k].setdefault(mod, [0.0, 0.0])
                 for arg, r in outs[k].items():
-                    if not ctx0.is_relevant(arg):
+                    if arg not in relevant:
                         continue
                     inside = mod in ctx0.modules.path_set(arg) if arg.op != "placeholder" else False
-                    rec[0 if inside else 1] = rec[0 if inside else 1] + ctx0.per_sample(r)
+                    rec[0 if inside else 1] = rec[0 if inside else 1] + sample_sums(ck, k, r)[0]
     results = []
     for k in range(n_maps):
         results.append(WalkResult(maps[k], _books(ctxs[k], seeds[k], edges[k], branch[k])))
@@ -125,45 +153,54 @@ def _zeros_like_rel(r: Any) -> Any:
 
 
 def _books(ctx: RuleContext, seeds: dict, edges: list, branch: dict) -> dict[str, ModuleBooks]:
+    """Per-module totals from the per-sample sums of the seeds, of the edges that cross module
+    boundaries and of the absorbed / rerouted amounts: each table is one (modules, N) tensor
+    filled by one ``index_add_``; a module's books are rows of those tables."""
     n = ctx.batch_size
     device = next(iter(seeds.values())).device if seeds else None
-    zero = lambda: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
     mods = ctx.modules
     names = [m for m in mods.types if m == "" or m in mods.outputs]
-    rin = {m: zero() for m in names}
-    rabs = {m: zero() for m in names}
-    rout = {m: zero() for m in names}
-    bias = {m: zero() for m in names}
-    rer = {m: zero() for m in names}
+    row = {m: i for i, m in enumerate(names)}
+    tables = ("in", "abs", "out", "bias", "rerouted")
+    adds: dict[str, tuple[list[int], list[torch.Tensor]]] = {t: ([], []) for t in tables}
+
+    def add(table: str, modules, amount: torch.Tensor) -> None:
+        idx, vals = adds[table]
+        for m in modules:
+            if m in row:
+                idx.append(row[m])
+                vals.append(amount)
 
     def paths(node: fx.Node) -> frozenset[str]:
         return frozenset() if node.op == "placeholder" else mods.path_set(node)
 
     for node, r in seeds.items():
-        for m in paths(node):
-            if m in rin:
-                rin[m] += ctx.per_sample(r)
-                rabs[m] += ctx.per_sample_abs(r)
+        add("in", paths(node), ctx.per_sample(r))
+        add("abs", paths(node), ctx.per_sample_abs(r))
     for user, arg, s, a in edges:
-        pu, pa = paths(user), paths(arg)
-        for m in pu - pa:
-            if m in rout:
-                rout[m] += s
-        for m in pa - pu:
-            if m in rin:
-                rin[m] += s
-                rabs[m] += a
-    for table, dest in ((ctx.absorbed, bias), (ctx.rerouted, rer)):
+        left, entered = mods.crossed(user, arg)
+        add("out", left, s)
+        add("in", entered, s)
+        add("abs", entered, a)
+    for name, table in (("bias", ctx.absorbed), ("rerouted", ctx.rerouted)):
         for node, amount in table.items():
-            for m in paths(node):
-                if m in dest:
-                    dest[m] += amount
+            add(name, paths(node), amount)
+    # all tables in one (tables x modules, N) accumulator: one index_add_
+    idx, vals = [], []
+    for ti, t in enumerate(tables):
+        idx.extend(ti * len(names) + i for i in adds[t][0])
+        vals.extend(adds[t][1])
+    acc = torch.zeros(len(tables) * len(names), n, dtype=torch.float64, device=device)
+    if idx:
+        acc.index_add_(0, torch.tensor(idx, device=device), torch.stack(vals))
+    rows = acc.unbind(0)
+    out = {t: rows[ti * len(names):(ti + 1) * len(names)] for ti, t in enumerate(tables)}
     books = {}
-    for m in names:
+    for m, i in row.items():
         b_in, s_in = (branch.get(m) or [None, None])
         books[m] = ModuleBooks(
-            relevance_in=rin[m], relevance_out=rout[m], abs_relevance_in=rabs[m],
-            bias_absorbed=bias[m], saturation_rerouted=rer[m],
+            relevance_in=out["in"][i], relevance_out=out["out"][i], abs_relevance_in=out["abs"][i],
+            bias_absorbed=out["bias"][i], saturation_rerouted=out["rerouted"][i],
             branch_in=b_in if isinstance(b_in, torch.Tensor) else None,
             skip_in=s_in if isinstance(s_in, torch.Tensor) else None,
         )

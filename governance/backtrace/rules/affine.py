@@ -9,15 +9,37 @@ every layer type:
 * signed (spec 3b):     R_i = Σ_j R_j  z_ji  / (P_j + N_j + |b_j|)
 * contrastive (spec 4): R+ / R- routed by the sign of t_j and the larger of R+_j, R-_j
 
-with z_ji = W_ji x_i, P_j = Σ_i max(z_ji, 0), N_j = Σ_i max(-z_ji, 0). Without active
-saturation the default and signed rules need one product of absolute values and one transposed
-product (``den = |W| * |x| + |b|``, ``R_in = |x| ⊙ |W|ᵀ * (R / den)``); with saturation, or in
-contrastive mode, the four sign classes are computed with two forward and two transposed
-products on a stacked batch.
+with z_ji = W_ji x_i, P_j = Σ_i max(z_ji, 0), N_j = Σ_i max(-z_ji, 0). Three identities keep the
+work at the cost of a forward+backward pass:
+
+* ``S = P + N = |W| * |x|`` is one product of absolute values and ``D = P − N = W * x`` is the
+  layer's own output without its bias (recorded in the forward pass), so P = (S + D)/2 and
+  N = (S − D)/2 cost one product. The difference loses precision where one side is small next to
+  ``S + |b|``, and a unit with one empty side must be classified exactly: those units
+  (``min(P, N) < κ (S + |b|)``, κ = ``PRECISION_MARGIN``) are recomputed from the one-signed sums
+  (on their rows only where the op allows it). Elsewhere the error of P and N is at most κ⁻¹
+  times the rounding of the forward pass itself, ε·(S + |b|) (measured within 13 ε (S + |b|):
+  a relative 1e-5 at most in float32, 3e-14 in float64); P or N = 0 is always seen exactly.
+* A relevance split ``Σ_j a_j max(z_ji, 0) + b_j max(−z_ji, 0)`` (what every mode computes, with
+  coefficients a on the positive and b on the negative contributions) equals, because
+  max(±z, 0) = (|z| ± z)/2, ``½ (|x_i| (|W|ᵀ(a + b))_i + x_i (Wᵀ(a − b))_i)``: two transposed
+  products for any sign of x, and one (``x ⊙ [|W| + W ; |W| − W]ᵀ [a ; b] / 2``, the units of
+  both coefficient maps stacked) when x ≥ 0 (after a ReLU). Several relevance maps (R+ and R-)
+  stack on the batch axis of the same call. With mixed signs the two products cancel for a unit
+  whose receiving side is small (error ε·S/P instead of ε), so the rows that hold such units
+  (those recomputed above) take the one-signed products instead: x⁺ through W⁺ and |x⁻| through
+  |W⁻| for the positive contributions, the other pairs for the negative ones (one product when
+  the inputs of both signs stack along the feature axis).
+* Without active saturation the default and signed rules need no split at all:
+  ``R_in = |x| ⊙ |W|ᵀ (R / (S + |b|))`` (signed: ``x ⊙ Wᵀ (R / (S + |b|))``).
+
+The element-wise work between the products is memory-bound, so it runs in place in a few
+preallocated buffers, in the relevance's dtype.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,13 +47,17 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..context import RuleContext, first_output, safe_div
+from ..context import RuleContext, first_output, product_threads, safe_div
 from ..registry import register_rule
 
 aten = torch.ops.aten
 
 Fwd = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Bwd = Callable[[torch.Tensor, torch.Tensor, torch.Size], torch.Tensor]
+
+#: κ: where min(P, N) < κ (P + N + |b|), P and N are recomputed from their one-signed sums (and
+#: the rows holding such units split relevance without the cancelling identity)
+PRECISION_MARGIN = 2.0 ** -4
 
 
 @dataclass
@@ -47,18 +73,31 @@ class AffineUnit:
     # (cotangent dim, weight dim) along which output units can be stacked so that a sum of
     # transposed products Σ_k bwd(c_k, W_k) is one product; None where the op can't (groups).
     stack: tuple[int, int] | None = None
+    # D = W x without the bias, from the recorded forward pass; None: computed with ``fwd``
+    product: Callable[[], torch.Tensor] | None = None
+    # how many leading axes index independent rows (output row k depends on input row k only:
+    # the batch for a conv, every axis but the features for a linear map); 0: none. Units can be
+    # recomputed on a few such rows.
+    row_dims: int = 1
+    # each unit has a single contribution (an element-wise scale): P and N are exact from S and D
+    single_term: bool = False
+    # (input dim, weight dim) of the input features: inputs concatenated along it meet weights
+    # concatenated along it in one product, Σ_k fwd(x_k, W_k); None where the op can't (groups)
+    in_stack: tuple[int, int] | None = None
+    # relevance maps (R+ and R-) may stack on the batch axis of one product; not when the weight
+    # has a batch axis of its own (a matmul with a per-sample constant)
+    stack_maps: bool = True
 
-    def bwd_sum(self, terms: list[tuple[torch.Tensor, torch.Tensor]], shape: torch.Size) -> torch.Tensor:
-        """Σ_k bwd(c_k, W_k): one transposed product over units stacked side by side."""
-        if self.stack is None:
-            out = self.bwd(terms[0][0], terms[0][1], shape)
-            for c, w in terms[1:]:
-                out = out + self.bwd(c, w, shape)
-            return out
-        cdim, wdim = self.stack
-        c = torch.cat([c for c, _ in terms], dim=cdim)
-        w = torch.cat([w for _, w in terms], dim=wdim)
-        return self.bwd(c, w, shape)
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``fwd`` with the caller's intra-op threads when it is big (``context.product_threads``;
+        work estimated as input size times the weight's size per output unit)."""
+        with product_threads(x.numel() * (w.numel() / max(w.shape[0], 1))):
+            return self.fwd(x, w)
+
+    def backward(self, s: torch.Tensor, w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """``bwd`` with the caller's intra-op threads when it is big."""
+        with product_threads(s.numel() * (w.numel() / max(w.shape[0], 1))):
+            return self.bwd(s, w, shape)
 
 
 # --- op descriptions ---------------------------------------------------------------------------
@@ -89,6 +128,16 @@ def _conv_pair(stride, padding, dilation, transposed, output_padding, groups, pa
         return aten.convolution(x, w, None, stride, padding, dilation, transposed, output_padding, groups)
 
     def bwd(s: torch.Tensor, w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        kernel = w.shape[2:]
+        back_pad = [d * (k - 1) - p for d, k, p in zip(dilation, kernel, padding)]
+        if not transposed and pad_input is None and all(v == 1 for v in stride) and min(back_pad) >= 0:
+            # stride 1: the transposed convolution is a convolution with the flipped, transposed
+            # kernel (faster on CPU than convolution_backward)
+            cout, cin_g = w.shape[0], w.shape[1]
+            wt = w.reshape(groups, cout // groups, cin_g, *kernel).transpose(1, 2)
+            wt = wt.reshape(groups * cin_g, cout // groups, *kernel).flip(list(range(2, w.dim())))
+            return aten.convolution(s, wt, None, [1] * len(kernel), back_pad, dilation, False,
+                                    [0] * len(kernel), groups)
         in_shape = list(shape)
         in_shape[0] = s.shape[0]
         if pad_input is not None:
@@ -197,43 +246,52 @@ def affine_unit(node: fx.Node, ctx: RuleContext) -> AffineUnit:
     name = node.target._opname
     args = list(node.args)
     stack: tuple[int, int] | None = (-1, 0)
+    in_stack: tuple[int, int] | None = (-1, -1)
+    stack_maps = True
     if name == "linear":
         x_node, w = args[0], ctx.value(args[1])
         b = ctx.value(args[2]) if len(args) > 2 and args[2] is not None else None
-        fwd, bwd, out_dim = _linear_fwd, _linear_bwd, 0
-        transposed, groups = False, 1
+        fwd, bwd = _linear_fwd, _linear_bwd
+        transposed, groups, row_dims = False, 1, ctx.value(x_node).dim() - 1
     elif name == "addmm":  # bias + x @ Wt
         b, x_node, wt = ctx.value(args[0]), args[1], ctx.value(args[2])
         beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
         w = alpha * wt.transpose(0, 1)
         b = beta * b
-        fwd, bwd, out_dim = _linear_fwd, _linear_bwd, 0
-        transposed, groups = False, 1
+        fwd, bwd = _linear_fwd, _linear_bwd
+        transposed, groups, row_dims = False, 1, 1
     elif name in ("mm", "matmul", "bmm"):
         lhs, rhs = args[0], args[1]
         if ctx.is_relevant(lhs) and not ctx.is_relevant(rhs):  # x @ C  ==  x @ (Cᵀ)ᵀ
             x_node, w, b = lhs, ctx.value(rhs).transpose(-1, -2), None
             fwd, bwd = _linear_fwd, _linear_bwd
+            stack = (-1, -2)  # C may carry batch axes in front
+            row_dims = ctx.value(x_node).dim() - 1 if w.dim() == 2 else 0
+            stack_maps = w.dim() == 2
         else:  # C @ x: transpose the problem, (C x)ᵀ = xᵀ Cᵀ
             x_node, c, b = rhs, ctx.value(lhs), None
             fwd = lambda x, w: torch.matmul(w, x)  # noqa: E731
             bwd = lambda s, w, shape: _sum_to(torch.matmul(w.transpose(-1, -2), s), shape)  # noqa: E731
             w = c
-            stack = (-2, -2)
-        out_dim, transposed, groups = None, False, 1
+            stack, in_stack = (-2, -2), (-2, -1)
+            row_dims = max(ctx.value(x_node).dim() - 2, 0) if w.dim() == 2 else 0
+            stack_maps = w.dim() == 2
+        transposed, groups = False, 1
     elif name.startswith("conv"):
         x_node, w, b, fwd, bwd, transposed, groups = _conv_desc(node, ctx)
-        out_dim = 1 if transposed else 0
-        stack = (1, out_dim) if groups == 1 else None
+        stack = (1, 1 if transposed else 0) if groups == 1 else None
+        in_stack = (1, 0 if transposed else 1) if groups == 1 else None
+        row_dims = 1
     elif name in ("batch_norm", "_native_batch_norm_legit_no_training"):
         scale, shift = _bn_params(node, ctx)
         x = ctx.value(args[0])
         shape = [1, -1] + [1] * (x.dim() - 2)
         return AffineUnit(args[0], scale.reshape(shape), shift.reshape(shape),
-                          _elementwise_fwd, _elementwise_bwd, _bn_output(node, ctx))
+                          _elementwise_fwd, _elementwise_bwd, _bn_output(node, ctx), single_term=True)
     else:
         raise ctx.unsupported(node, "not an affine op")
-    pre = ctx.value(node)
+    out = ctx.value(node)
+    pre, own_bias, fold = out, b, None
     bn = _bn_user(node, ctx)
     if bn is not None:
         scale, shift = _bn_params(bn, ctx)
@@ -248,149 +306,306 @@ def affine_unit(node: fx.Node, ctx: RuleContext) -> AffineUnit:
         bshape = [1, -1] + [1] * nd if name.startswith("conv") else [-1]
         base = b.reshape(-1) if b is not None else torch.zeros_like(scale)
         b = (base * scale + shift).reshape(bshape)
+        fold = scale.reshape(bshape)
         pre = _bn_output(bn, ctx)
-    return AffineUnit(x_node, w, b, fwd, bwd, pre, stack)
+
+    def product() -> torch.Tensor:
+        """W x of the (folded) unit from the layer's recorded output: (out − own bias) · BN scale."""
+        d = out - own_bias if own_bias is not None else out
+        return d * fold if fold is not None else d
+
+    return AffineUnit(x_node, w, b, fwd, bwd, pre, stack, product, row_dims, in_stack=in_stack, stack_maps=stack_maps)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum_to_size(shape) if tuple(t.shape) != tuple(shape) else t
 
 
+# --- shared pieces of the three modes ------------------------------------------------------
+
+def is_nonnegative(x: torch.Tensor) -> bool:
+    """x ≥ 0 everywhere (after a ReLU, a softmax, ...): then |x| = x and a split needs one product."""
+    return x.numel() == 0 or bool(x.min() >= 0)
+
+
+def magnitude(u: AffineUnit, x: torch.Tensor, nonneg: bool, wabs: torch.Tensor | None = None) -> torch.Tensor:
+    """S_j = P_j + N_j = Σ_i |z_ji|: one product of absolute values (a fresh tensor)."""
+    return u.forward(x if nonneg else x.abs(), u.weight.abs() if wabs is None else wabs)
+
+
+def _sign_parts(x: torch.Tensor, u: AffineUnit) -> torch.Tensor:
+    """[x⁺ ; |x⁻|] concatenated along the input-feature axis (``u.in_stack``)."""
+    return torch.cat([x.clamp(min=0), x.clamp(max=0).neg_()], dim=u.in_stack[0])
+
+
+def _blocks(u: AffineUnit, rows: list[list[torch.Tensor]]) -> torch.Tensor:
+    """One weight from blocks: each row of blocks along the input axis, the rows along the
+    unit axis (``u.in_stack``, ``u.stack``)."""
+    return torch.cat([torch.cat(r, dim=u.in_stack[1]) for r in rows], dim=u.stack[1])
+
+
+def _split_units(u: AffineUnit, t: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """The unit-axis blocks of a stacked result."""
+    return list(t.chunk(parts, dim=u.stack[0]))
+
+
+def _exact_pos_neg(u: AffineUnit, x: torch.Tensor, nonneg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """P and N as sums of one-signed terms: positive contributions are W⁺x⁺ and |W⁻||x⁻|,
+    negative ones |W⁻|x⁺ and W⁺|x⁻| (one product when inputs and units stack)."""
+    wp, wn = u.weight.clamp(min=0), u.weight.clamp(max=0).neg_()
+    if u.stack is not None and (nonneg or u.in_stack is not None):
+        if nonneg:
+            P, N = _split_units(u, u.forward(x, torch.cat([wp, wn], dim=u.stack[1])), 2)
+        else:
+            P, N = _split_units(u, u.forward(_sign_parts(x, u), _blocks(u, [[wp, wn], [wn, wp]])), 2)
+        return P, N
+    if nonneg:
+        return u.forward(x, wp), u.forward(x, wn)
+    xp, xn = x.clamp(min=0), x.clamp(max=0).neg_()
+    return u.forward(xp, wp) + u.forward(xn, wn), u.forward(xp, wn) + u.forward(xn, wp)
+
+
+def pos_neg2(u: AffineUnit, x: torch.Tensor, S: torch.Tensor, nonneg: bool,
+             bias_abs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(2P, 2N) = (S + D, S − D) with D = W x the recorded product (S is consumed), and the batch
+    rows recomputed exactly (None when none).
+
+    Units where one side is small next to S + |b| (min(P, N) < κ (S + |b|): the difference has
+    lost precision, or one side is empty and must be seen as exactly 0) are recomputed from the
+    one-signed sums on their batch rows (every row when the op is not batch-separable); the
+    relevance split of those rows must then avoid the cancelling identity too (``_spread``)."""
+    D = u.product() if u.product is not None else u.forward(x, u.weight)
+    if u.single_term:  # one contribution per unit: (|z| ± z) is exact
+        return S + D, S.sub_(D), None
+    kappa = PRECISION_MARGIN
+    # flagged where |D| − (1 − 2κ) S + 2κ|b| = 2κ (S + |b|) − 2 min(P, N) > 0
+    m = D.abs().add_(S, alpha=-(1.0 - 2.0 * kappa))
+    if bias_abs is not None:
+        m.add_(bias_abs, alpha=2.0 * kappa)
+    flagged = m.numel() > 0 and bool(m.max() > 0)
+    k = u.row_dims
+    rows = m.reshape(math.prod(m.shape[:k]), -1).amax(1).gt(0).nonzero().squeeze(1) if flagged and k else None
+    P2 = torch.add(S, D, out=m)
+    N2 = S.sub_(D)
+    if not flagged:
+        return P2, N2, None
+    if rows is None or 2 * len(rows) >= math.prod(x.shape[:k]):  # every row, or most: all at once
+        P, N = _exact_pos_neg(u, x, nonneg)
+        return P.mul_(2.0), N.mul_(2.0), rows
+    P, N = _exact_pos_neg(u, x.reshape(-1, *x.shape[k:]).index_select(0, rows), nonneg)
+    P2.view(-1, *P2.shape[k:]).index_copy_(0, rows, P.mul_(2.0))
+    N2.view(-1, *N2.shape[k:]).index_copy_(0, rows, N.mul_(2.0))
+    return P2, N2, rows
+
+
+def _halves(u: AffineUnit, R: torch.Tensor, maps: int, merged: bool):
+    """An empty buffer for the half coefficients (a/2, b/2) of ``maps`` relevance maps, laid out
+    for ``_spread``: maps stacked on the batch axis; a and b side by side on the unit axis
+    (``merged``: one product) or in two blocks. Returns (buffer, [(a/2 view, b/2 view)] per map)."""
+    n = R.shape[0]
+    if merged:
+        cdim = u.stack[0] % R.dim()
+        units = R.shape[cdim]
+        shape = list(R.shape)
+        shape[0], shape[cdim] = maps * n, 2 * units
+        buf = R.new_empty(shape)
+        views = [(buf.narrow(0, k * n, n).narrow(cdim, 0, units),
+                  buf.narrow(0, k * n, n).narrow(cdim, units, units)) for k in range(maps)]
+        return buf, views
+    buf = R.new_empty((2, maps * n, *R.shape[1:]))
+    return buf, [(buf[0].narrow(0, k * n, n), buf[1].narrow(0, k * n, n)) for k in range(maps)]
+
+
+def _per_map(g: torch.Tensor, maps: int, x: torch.Tensor) -> torch.Tensor:
+    """View of a (maps·N, ...) result as (maps, N, ...) to multiply by x in place."""
+    return g.view(maps, *x.shape)
+
+
+def split_by_sign(u: AffineUnit, x: torch.Tensor, nonneg: bool, rows: torch.Tensor | None) -> bool:
+    """Whether ``_spread`` uses the one-signed products everywhere: for x ≥ 0 they are as cheap
+    as the identity; for ops that can't recompute single rows, or when most rows need them."""
+    if nonneg or u.row_dims == 0:
+        return True
+    return rows is not None and 2 * len(rows) >= math.prod(x.shape[:u.row_dims])
+
+
+def _by_sign(u: AffineUnit, x: torch.Tensor, coef, maps: int, merged: bool, nonneg: bool) -> torch.Tensor:
+    """The split from one-signed products, without cancellation: the positive contributions of an
+    input x_i > 0 come through W⁺ and its negative ones through W⁻, the other way round for
+    x_i < 0, so R_i = x⁺_i (2W⁺ᵀα + 2|W⁻|ᵀβ)_i + |x⁻_i| (2|W⁻|ᵀα + 2W⁺ᵀβ)_i. ``coef`` is the
+    merged buffer (α and β side by side on the unit axis: one product each) or the pair (α, β)."""
+    w, wabs = u.weight, u.weight.abs()
+    wp2, wn2 = wabs + w, wabs - w  # 2W⁺ and 2|W⁻|, exactly
+    lead = coef.shape[0] if merged else coef[0].shape[0]
+    shape = torch.Size([lead, *x.shape[1:]])
+
+    def products(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:  # firstᵀα + secondᵀβ
+        if merged:
+            return u.backward(coef, torch.cat([first, second], dim=u.stack[1]), shape)
+        return u.backward(coef[0], first, shape).add_(u.backward(coef[1], second, shape))
+
+    if merged and not nonneg and u.in_stack is not None:  # both signs of x in one product
+        ax = u.in_stack[0] % x.dim()
+        shape2 = list(shape)
+        shape2[ax] *= 2
+        gh = u.backward(coef, _blocks(u, [[wp2, wn2], [wn2, wp2]]), torch.Size(shape2))
+        g, h = gh.chunk(2, dim=ax)
+        out = _per_map(g, maps, x) * x.clamp(min=0)
+        out.addcmul_(_per_map(h, maps, x), x.clamp(max=0).neg_())
+        return out.view(shape)
+    g = products(wp2, wn2)
+    if nonneg:
+        _per_map(g, maps, x).mul_(x)
+        return g
+    _per_map(g, maps, x).mul_(x.clamp(min=0))
+    h = products(wn2, wp2)
+    _per_map(h, maps, x).mul_(x.clamp(max=0).neg_())
+    return g.add_(h)
+
+
+def _spread(u: AffineUnit, x: torch.Tensor, buf: torch.Tensor, maps: int, merged: bool,
+            by_sign: bool, nonneg: bool, rows: torch.Tensor | None) -> torch.Tensor:
+    """R_i = Σ_j a_j max(z_ji, 0) + b_j max(−z_ji, 0) for each map, from the half coefficients
+    α = a/2, β = b/2 in ``buf`` (``_halves``); returns (maps·N, ...) and consumes ``buf``.
+
+    ``by_sign`` (``split_by_sign``): the one-signed products (``_by_sign``; for x ≥ 0 that is
+    ``x ⊙ (2W⁺ᵀα + 2|W⁻|ᵀβ)``, one product when ``merged``). Otherwise the identity
+    ``|x| ⊙ |W|ᵀ(α + β) + x ⊙ Wᵀ(α − β)``: two products instead of four, but the terms of a unit
+    whose receiving side is small cancel there, so the ``rows`` that hold such units (those
+    ``pos_neg2`` recomputed) take the one-signed products."""
+    if maps > 1 and not u.stack_maps:  # one product per map
+        n = x.shape[0]
+        parts = [buf.narrow(0, k * n, n) if merged else buf.narrow(1, k * n, n) for k in range(maps)]
+        return torch.cat([_spread(u, x, p, 1, merged, by_sign, nonneg, rows) for p in parts])
+    if by_sign:
+        return _by_sign(u, x, buf if merged else (buf[0], buf[1]), maps, merged, nonneg)
+    alpha, beta = buf[0], buf[1]
+    exact = None
+    if rows is not None:  # rows over the first row_dims axes, in every map
+        k = u.row_dims
+        sel = torch.cat([rows + j * math.prod(x.shape[:k]) for j in range(maps)])
+        take = lambda t: t.reshape(-1, *t.shape[k:]).index_select(0, sel)  # noqa: E731
+        exact = _by_sign(u, x.reshape(-1, *x.shape[k:]).index_select(0, rows),
+                         (take(alpha), take(beta)), maps, merged=False, nonneg=False)
+    shape = torch.Size([alpha.shape[0], *x.shape[1:]])
+    alpha.add_(beta)
+    torch.add(alpha, beta, alpha=-2.0, out=beta)  # α − β
+    g = u.backward(alpha, u.weight.abs(), shape)
+    _per_map(g, maps, x).mul_(x.abs())
+    h = u.backward(beta, u.weight, shape)
+    _per_map(h, maps, x).mul_(x)
+    g.add_(h)
+    if exact is not None:
+        g.view(-1, *g.shape[k:]).index_copy_(0, sel, exact)
+    return g
+
+
+def _saturated(t: torch.Tensor, R: torch.Tensor, bound: float | None, below: bool) -> torch.Tensor | None:
+    """Units with relevance whose pre-activation lies beyond ``bound`` (None when there are none).
+    The test multiplies a float 0/1 comparison by R and counts: bool masks are slow on CPU."""
+    if bound is None:
+        return None
+    probe = (torch.lt if below else torch.gt)(t, bound, out=torch.empty_like(R))
+    if not int(torch.count_nonzero(probe.mul_(R))):
+        return None
+    return probe != 0
+
+
 # --- the three modes -----------------------------------------------------------------------
-
-def _sign_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    xp = x.clamp(min=0)
-    xn = x.clamp(max=0)
-    return xp, (xn if bool((xn != 0).any()) else None)
-
-
-def _pos_neg(u: AffineUnit, xp, xn, wp, wn) -> tuple[torch.Tensor, torch.Tensor]:
-    """P = Σ max(z,0) and N = Σ max(−z,0) per unit, from two products on a stacked batch."""
-    n = xp.shape[0]
-    if xn is None:
-        return u.fwd(xp, wp), -u.fwd(xp, wn)
-    both = torch.cat([xp, xn])
-    fp, fn = u.fwd(both, wp), u.fwd(both, wn)
-    return fp[:n] + fn[n:], -(fn[:n] + fp[n:])
-
-
-def _split_rel(u: AffineUnit, xp, xn, wp, wn, cp: torch.Tensor, cn: torch.Tensor, sign_n: float, shape):
-    """Σ_j cp_j max(z_ji,0) + sign_n · Σ_j cn_j max(−z_ji,0) for every input i.
-
-    With z = W x split by sign classes this is xp ⊙ (Wpᵀcp − sign_n·... ) written as two
-    transposed products over stacked units:
-    xp ⊙ bwd([cp, cn], [Wp, −sign_n·Wn]) + xn ⊙ bwd([cp, cn], [Wn, −sign_n·Wp]).
-    cp / cn may hold several maps stacked on the batch axis (a multiple of x's batch)."""
-    bshape = torch.Size([cp.shape[0]] + list(shape[1:]))
-    reps = cp.shape[0] // xp.shape[0]
-
-    def times(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        if reps == 1:
-            return x * g
-        return (g.reshape(reps, *x.shape) * x).reshape(g.shape)
-
-    out = times(xp, u.bwd_sum([(cp, wp), (cn, -sign_n * wn)], bshape))
-    if xn is not None:
-        out = out + times(xn, u.bwd_sum([(cp, wn), (cn, -sign_n * wp)], bshape))
-    return out
-
-
-def _split_rel_stacked(u: AffineUnit, xp, xn, wp, wn, c: torch.Tensor, shape):
-    """``_split_rel`` (sign_n = 1) for coefficients already laid out as ``cat([cp, cn])`` along
-    the unit axis ``u.stack[0]``: no concatenation copy of the (large) coefficient maps."""
-    cdim, wdim = u.stack
-    bshape = torch.Size([c.shape[0]] + list(shape[1:]))
-    reps = c.shape[0] // xp.shape[0]
-
-    def times(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return x * g if reps == 1 else (g.reshape(reps, *x.shape) * x).reshape(g.shape)
-
-    out = times(xp, u.bwd(c, torch.cat([wp, -wn], dim=wdim), bshape))
-    if xn is not None:
-        out = out + times(xn, u.bwd(c, torch.cat([wn, -wp], dim=wdim), bshape))
-    return out
-
 
 def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.Tensor, signed: bool,
                        x: torch.Tensor | None = None, sat: tuple | None = None):
-    """``x`` / ``sat`` override the recorded input and the saturation range (recurrent cells)."""
+    """Spec 3 / 3b. ``x`` / ``sat`` override the recorded input and the saturation range
+    (recurrent cells)."""
     x = ctx.value(u.x_node) if x is None else x
+    nonneg = is_nonnegative(x)
     babs = u.bias.abs() if u.bias is not None else None
     lo_b, hi_b = ctx.saturation(node) if sat is None else sat
     t = u.pre_activation
-    live = R != 0
-    lo = (t < lo_b) & live if lo_b is not None else None
-    hi = (t > hi_b) & live if hi_b is not None else None
-    saturated = (lo is not None and bool(lo.any())) or (hi is not None and bool(hi.any()))
-    if not saturated:
-        den = u.fwd(x.abs(), u.weight.abs())
-        if babs is not None:
-            den = den + babs
-        s = safe_div(R, den)
+    lo, hi = _saturated(t, R, lo_b, below=True), _saturated(t, R, hi_b, below=False)
+    wabs = u.weight.abs()
+    S = magnitude(u, x, nonneg, wabs)
+    if lo is None and hi is None:  # R_in = |x| ⊙ |W|ᵀ (R / (S + |b|))  (signed: x ⊙ Wᵀ ...)
+        den = S.add_(babs) if babs is not None else S
+        s = safe_div(R, den, out=den)
         if babs is not None:
             ctx.absorb_product(s, babs)
-        if signed:
-            return {u.x_node: x * u.bwd(s, u.weight, x.shape)}
-        return {u.x_node: x.abs() * u.bwd(s, u.weight.abs(), x.shape)}
-    xp, xn = _sign_split(x)
-    wp, wn = u.weight.clamp(min=0), u.weight.clamp(max=0)
-    P, N = _pos_neg(u, xp, xn, wp, wn)
-    keep_p = ~lo if lo is not None else torch.ones_like(live)
-    keep_n = ~hi if hi is not None else torch.ones_like(live)
-    den = torch.where(keep_p, P, torch.zeros_like(P)) + torch.where(keep_n, N, torch.zeros_like(N))
-    full = P + N
+        g = u.backward(s, u.weight if signed else wabs, x.shape)
+        return {u.x_node: g.mul_(x if signed or nonneg else x.abs())}
+    # saturation: the zeroed side leaves numerator and denominator, the other side takes its share
+    P2, N2, rows = pos_neg2(u, x, S, nonneg, babs)
+    P, N = P2.mul_(0.5), N2.mul_(0.5)
+    Pk = P.masked_fill(lo, 0.0) if lo is not None else P
+    Nk = N.masked_fill(hi, 0.0) if hi is not None else N
+    den, full = Pk + Nk, P + N
     if babs is not None:
-        den = den + babs
-        full = full + babs
+        den.add_(babs)
+        full.add_(babs)
     s = safe_div(R, den)
     if babs is not None:
         ctx.absorb_product(s, babs)
-    ctx.reroute(safe_div(R, full) * (torch.where(keep_p, 0, P) + torch.where(keep_n, 0, N)))
-    sp = torch.where(keep_p, s, torch.zeros_like(s))
-    sn = torch.where(keep_n, s, torch.zeros_like(s))
-    return {u.x_node: _split_rel(u, xp, xn, wp, wn, sp, sn, -1.0 if signed else 1.0, x.shape)}
+    ctx.reroute(safe_div(R, full, out=full).mul_((P - Pk).add_(N - Nk)))
+    by_sign = split_by_sign(u, x, nonneg, rows)
+    merged = by_sign and u.stack is not None
+    buf, [(a, b)] = _halves(u, R, 1, merged)
+    torch.mul(s, 0.5, out=a)
+    torch.mul(s, -0.5 if signed else 0.5, out=b)
+    if lo is not None:
+        a.masked_fill_(lo, 0.0)
+    if hi is not None:
+        b.masked_fill_(hi, 0.0)
+    return {u.x_node: _spread(u, x, buf, 1, merged, by_sign, nonneg, rows)}
+
+
+#: element-wise work runs over blocks of about this many units, so that its dozen or so
+#: temporaries stay in the processor's cache between passes
+BLOCK_UNITS = 1 << 16
+
+
+def _route(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, inv_p: torch.Tensor, inv_n: torch.Tensor,
+           ap: torch.Tensor, bp: torch.Tensor, an: torch.Tensor, bn: torch.Tensor) -> None:
+    """Spec 4's routing of R+ and R- into the half coefficients (a+/2, b+/2, a-/2, b-/2), given
+    2P and 2N in ``inv_p`` / ``inv_n`` (turned into 1/(2P), 1/(2N), 0 for an empty side)."""
+    for v in (inv_p, inv_n):
+        v.reciprocal_().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    if int(torch.count_nonzero(t)) < t.numel():  # mixed units with t = 0 pass nothing
+        still = (t == 0).logical_and_(inv_p != 0).logical_and_(inv_n != 0)
+        inv_p.masked_fill_(still, 0.0)
+        inv_n.masked_fill_(still, 0.0)
+    # float 0/1 masks (comparisons written into float buffers: applying bool masks is slow on
+    # CPU); the bp and an slots serve as scratch until their turn
+    agree = torch.gt(torch.sub(Rp, Rn, out=bp).mul_(t), 0.0, out=bp)
+    no_p, no_n = torch.eq(inv_p, 0.0, out=an), torch.eq(inv_n, 0.0, out=torch.empty_like(inv_n))
+    torch.maximum(no_n, agree, out=ap).mul_(inv_p).mul_(Rp)  # R+ to the positive side
+    torch.maximum(no_p, agree, out=bn).mul_(inv_n).mul_(Rn)  # R- to the negative side
+    disagree = agree.neg_().add_(1.0)
+    to_pos = torch.maximum(no_n, disagree, out=no_n)
+    torch.maximum(no_p, disagree, out=bp).mul_(inv_n).mul_(Rp)  # R+ to the negative side
+    torch.mul(to_pos, inv_p, out=an).mul_(Rn)  # R- to the positive side
 
 
 def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tensor, Rn: torch.Tensor,
                  x: torch.Tensor | None = None):
+    """Spec 4. Per unit, with ``agree`` = (R+ − R-)·t > 0 (the larger map and the dominant side
+    match): positive contributors take R+ if the unit has no negative side or agrees, and R- if
+    it has no negative side or does not (ties included); negative contributors take R- if the
+    unit has no positive side or agrees, R+ if it has none or does not. A mixed unit with t = 0
+    passes nothing. Each amount is split ∝ z/P (positive side) or |z|/N (negative side)."""
     x = ctx.value(u.x_node) if x is None else x
-    xp, xn = _sign_split(x)
-    wp, wn = u.weight.clamp(min=0), u.weight.clamp(max=0)
-    P, N = _pos_neg(u, xp, xn, wp, wn)
+    nonneg = is_nonnegative(x)
+    babs = u.bias.abs() if u.bias is not None else None
+    inv_p, inv_n, rows = pos_neg2(u, x, magnitude(u, x, nonneg), nonneg, babs)
+    by_sign = split_by_sign(u, x, nonneg, rows)
+    merged = by_sign and u.stack is not None
+    buf, [(ap, bp), (an, bn)] = _halves(u, Rp, 2, merged)
     t = u.pre_activation
-    has_p, has_n = P > 0, N > 0
-    mixed = has_p & has_n
-    only_p, only_n = has_p ^ mixed, has_n ^ mixed
-    # Mixed units with t != 0: "agree" when the larger map and the dominant side match
-    # (t > 0 and R+ > R-, or t < 0 and R+ < R-): then the positive contributors take R+ and the
-    # negative ones R-; otherwise (ties included) the positive take R- and the negative R+.
-    agree = mixed & ((Rp - Rn).sign_().mul_(t.sign()) > 0)
-    swap = (mixed & (t != 0)) ^ agree
-    inv_p = torch.nan_to_num_(P.reciprocal(), posinf=0.0)
-    inv_n = torch.nan_to_num_(N.reciprocal(), posinf=0.0)
+    n = Rp.shape[0]
+    step = max(1, BLOCK_UNITS // max(Rp[0].numel(), 1)) if Rp.dim() > 1 else n
+    for lo in range(0, n, step):
+        blk = slice(lo, lo + step)
+        _route(Rp[blk], Rn[blk], t[blk], inv_p[blk], inv_n[blk], ap[blk], bp[blk], an[blk], bn[blk])
+    both = _spread(u, x, buf, 2, merged, by_sign, nonneg, rows)
     n = x.shape[0]
-    # coefficients per (source map, contributor side), written straight into the layout the
-    # transposed product takes: maps stacked on the batch axis, sides on the unit axis
-    blocks = [
-        (Rp, only_p | agree, inv_p, 0, 0),  # from R+ to positive contributors
-        (Rn, only_p | swap, inv_p, 1, 0),   # from R- to positive contributors
-        (Rp, only_n | swap, inv_n, 0, 1),   # from R+ to negative contributors
-        (Rn, only_n | agree, inv_n, 1, 1),  # from R- to negative contributors
-    ]
-    if u.stack is not None:
-        cdim = u.stack[0] % Rp.dim()
-        units = Rp.shape[cdim]
-        shape = list(Rp.shape)
-        shape[0], shape[cdim] = 2 * n, 2 * units
-        c = Rp.new_empty(shape)
-        for src, mask, inv, m, side in blocks:
-            dst = c.narrow(0, m * n, n).narrow(cdim, side * units, units)
-            torch.mul(src, inv, out=dst)
-            dst.masked_fill_(~mask, 0.0)
-        both = _split_rel_stacked(u, xp, xn, wp, wn, c, x.shape)
-    else:
-        pp, mp, pn, mn = ((src * inv).masked_fill_(~mask, 0.0) for src, mask, inv, _, _ in blocks)
-        both = _split_rel(u, xp, xn, wp, wn, torch.cat([pp, mp]), torch.cat([pn, mn]), 1.0, x.shape)
     return {u.x_node: (both[:n], both[n:])}
 
 

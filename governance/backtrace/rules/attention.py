@@ -42,16 +42,19 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..context import RuleContext, STABILISER
+from ..context import RuleContext, STABILISER, per_map, product_threads, safe_div
 from ..registry import aten_ops, register_rule
 from . import affine
 
 aten = torch.ops.aten
 
 
-def stab(v: torch.Tensor) -> torch.Tensor:
-    """``v + ε·sign(v)`` with ε = 1e-9 and sign(0) = +1 (spec 6)."""
-    return torch.where(v >= 0, v + STABILISER, v - STABILISER)
+def stab(v: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``stab(scale·v) = scale·v + ε·sign(scale·v)`` with ε = 1e-9 and sign(0) = +1 (spec 6), in
+    arithmetic (a bool ``where`` is slow on CPU): ε·(2·[u >= 0] − 1) is exactly ±ε."""
+    out = v * scale
+    step = torch.ge(out, 0.0, out=torch.empty_like(out))
+    return out.add_(step.mul_(2.0 * STABILISER).sub_(STABILISER))
 
 
 def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
@@ -66,6 +69,11 @@ def bilinear_matmul(x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, out: torc
     ``Rn = R / stab(k·out)`` with k the number of input-dependent factors;
     ``R_x = (Rn yᵀ) ⊙ x``, ``R_y = (xᵀ Rn) ⊙ y``, each summed back to its operand's shape.
     ``den`` may pass ``stab(k·out)`` precomputed (shared by the maps of a contrastive walk)."""
+    with product_threads(x.numel() * y.shape[-1]):
+        return _bilinear_matmul(x, y, R, out, x_rel, y_rel, den)
+
+
+def _bilinear_matmul(x, y, R, out, x_rel, y_rel, den):
     xv, yv, Rv = x, y, R
     if x.dim() == 1:  # (d) @ (..., d, m) -> (..., m)
         xv, Rv = x.unsqueeze(0), Rv.unsqueeze(-2)
@@ -73,21 +81,13 @@ def bilinear_matmul(x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, out: torc
         yv, Rv = y.unsqueeze(-1), Rv.unsqueeze(-1)
     o = torch.matmul(xv, yv) if out is None else out.reshape(Rv.shape)
     k = int(x_rel) + int(y_rel)
-    Rn = R.new_zeros(()) if k == 0 else Rv / (den.reshape(Rv.shape) if den is not None else stab(k * o))
+    Rn = R.new_zeros(()) if k == 0 else Rv / (den.reshape(Rv.shape) if den is not None else stab(o, k))
     rx = ry = None
     if x_rel:
         rx = _sum_to(torch.matmul(Rn, yv.transpose(-1, -2)) * xv, xv.shape).reshape(x.shape)
     if y_rel:
         ry = _sum_to(torch.matmul(xv.transpose(-1, -2), Rn) * yv, yv.shape).reshape(y.shape)
     return rx, ry
-
-
-def _one_map(fn, R):
-    """Apply a per-map rule to R or, in contrastive mode, to each of (R+, R-)."""
-    if isinstance(R, tuple):
-        a, b = fn(R[0]), fn(R[1])
-        return {k: (a[k], b[k]) for k in a}
-    return fn(R)
 
 
 # --- matmul / bmm / mm of two activations ------------------------------------------------------
@@ -100,15 +100,15 @@ def matmul_rule(ctx: RuleContext, node: fx.Node, R):
     if not (ctx.is_relevant(lhs) and ctx.is_relevant(rhs)):
         return affine.affine_rule(ctx, node, R)
     x, y, out = ctx.value(lhs), ctx.value(rhs), ctx.value(node)
-    den = stab(2 * out)
+    den = stab(out, 2)
 
-    def one(r: torch.Tensor) -> dict:
+    def one(c: RuleContext, r: torch.Tensor) -> dict:
         rx, ry = bilinear_matmul(x, y, r, out, den=den)
         if lhs is rhs:  # x @ x
             return {lhs: rx + ry}
         return {lhs: rx, rhs: ry}
 
-    return _one_map(one, R)
+    return per_map(ctx, R, one)
 
 
 # --- einsum --------------------------------------------------------------------------------------
@@ -131,7 +131,8 @@ def _einsum_unit(ctx: RuleContext, node: fx.Node, eq: str, ops: list, idx: int) 
         _, vjp = torch.func.vjp(lambda v: fwd(v, wt), primal)
         return vjp(s)[0]
 
-    return affine.AffineUnit(ops[idx], w, None, fwd, bwd, ctx.value(node))
+    out = ctx.value(node)
+    return affine.AffineUnit(ops[idx], w, None, fwd, bwd, out, product=lambda: out, row_dims=0)
 
 
 @register_rule(*aten_ops("einsum"), contrastive=True)
@@ -151,15 +152,15 @@ def einsum_rule(ctx: RuleContext, node: fx.Node, R):
         return affine._default_or_signed(ctx, node, u, R, signed=ctx.mode == "signed")
     x, y, out = ctx.value(ops[0]), ctx.value(ops[1]), ctx.value(node)
 
-    def one(r: torch.Tensor) -> dict:
-        rn = r / stab(2 * out)
+    def one(c: RuleContext, r: torch.Tensor) -> dict:
+        rn = r / stab(out, 2)
         _, vjp = torch.func.vjp(lambda a, b: torch.einsum(eq, a, b), x, y)
         gx, gy = vjp(rn)
         if ops[0] is ops[1]:
             return {ops[0]: gx * x + gy * y}
         return {ops[0]: gx * x, ops[1]: gy * y}
 
-    return _one_map(one, R)
+    return per_map(ctx, R, one)
 
 
 # --- scaled dot-product attention --------------------------------------------------------------
@@ -191,6 +192,12 @@ def attention_relevance(
     Returns (R_q, R_k, R_v, absorbed) with absorbed the additive-bias share (..., Hq, L, S), or
     a tuple of those when ``R`` is a tuple of maps (contrastive: R+ and R-), which share the
     recomputed forward (scores, weights, output and their stabilised denominators)."""
+    with product_threads(q.numel() * k.shape[-2]):  # products over (batch, heads, tokens, tokens)
+        return _attention_relevance(q, k, v, R, mask=mask, is_causal=is_causal, scale=scale,
+                                    enable_gqa=enable_gqa, rel=rel)
+
+
+def _attention_relevance(q, k, v, R, *, mask, is_causal, scale, enable_gqa, rel):
     maps = R if isinstance(R, tuple) else (R,)
     L, S = q.shape[-2], k.shape[-2]
     groups = 1
@@ -202,31 +209,29 @@ def attention_relevance(
     dtype = maps[0].dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     s = torch.matmul(q, k.transpose(-1, -2))  # unscaled scores
-    logits = s * scale
-    bias = None
-    if is_causal:
-        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        logits = logits.masked_fill(~keep, -math.inf)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            logits = logits.masked_fill(~mask, -math.inf)
-        else:
-            bias = mask.to(dtype)
-            logits = logits + bias
-    a = torch.softmax(logits, dim=-1)
-    a = torch.nan_to_num(a, nan=0.0)  # fully masked rows: SDPA returns 0 there
-    o = torch.matmul(a, v)
     q_rel, k_rel, v_rel = rel
     scores_rel = q_rel or k_rel
-    n_o = int(scores_rel) + int(v_rel)  # factors of O = A V that depend on the input
-    n_s = int(q_rel) + int(k_rel)  # factors of S = Q Kᵀ that do
-    den_o = stab(n_o * o) if n_o else None
-    den_s = stab(n_s * s) if n_s else None
+    n_s = int(q_rel) + int(k_rel)  # factors of S = Q Kᵀ that depend on the input
+    den_s = stab(s, n_s) if n_s else None
+    bias = mask.to(dtype) if mask is not None and mask.dtype != torch.bool else None
     frac = None
-    if bias is not None and scores_rel:  # the scores' share of S·scale + M (add rule)
-        ms = (s * scale).abs()
-        d = ms + bias.abs()
-        frac = torch.where(d > 0, ms / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    if bias is not None and scores_rel and not _masks_only(bias, s):
+        ms = (s * scale).abs_()  # the scores' share of S·scale + M (add rule)
+        frac = safe_div(ms, ms + bias.abs())
+    logits = s.mul_(scale)  # s is not needed any more
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        logits.masked_fill_(~keep, -math.inf)
+    if mask is not None and mask.dtype == torch.bool:
+        logits.masked_fill_(~mask, -math.inf)
+    elif bias is not None:
+        logits.add_(bias)
+    a = torch.softmax(logits, dim=-1)
+    del logits, s
+    a.nan_to_num_(nan=0.0)  # fully masked rows: SDPA returns 0 there
+    o = torch.matmul(a, v)
+    n_o = int(scores_rel) + int(v_rel)  # factors of O = A V that depend on the input
+    den_o = stab(o, n_o) if n_o else None
     results = []
     for r_o in maps:
         r_q = r_k = r_v = None
@@ -234,27 +239,36 @@ def attention_relevance(
         rn = r_o / den_o if den_o is not None else None
         # 1. O = A V
         if v_rel and rn is not None:
-            r_v = torch.matmul(a.transpose(-1, -2), rn) * v
+            r_v = torch.matmul(a.transpose(-1, -2), rn).mul_(v)
         if scores_rel and rn is not None:
-            r_a = torch.matmul(rn, v.transpose(-1, -2)) * a
+            r_a = torch.matmul(rn, v.transpose(-1, -2)).mul_(a)
             # 2. softmax: R_S = R_A; an additive float mask takes its bias share (eager's add)
             if frac is not None:
                 r_s = r_a * frac
-                absorbed = r_a - r_s
+                absorbed = r_a.sub_(r_s)
             else:
                 r_s = r_a
             # 3. S = Q Kᵀ
-            rs = r_s / den_s
+            rs = r_s.div_(den_s)
             if q_rel:
-                r_q = torch.matmul(rs, k) * q
+                r_q = torch.matmul(rs, k).mul_(q)
             if k_rel:
-                r_k = torch.matmul(rs.transpose(-1, -2), q) * k
+                r_k = torch.matmul(rs.transpose(-1, -2), q).mul_(k)
         if groups > 1:
             shp = lambda t: t.unflatten(-3, (t.shape[-3] // groups, groups)).sum(-3)  # noqa: E731
             r_k = shp(r_k) if r_k is not None else None
             r_v = shp(r_v) if r_v is not None else None
         results.append((r_q, r_k, r_v, absorbed))
     return tuple(results) if isinstance(R, tuple) else results[0]
+
+
+def _masks_only(bias: torch.Tensor, s: torch.Tensor) -> bool:
+    """True when an additive mask only masks: it is 0 or at most -1e30 (HF's finfo.min, -inf)
+    everywhere, and no score is exactly 0. The add rule's share of the scores is then exactly
+    1 where M = 0, and where M masks the weights and so R_A are exactly 0: nothing to split."""
+    if not bool((bias == 0).logical_or_(bias <= -1e30).all()):
+        return False
+    return int(torch.count_nonzero(s)) == s.numel()
 
 
 SDPA_OPS = aten_ops(
@@ -286,10 +300,10 @@ def sdpa_rule(ctx: RuleContext, node: fx.Node, R):
         is_causal=bool(b.get("is_causal") or False), scale=b.get("scale"),
         enable_gqa=bool(b.get("enable_gqa") or False), rel=rel,
     )
-    per_map = res if pair else (res,)
+    each = res if pair else (res,)
     peers = ctx.peers if pair else [ctx]
     outs = []
-    for c, (r_q, r_k, r_v, absorbed) in zip(peers, per_map):
+    for c, (r_q, r_k, r_v, absorbed) in zip(peers, each):
         if absorbed.dim() > 0:
             c.absorb(absorbed)
         out: dict[fx.Node, torch.Tensor] = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..context import RuleContext, first_output, safe_div
+from ..context import RuleContext, first_output, map_dtype, per_map, safe_div
 from ..normalisers import normalised_signal
 from ..registry import aten_ops, register_rule
 
@@ -56,22 +56,29 @@ def _terms(ctx: RuleContext, node: fx.Node) -> list[tuple[object, torch.Tensor]]
     return [(a, av), (b, sign * alpha * bv)]
 
 
-@register_rule(aten.add, aten.add_, aten.sub, aten.sub_, aten.rsub)
-def add_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
-    """R_k = R · |a_k| / Σ_m |a_m| after broadcasting; a constant term's share is absorbed."""
+@register_rule(aten.add, aten.add_, aten.sub, aten.sub_, aten.rsub, contrastive=True)
+def add_rule(ctx: RuleContext, node: fx.Node, R):
+    """R_k = R · |a_k| / Σ_m |a_m| after broadcasting; a constant term's share is absorbed.
+    The magnitudes and their sum are shared by the maps of a contrastive walk."""
     terms = _terms(ctx, node)
-    mags = [t.to(R.dtype).abs() for _, t in terms]
+    dtype = map_dtype(R)
+    mags = [t.to(dtype).abs() for _, t in terms]
     den = mags[0] + mags[1]
-    s = safe_div(R, den.expand_as(R) if den.shape != R.shape else den)
-    out = {}
-    for (arg, val), mag in zip(terms, mags):
-        share = s * mag
-        if ctx.is_relevant(arg):
-            share = share.sum_to_size(val.shape) if tuple(val.shape) != tuple(share.shape) else share
-            out[arg] = out[arg] + share if arg in out else share  # a + a: both terms land on a
-        else:  # a constant term; an infinite one (an additive -inf mask) takes 0, not NaN
-            ctx.absorb(torch.nan_to_num(share, nan=0.0))
-    return out
+
+    def one(c: RuleContext, r: torch.Tensor) -> dict:
+        s = safe_div(r, den)
+        out = {}
+        last = len(terms) - 1
+        for i, ((arg, val), mag) in enumerate(zip(terms, mags)):
+            share = s.mul_(mag) if i == last else s * mag  # s is ours: the last share reuses it
+            if c.is_relevant(arg):
+                share = share.sum_to_size(val.shape) if tuple(val.shape) != tuple(share.shape) else share
+                out[arg] = out[arg] + share if arg in out else share  # a + a: both terms land on a
+            else:  # a constant term; an infinite one (an additive -inf mask) takes 0, not NaN
+                c.absorb(torch.nan_to_num(share, nan=0.0))
+        return out
+
+    return per_map(ctx, R, one)
 
 
 @register_rule(aten.mul, aten.mul_)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..context import RuleContext, first_output, safe_div
+from ..context import RuleContext, first_output, per_map, safe_div
 from ..registry import aten_ops, register_rule
 
 AVERAGE_OPS = aten_ops(
@@ -26,9 +26,10 @@ AVERAGE_OPS = aten_ops(
 )
 
 
-@register_rule(*AVERAGE_OPS)
-def average_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
-    """Per window, R_i = R · |x_i| / Σ_window |x_k|."""
+@register_rule(*AVERAGE_OPS, contrastive=True)
+def average_rule(ctx: RuleContext, node: fx.Node, R):
+    """Per window, R_i = R · |x_i| / Σ_window |x_k| (the maps of a contrastive walk share the
+    forward and the VJP's trace)."""
     x_node = node.args[0]
     x = ctx.value(x_node)
     rest = node.args[1:]
@@ -36,9 +37,14 @@ def average_rule(ctx: RuleContext, node: fx.Node, R: torch.Tensor):
     def f(v: torch.Tensor) -> torch.Tensor:
         return node.target(v, *rest, **node.kwargs)
 
-    den, vjp_fn = torch.func.vjp(f, x.abs())
-    (g,) = vjp_fn(safe_div(R, den))
-    return {x_node: x.abs() * g}
+    xabs = x.abs()
+    den, vjp_fn = torch.func.vjp(f, xabs)
+
+    def one(c: RuleContext, r: torch.Tensor) -> dict:
+        (g,) = vjp_fn(safe_div(r, den))
+        return {x_node: xabs * g}  # g may be an expanded view (the VJP of a mean)
+
+    return per_map(ctx, R, one)
 
 
 def _pool_params(node: fx.Node, nd: int):
@@ -56,12 +62,14 @@ def _pool_params(node: fx.Node, nd: int):
     return k, s, p, d, ceil
 
 
-def _max_pool_nd(x: torch.Tensor, out: torch.Tensor, R: torch.Tensor, k, s, p, d, ceil) -> torch.Tensor:
-    """Window maxima take the window's relevance (ties share); via unfold/fold on 2-D maps."""
+def _max_pool_nd(x: torch.Tensor, out: torch.Tensor, k, s, p, d, ceil):
+    """Window maxima take the window's relevance (ties share); via unfold/fold on 2-D maps.
+    The comparison with the window maxima is done once and returned as ``share(R)`` for each
+    relevance map."""
     nd = len(k)
     squeeze = nd == 1
     if squeeze:  # 1-D as 2-D with a unit height
-        x, out, R = x.unsqueeze(-2), out.unsqueeze(-2), R.unsqueeze(-2)
+        x, out = x.unsqueeze(-2), out.unsqueeze(-2)
         k, s, p, d = [1] + k, [1] + s, [0] + p, [1] + d
     batch_shape = x.shape[:-2]
     H, W = x.shape[-2:]
@@ -78,23 +86,24 @@ def _max_pool_nd(x: torch.Tensor, out: torch.Tensor, R: torch.Tensor, k, s, p, d
     kk = k[0] * k[1]
     cols = cols.reshape(n, c, kk, -1)
     L = cols.shape[-1]
-    m = out.reshape(n, c, 1, L)
-    hit = (cols == m).to(R.dtype)
+    hit = torch.eq(cols, out.reshape(n, c, 1, L), out=cols)  # float 0/1, in the unfolded copy
     cnt = hit.sum(2, keepdim=True)
-    share = hit * safe_div(R.reshape(n, c, 1, L), cnt)
-    back = F.fold(share.reshape(n, c * kk, L), output_size=(Hp, Wp), kernel_size=k, dilation=d, stride=s)
-    back = back[..., p[0]:p[0] + H, p[1]:p[1] + W]
-    back = back.reshape(*batch_shape, H, W)
-    return back.squeeze(-2) if squeeze else back
+
+    def share(R: torch.Tensor) -> torch.Tensor:
+        if squeeze:
+            R = R.unsqueeze(-2)
+        part = hit.to(R.dtype) * safe_div(R.reshape(n, c, 1, L), cnt.to(R.dtype))
+        back = F.fold(part.reshape(n, c * kk, L), output_size=(Hp, Wp), kernel_size=k, dilation=d, stride=s)
+        back = back[..., p[0]:p[0] + H, p[1]:p[1] + W].reshape(*batch_shape, H, W)
+        return back.squeeze(-2) if squeeze else back
+
+    return share
 
 
 @register_rule(*aten_ops("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
-                         "max_pool1d_with_indices", "max_pool3d_with_indices"))
+                         "max_pool1d_with_indices", "max_pool3d_with_indices"), contrastive=True)
 def max_pool_rule(ctx: RuleContext, node: fx.Node, R):
     """Max pooling 1d/2d with stride, padding, dilation, ceil mode; ties share equally."""
-    R = first_output(R)
-    if R is None:
-        return {}
     x_node = node.args[0]
     x = ctx.value(x_node)
     out = ctx.value(node)
@@ -105,31 +114,45 @@ def max_pool_rule(ctx: RuleContext, node: fx.Node, R):
     if k == s and all(v == 0 for v in p) and all(v == 1 for v in d) and (
         not ceil or all(size % kk == 0 for size, kk in zip(x.shape[-nd:], k))
     ):
-        return {x_node: _max_pool_tiled(x, out, R, k)}
-    if nd == 3:
+        share = _max_pool_tiled(x, out, k)
+    elif nd == 3:
         raise ctx.unsupported(node, "3-d max pooling is supported with stride = kernel and no padding only")
-    return {x_node: _max_pool_nd(x, out, R, k, s, p, d, ceil)}
+    else:
+        share = _max_pool_nd(x, out, k, s, p, d, ceil)
+    return per_map(ctx, R, lambda c, r: {x_node: share(first_output(r))})
 
 
-def _max_pool_tiled(x: torch.Tensor, out: torch.Tensor, R: torch.Tensor, k: list[int]) -> torch.Tensor:
-    """Non-overlapping windows (stride = kernel, no padding): compare each element with its
-    window's maximum broadcast back, share among ties; no unfold needed."""
+def _max_pool_tiled(x: torch.Tensor, out: torch.Tensor, k: list[int]):
+    """Non-overlapping windows (stride = kernel, no padding): each element is compared with its
+    window's maximum and ties share. The comparison runs on a window-major copy
+    (lead, k_1, …, k_d, o_1, …, o_d), so every pass runs over long contiguous rows; it is done
+    once and returned as ``share(R)`` for each relevance map."""
     nd = len(k)
     lead = list(x.shape[:-nd])
-    sizes = [o * kk for o, kk in zip(out.shape[-nd:], k)]  # rows/cols past the last window drop
+    outs = list(out.shape[-nd:])
+    sizes = [o * kk for o, kk in zip(outs, k)]  # rows/cols past the last window drop
     xs = x[(..., *[slice(0, sz) for sz in sizes])]
-    shape = lead + [v for o, kk in zip(out.shape[-nd:], k) for v in (o, kk)]
-    xw = xs.reshape(shape)
-    exp_dims = [len(lead) + 2 * i + 1 for i in range(nd)]
-    m, r = out, R
-    for dd in exp_dims:
-        m, r = m.unsqueeze(dd), r.unsqueeze(dd)
-    hit = (xw == m).to(R.dtype)
-    cnt = hit.sum(exp_dims, keepdim=True)
-    back = (hit * safe_div(r, cnt)).reshape(lead + sizes)
-    if sizes != list(x.shape[-nd:]):
-        back = torch.nn.functional.pad(back, [v for sz, full in zip(reversed(sizes), reversed(x.shape[-nd:])) for v in (0, full - sz)])
-    return back
+    interleaved = lead + [v for o, kk in zip(outs, k) for v in (o, kk)]
+    L = len(lead)
+    to_window = list(range(L)) + [L + 2 * i + 1 for i in range(nd)] + [L + 2 * i for i in range(nd)]
+    back = [0] * len(to_window)
+    for i, j in enumerate(to_window):
+        back[j] = i
+    xw = xs.reshape(interleaved).permute(to_window)
+    per_window = lead + [1] * nd + outs
+    hit = torch.eq(xw, out.reshape(per_window), out=x.new_empty(xw.shape))  # float 0/1
+    cnt = hit.sum(list(range(L, L + nd)), keepdim=True)
+
+    def share(R: torch.Tensor) -> torch.Tensor:
+        w = torch.mul(hit.to(R.dtype), safe_div(R.reshape(per_window), cnt.to(R.dtype)))
+        res = R.new_empty(lead + sizes)
+        res.view(interleaved).copy_(w.permute(back))
+        if sizes != list(x.shape[-nd:]):
+            pad = [v for sz, full in zip(reversed(sizes), reversed(x.shape[-nd:])) for v in (0, full - sz)]
+            res = torch.nn.functional.pad(res, pad)
+        return res
+
+    return share
 
 
 def _adaptive_windows(size_in: int, size_out: int, device) -> torch.Tensor:

@@ -81,9 +81,10 @@ def _affine_step(ctx: RuleContext, node: fx.Node, xc: torch.Tensor, w: torch.Ten
                  d_in: int, Rs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Section 3 / 3b / 4 for the candidate's affine unit; returns R over [x_t, h_{t-1}] per map."""
     fwd, bwd = _linear_pair(d_in, gate)
-    # a plain linear map (LSTM) can stack output units in one transposed product; the GRU's
-    # gate-scaled map cannot
-    u = AffineUnit(None, w, b, fwd, bwd, pre, (-1, 0) if gate is None else None)  # type: ignore[arg-type]
+    # a plain linear map (LSTM) can stack output units in one transposed product and recompute
+    # single rows; the GRU's gate-scaled map (its gate matched to whole batches) cannot
+    u = AffineUnit(None, w, b, fwd, bwd, pre, (-1, 0) if gate is None else None,  # type: ignore[arg-type]
+                   row_dims=1 if gate is None else 0)
     if ctx.mode == "contrastive":
         rp, rn = _contrastive(ctx, node, u, Rs[0], Rs[1], x=xc)[None]
         return [rp, rn]

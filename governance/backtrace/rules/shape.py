@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..context import RuleContext
+from ..context import RuleContext, per_map
 from ..registry import aten_ops, register_rule
 
 RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
@@ -55,13 +55,16 @@ def _cotangent(ctx: RuleContext, node: fx.Node, R: Any) -> Any:
     return R
 
 
-@register_rule(*SHAPE_OPS)
+@register_rule(*SHAPE_OPS, contrastive=True)
 def shape_rule(ctx: RuleContext, node: fx.Node, R: Any):
-    """Move relevance back through a value-moving op with the op's own transpose (its VJP)."""
+    """Move relevance back through a value-moving op with the op's own transpose (its VJP); the
+    maps of a contrastive walk share the traced VJP."""
     name = node.target._opname
     leaves = _relevant_leaves(ctx, node)
-    if name in RESHAPES and len(leaves) == 1 and not isinstance(R, dict):
-        return {leaves[0]: R.reshape(ctx.value(leaves[0]).shape)}
+    pair = isinstance(R, tuple)
+    if name in RESHAPES and len(leaves) == 1 and not isinstance(R[0] if pair else R, dict):
+        shape = ctx.value(leaves[0]).shape
+        return per_map(ctx, R, lambda c, r: {leaves[0]: r.reshape(shape)})
     primals = []
     for n in leaves:
         v = ctx.value(n)
@@ -74,9 +77,13 @@ def shape_rule(ctx: RuleContext, node: fx.Node, R: Any):
         )
         return node.target(*args, **kwargs)
 
-    cot = _cotangent(ctx, node, R)
-    if isinstance(cot, torch.Tensor) and cot.dtype != primals[0].dtype:
-        cot = cot.to(primals[0].dtype)
     _, vjp_fn = torch.func.vjp(f, *primals)
-    grads = vjp_fn(cot)
-    return {n: g.to(R.dtype if isinstance(R, torch.Tensor) else g.dtype) for n, g in zip(leaves, grads)}
+
+    def one(c: RuleContext, r: Any) -> dict:
+        cot = _cotangent(ctx, node, r)
+        if isinstance(cot, torch.Tensor) and cot.dtype != primals[0].dtype:
+            cot = cot.to(primals[0].dtype)
+        grads = vjp_fn(cot)
+        return {n: g.to(r.dtype if isinstance(r, torch.Tensor) else g.dtype) for n, g in zip(leaves, grads)}
+
+    return per_map(ctx, R, one)

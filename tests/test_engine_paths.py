@@ -1,0 +1,250 @@
+"""The fast paths of the engine (issue 14) against the naive rules of spec sections 3, 3b, 4 and 6.
+
+The affine rules take P and N from S = |W||x| and the recorded W x, recompute units whose
+smaller side is tiny (and every row holding one) from one-signed sums, and split relevance by
+one of three routes: one stacked product for x >= 0, the |W| / W identity for mixed signs, the
+one-signed products where the identity would cancel. Each test builds a layer on which the route
+under test runs, checks that it ran (a spy on the engine's own decision), and compares the
+relevance with the naive per-unit loops of ``naive_rules.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import naive_rules as nr
+from naive_rules import DTYPE, MODES
+
+from governance.backtrace.rules import affine, attention
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    with nr.one_thread():
+        yield
+
+
+def _task(mode):
+    return "bbox-regression" if mode == "contrastive" else "regression"
+
+
+@pytest.fixture
+def routes(monkeypatch):
+    """What the affine rule decided, per call: nonneg input, rows recomputed, one-signed split."""
+    seen: list[dict] = []
+    orig_pos_neg, orig_split = affine.pos_neg2, affine.split_by_sign
+
+    def pos_neg2(u, x, S, nonneg, bias_abs):
+        P2, N2, rows = orig_pos_neg(u, x, S, nonneg, bias_abs)
+        total = int(torch.tensor(x.shape[:u.row_dims]).prod()) if u.row_dims else 1
+        seen.append({"nonneg": nonneg, "rows": None if rows is None else len(rows), "of": total})
+        return P2, N2, rows
+
+    def split_by_sign(u, x, nonneg, rows):
+        out = orig_split(u, x, nonneg, rows)
+        seen[-1]["by_sign"] = out
+        return out
+
+    monkeypatch.setattr(affine, "pos_neg2", pos_neg2)
+    monkeypatch.setattr(affine, "split_by_sign", split_by_sign)
+    return seen
+
+
+def _tokens_with_one_signed_units(n=3, t=5, d=24, seed=0):
+    """Mixed-sign tokens; token 0 of every sample has a single non-zero input, so every unit of
+    that row has one contribution (one side exactly empty): those rows must be recomputed."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, t, d, generator=g, dtype=DTYPE)
+    x[:, 0] = 0.0
+    x[:, 0, 3] = 1.5
+    return x
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mixed_inputs_identity_and_recomputed_rows(mode, routes):
+    """Linear + tanh on (N, T, d) tokens with mixed signs: most rows take the |W| / W identity,
+    the rows with one-signed units are recomputed exactly; both match the naive loops."""
+    torch.manual_seed(1)
+    lin = nn.Linear(24, 16).to(DTYPE)
+    x = _tokens_with_one_signed_units()
+    model = nn.Sequential(lin, nn.Tanh()).eval()
+    with torch.no_grad():
+        y = model(x)
+    R, _ = nr.seed(_task(mode), y, mode=mode)
+    flat = nr._each_map(R, mode, lambda r: r.reshape(-1, 16))
+    exp_R = nr._each_map(nr.linear_rule(x.reshape(-1, 24), lin.weight, lin.bias, flat, mode, "tanh").relevance,
+                         mode, lambda r: r.reshape(x.shape))
+    nr.check_engine(model, x, mode, exp_R, f"tokens identity {mode}", task=_task(mode))
+    if mode == "contrastive":
+        (r,) = routes
+        assert not r["nonneg"] and not r["by_sign"]
+        assert r["of"] == 15 and 3 <= r["rows"] < 15  # token 0 of each sample at least
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nonnegative_inputs_one_stacked_product(mode, routes):
+    """ReLU -> Conv2d -> tanh: the convolution's input is >= 0, so the split is one product on
+    the stacked coefficients of both sides (and both maps)."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 5, 3, padding=1).to(DTYPE)
+    x = torch.randn(2, 3, 6, 5, dtype=DTYPE)
+    model = nn.Sequential(nn.ReLU(), conv, nn.Tanh(), nn.Flatten()).eval()
+    with torch.no_grad():
+        y = model(x)
+        t = conv(x.relu())
+    R, _ = nr.seed(_task(mode), y, mode=mode)
+    R = nr._each_map(R, mode, lambda r: r.reshape(t.shape))
+    exp_R = nr.conv_rule(x.relu(), conv.weight, conv.bias, R, mode, "tanh", padding=1).relevance
+    nr.check_engine(model, x, mode, exp_R, f"relu conv {mode}", task=_task(mode))
+    if mode == "contrastive":
+        (r,) = routes
+        assert r["nonneg"] and r["by_sign"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_small_fan_in_every_row_recomputed(mode, routes):
+    """A 2-channel 3x3 convolution on mixed-sign images: its border units have few inputs, so
+    every row holds a unit with a tiny side and the whole layer takes the one-signed products
+    (inputs of both signs and both sides stacked into one product)."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 4, 3, padding=1).to(DTYPE)
+    x = torch.randn(3, 2, 5, 5, dtype=DTYPE)
+    x[:, :, 0, 0] = 0.0
+    x[:, 1, 0, 1] = 0.0
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten()).eval()
+    with torch.no_grad():
+        y = model(x)
+        t = conv(x)
+    R, _ = nr.seed(_task(mode), y, mode=mode)
+    R = nr._each_map(R, mode, lambda r: r.reshape(t.shape))
+    exp_R = nr.conv_rule(x, conv.weight, conv.bias, R, mode, "tanh", padding=1).relevance
+    nr.check_engine(model, x, mode, exp_R, f"small fan-in conv {mode}", task=_task(mode))
+    if mode == "contrastive":
+        (r,) = routes
+        assert not r["nonneg"] and r["by_sign"] and r["rows"] == r["of"]
+
+
+class BatchedConstant(nn.Module):
+    """x @ C with a constant C per sample: no single rows can be recomputed (row_dims 0)."""
+
+    def __init__(self, c: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("c", c)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.c)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_matmul_with_batched_constant(mode, routes):
+    g = torch.Generator().manual_seed(4)
+    c = torch.randn(2, 6, 4, generator=g, dtype=DTYPE)
+    x = torch.randn(2, 3, 6, generator=g, dtype=DTYPE)
+    x[0, 0] = 0.0
+    x[0, 0, 2] = -1.0  # one-signed units in sample 0
+    model = BatchedConstant(c).eval()
+    with torch.no_grad():
+        y = model(x)
+    R, _ = nr.seed(_task(mode), y, mode=mode)
+    parts = [nr.linear_rule(x[b], c[b].T, None, nr._each_map(R, mode, lambda r: r[b]), mode, "tanh").relevance
+             for b in range(2)]
+    if mode == "contrastive":
+        exp_R = (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+    else:
+        exp_R = torch.stack(parts)
+    nr.check_engine(model, x, mode, exp_R, f"batched constant {mode}", task=_task(mode))
+    if mode == "contrastive":
+        (r,) = routes
+        assert r["by_sign"]  # not separable: never the cancelling identity
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_identity_within_rounding(mode, routes):
+    """A float32 Linear(48 -> 32) on mixed inputs (the identity route) against the float64 naive
+    loops on the same float32 values: float32 round-off only."""
+    torch.manual_seed(5)
+    lin = nn.Linear(48, 32)
+    x = torch.randn(16, 48)
+    model = nn.Sequential(lin, nn.Tanh()).eval()
+    with torch.no_grad():
+        y = model(x)
+    R, _ = nr.seed(_task(mode), y, mode=mode)
+    exp_R = nr.linear_rule(x.double(), lin.weight.double(), lin.bias.double(), R, mode, "tanh").relevance
+    nr.check_engine(model, x, mode, exp_R, f"f32 identity {mode}", task=_task(mode), rtol=1e-5)
+    if mode == "contrastive":
+        (r,) = routes
+        assert not r["by_sign"] and r["rows"] is None
+
+
+def test_routing_blocks_do_not_change_results(monkeypatch):
+    """The contrastive routing runs over blocks of rows: any block size gives the same bits."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1),
+                          nn.Flatten(), nn.Linear(4 * 36, 3)).eval()
+    x = torch.randn(5, 3, 6, 6)
+    ref = nr.explain(model, x, "contrastive", task="multiclass-classification")
+    monkeypatch.setattr(affine, "BLOCK_UNITS", 1)  # one row per block
+    got = nr.explain(model, x, "contrastive", task="multiclass-classification")
+    assert torch.equal(ref.positive.input_relevance, got.positive.input_relevance)
+    assert torch.equal(ref.negative.input_relevance, got.negative.input_relevance)
+
+
+def test_net_layer_relevance_is_positive_minus_negative():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    exp = nr.explain(model, torch.randn(4, 6), "contrastive", task="multiclass-classification")
+    assert sorted(exp.layer_relevance) == sorted(exp.positive.layer_relevance)
+    for name, net in exp.layer_relevance.items():
+        assert torch.equal(net, exp.positive.layer_relevance[name] - exp.negative.layer_relevance[name])
+
+
+def test_stab_in_arithmetic_matches_the_definition():
+    """stab(v) = v + 1e-9·sign(v) with sign(0) = +1, also for -0.0 (spec 6), bit for bit."""
+    v = torch.cat([torch.tensor([0.0, -0.0, 1e-12, -1e-12, 5.0, -5.0]), torch.randn(1000)])
+    for k in (1, 2):
+        u = v * k
+        assert torch.equal(attention.stab(v, k), torch.where(u >= 0, u + 1e-9, u - 1e-9))
+
+
+@pytest.mark.parametrize("mode", ["default", "contrastive"])
+def test_padding_mask_shortcut_equals_the_add_rule(mode, monkeypatch):
+    """An additive mask of 0 and finfo.min only masks: skipping its add-rule share gives exactly
+    the relevance the full share computation gives."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 4, 7, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 7, 7)
+    mask[0, ..., 5:] = torch.finfo(torch.float32).min
+    R = torch.randn(2, 4, 7, 8, generator=g)
+    R = (R.abs(), R.abs() * 0.5) if mode == "contrastive" else R
+    fast = attention.attention_relevance(q, k, v, R, mask=mask)
+    monkeypatch.setattr(attention, "_masks_only", lambda bias, s: False)
+    full = attention.attention_relevance(q, k, v, R, mask=mask)
+    for a, b in zip(fast if mode == "contrastive" else (fast,), full if mode == "contrastive" else (full,)):
+        for x, y in zip(a[:3], b[:3]):
+            assert torch.equal(x, y)
+        assert float(b[3].abs().max()) == 0.0  # the full computation absorbs nothing either
+
+
+def test_two_threads_give_the_same_relevance_and_restore_the_setting():
+    """The walk runs on one thread and its big products on the caller's threads; results agree
+    with a one-thread run to float rounding, and the caller's thread count is restored."""
+    from governance.backtrace import Backtrace
+
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 4)).eval()
+    x = torch.randn(64, 3, 8, 8)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = Backtrace(model).explain(x, mode="contrastive", task="multiclass-classification")
+        torch.set_num_threads(2)
+        two = Backtrace(model).explain(x, mode="contrastive", task="multiclass-classification")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    scale = float(one.positive.input_relevance.abs().max())
+    assert float((one.positive.input_relevance - two.positive.input_relevance).abs().max()) <= 1e-5 * scale
+    assert float((one.negative.input_relevance - two.negative.input_relevance).abs().max()) <= 1e-5 * scale

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Protocol
 
@@ -96,7 +97,8 @@ class ImportanceByMode:
         return _dump_modes({m: a.dump() for m, a in self.modes.items()})
 
     def load(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-        self.modes = {m: ImportanceAccumulator.load(mm, a) for m, (mm, a) in _load_modes(meta, arrays).items()}
+        parts = _load_modes(meta, arrays)
+        self.modes = {m: ImportanceAccumulator.load(*parts[m]) for m in self.modes}
 
 
 class LayersByMode:
@@ -117,7 +119,8 @@ class LayersByMode:
         return _dump_modes({m: a.dump() for m, a in self.modes.items()})
 
     def load(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-        self.modes = {m: LayerAccumulator.load(mm, a) for m, (mm, a) in _load_modes(meta, arrays).items()}
+        parts = _load_modes(meta, arrays)
+        self.modes = {m: LayerAccumulator.load(*parts[m]) for m in self.modes}
 
 
 def _dump_modes(parts: Mapping[str, tuple[dict, dict]]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -335,7 +338,12 @@ class StageState:
                 arrays[f"{name}//{k}"] = v
         arrays["__header__"] = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        # np.savez's layout, with sorted members and a fixed timestamp: the same state, the same bytes
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name, arr in sorted(arrays.items()):
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with zf.open(info, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
         return buf.getvalue()
 
     @classmethod

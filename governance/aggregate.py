@@ -475,21 +475,6 @@ class LayerBatch:
     unit_abs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _unit_axis(ndim: int, module_type: str) -> int:
-    if ndim <= 2:
-        return 1
-    return 1 if "conv" in module_type.lower() else ndim - 1
-
-
-def per_unit_relevance(relevance: np.ndarray, module_type: str) -> np.ndarray:
-    """(N, units) relevance per sample and output unit of a module (channels for convolutions,
-    the last axis otherwise) from its relevance at the output (N, ...)."""
-    arr = np.asarray(relevance, dtype=np.float64)
-    ax = _unit_axis(arr.ndim, module_type)
-    moved = np.moveaxis(arr, ax, -1)
-    return moved.reshape(arr.shape[0], -1, arr.shape[ax]).sum(1)
-
-
 class LayerAccumulator:
     """Layer ranking of one mode: per (module, map) sums over samples, per-unit relevance sums."""
 

@@ -64,7 +64,7 @@ class GovernanceConfig:
     device: str = "cpu"
     cpu_threads: int | None = None
     expectations: list[dict[str, Any]] | None = None
-    contract_block_cells: int = 8_000_000  # rows x columns per data-contract block (64 MB float64)
+    contract_block_cells: int = 4_000_000  # rows x columns per data-contract block (32 MB float64)
     reason_codes: ReasonCodesConfig = field(default_factory=ReasonCodesConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)

@@ -28,7 +28,7 @@ from governance.modality.tabular import RESERVED_COLUMNS
 from governance.model_summary import model_summary
 from governance.stage.batch import Explainer, StageError, torch_threads
 from governance.stage.documents import documents
-from governance.stage.runner import run_stream
+from governance.stage.runner import frozen_gc, run_stream
 from governance.stage.state import StageSettings, StageState
 from governance.stage.writers import json_safe, write_documents, write_json, write_plots
 from governance.validation import ContractRun, ContractViolation, ValidationOutcome
@@ -199,9 +199,10 @@ def validate_data(
     from governance import tracking
 
     p = _prepare(model, data, config, overrides)
-    outcome = ContractRun(p.table, p.plan.expectations, contract_source=p.plan.contract_source,
-                          cell_budget=p.cfg.contract_block_cells, independent=p.plan.independent,
-                          notes=p.plan.notes).run()
+    with frozen_gc():
+        outcome = ContractRun(p.table, p.plan.expectations, contract_source=p.plan.contract_source,
+                              cell_budget=p.cfg.contract_block_cells, independent=p.plan.independent,
+                              notes=p.plan.notes).run()
     p.table.check_unchanged()
     rid, created = tracking.resolve_run(run_id, experiment_name, "governance-validate") if log else (None, False)
     try:

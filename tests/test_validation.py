@@ -10,8 +10,15 @@ import pandas as pd
 import pytest
 
 from governance.config import ConfigError, config_from_dict, load_config
-from governance.data import DataLoadError, load_data, read_table
-from governance.validation import derive_contract, feature_checks, validate_table
+from governance.data import DataLoadError, load_data, open_table, read_table
+from governance.validation import (
+    ContractPlanError,
+    ContractRun,
+    derive_contract,
+    feature_checks,
+    validate_source,
+    validate_table,
+)
 
 FEATURES = ["income", "debt_ratio", "age"]
 
@@ -145,8 +152,6 @@ def test_config_defaults_overrides_and_errors(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- checked in blocks
 
-from governance.data import open_table  # noqa: E402
-from governance.validation import ContractPlanError, ContractRun, validate_source  # noqa: E402
 
 COUNT_KEYS = ("element_count", "unexpected_count", "unexpected_percent", "missing_count", "missing_percent",
               "unexpected_percent_total", "unexpected_percent_nonmissing", "partial_unexpected_list",
@@ -262,3 +267,70 @@ def test_whole_table_expectations_need_one_block() -> None:
     assert validate_source(open_table(df), unique, cell_budget=10_000).success
     with pytest.raises(ContractPlanError, match="needs every row at once"):
         validate_source(open_table(df), unique, cell_budget=100)
+
+
+# ----------------------------------------------------------------------------- streamed sources
+
+
+def test_sources_read_in_chunks_with_global_positions_and_file_hashes(tmp_path: Path) -> None:
+    import hashlib
+
+    from governance.data import files_sha256
+
+    df = _frame(250)
+    folder = tmp_path / "parts"
+    (folder / "year=2024").mkdir(parents=True)
+    df.iloc[:100].to_parquet(folder / "year=2024" / "part-0.parquet", index=False)
+    df.iloc[100:].to_parquet(folder / "part-1.parquet", index=False)
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".part-1.parquet.crc").write_text("x")
+    table = open_table(folder, source="runs:/abc/parts")
+    assert table.columnar and table.n_rows == 250 and table.columns == list(df.columns)
+    frames = list(table.iter_frames(64, ["age", "income"]))
+    # files in sorted path order: part-1 (rows 100..249) comes before year=2024/part-0 (rows 0..99)
+    got = pd.concat(frames)
+    assert list(got.index) == list(range(250)) and list(got.columns) == ["age", "income"]
+    pd.testing.assert_frame_equal(got.reset_index(drop=True),
+                                  pd.concat([df.iloc[100:], df.iloc[:100]])[["age", "income"]].reset_index(drop=True))
+    block = table.read_columns(["debt_ratio"], 90, 160)
+    assert list(block.index) == list(range(90, 160)) and len(block) == 70
+    files = table.file_hashes()
+    assert [f.relative for f in files] == ["part-1.parquet", "year=2024/part-0.parquet"]
+    for f in files:
+        assert f.sha256 == hashlib.sha256(f.path.read_bytes()).hexdigest() and f.size == f.path.stat().st_size
+    lines = "".join(sorted(f"{f.relative}\0{f.sha256}\n" for f in files))
+    assert files_sha256(files) == hashlib.sha256(lines.encode()).hexdigest()
+    table.check_unchanged()
+    (folder / "part-1.parquet").write_bytes((folder / "part-1.parquet").read_bytes() + b"\0")
+    with pytest.raises(DataLoadError, match="changed while it was being read"):
+        table.check_unchanged()
+
+
+def test_csv_source_counts_rows_on_the_way(tmp_path: Path) -> None:
+    df = _frame(130)
+    df.to_csv(tmp_path / "a.csv", index=False)
+    table = open_table(tmp_path / "a.csv")
+    assert not table.columnar and table.n_rows is None
+    assert [len(f) for f in table.iter_frames(50)] == [50, 50, 30]
+    assert table.n_rows == 130
+    assert open_table(df).n_rows == 130
+
+
+def test_bad_folders_fail_clearly(tmp_path: Path) -> None:
+    df = _frame(20)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    df.to_parquet(mixed / "a.parquet", index=False)
+    df.to_csv(mixed / "b.csv", index=False)
+    with pytest.raises(DataLoadError, match="both parquet and CSV"):
+        open_table(mixed)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataLoadError, match="no .parquet or .csv file"):
+        open_table(empty)
+    other = tmp_path / "other"
+    other.mkdir()
+    df.to_parquet(other / "a.parquet", index=False)
+    df.drop(columns=["age"]).to_parquet(other / "b.parquet", index=False)
+    with pytest.raises(DataLoadError, match="different columns"):
+        open_table(other)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping
 
 import numpy as np
 
-from governance.errors import InputError
+from governance.data import DataLoadError
 
 if TYPE_CHECKING:
     from governance.config import GovernanceConfig
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from governance.stage.batch import BatchResult
     from governance.stage.state import Accumulator, StageState
 
-class InputNotReadable(InputError):
+class InputNotReadable(DataLoadError):
     """A batch of the data cannot become model inputs (e.g. a non-numeric value in a feature
     column); the data contract names the problem, so the stage stops explaining and reports it."""
 

@@ -21,7 +21,6 @@ from governance.aggregate import (
     contrastive_maps,
     decision_direction,
     l1_normalise,
-    per_unit_relevance,
     top_reasons,
 )
 from governance.errors import InputError
@@ -169,14 +168,22 @@ def layer_batch(exp: Any, n: int) -> LayerBatch:
             lb.sums[(name, map_name)] = np.array(
                 [float(share.sum()), float(bias.sum()), float(a_in.sum()), branch_sum, branch_n])
     for module, rel in exp.layer_relevance.items():
-        if not module or module not in lb.types:
+        if not module or module not in lb.types or rel.dim() < 2:
             continue
-        arr = rel[:n].detach().double().cpu().numpy()
-        if arr.ndim < 2:
-            continue
-        per = per_unit_relevance(arr, lb.types[module])
-        lb.unit_sum[module], lb.unit_abs[module] = per.sum(0), np.abs(per).sum(0)
+        per = per_unit_relevance(rel[:n].detach().double(), lb.types[module])
+        lb.unit_sum[module] = per.sum(0).cpu().numpy()
+        lb.unit_abs[module] = torch.linalg.vector_norm(per, 1, dim=0).cpu().numpy()
     return lb
+
+
+def per_unit_relevance(rel: Any, module_type: str) -> Any:
+    """(N, units) relevance per sample and output unit of a module (channels for convolutions,
+    the last axis otherwise) from its relevance at the output (N, ...), a torch tensor."""
+    axis = 1 if rel.dim() <= 2 or "conv" in module_type.lower() else rel.dim() - 1
+    if rel.dim() == 2:
+        return rel
+    moved = rel.movedim(axis, -1)
+    return moved.reshape(rel.shape[0], -1, rel.shape[axis]).sum(1)
 
 
 class Explainer:

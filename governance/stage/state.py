@@ -76,51 +76,55 @@ class StageSettings:
         return cls(**{**d, "modes": tuple(d["modes"]), "units": None if d["units"] is None else tuple(d["units"])})
 
 
-class ImportanceByMode:
+class _PerMode:
+    """One accumulator per mode (``_kind``: a class with ``merge``, ``dump`` and ``load``)."""
+
+    _kind: Any
+
+    def __init__(self, settings: StageSettings) -> None:
+        self.modes = {m: self._new(settings) for m in settings.modes}
+
+    def _new(self, settings: StageSettings) -> Any:
+        raise NotImplementedError
+
+    def merge(self, other: "_PerMode") -> None:
+        for mode, acc in self.modes.items():
+            acc.merge(other.modes[mode])
+
+    def dump(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return _dump_modes({m: a.dump() for m, a in self.modes.items()})
+
+    def load(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        parts = _load_modes(meta, arrays)
+        self.modes = {m: self._kind.load(*parts[m]) for m in self.modes}
+
+
+class ImportanceByMode(_PerMode):
     """Per mode: importance moments overall, per predicted class and per half, and the bootstrap
     replicate sums (``governance.aggregate.ImportanceAccumulator``)."""
 
-    def __init__(self, settings: StageSettings) -> None:
-        units = list(settings.units or ())
-        self.modes = {m: ImportanceAccumulator(units, n_bootstrap=settings.n_bootstrap) for m in settings.modes}
+    _kind = ImportanceAccumulator
+
+    def _new(self, settings: StageSettings) -> ImportanceAccumulator:
+        return ImportanceAccumulator(list(settings.units or ()), n_bootstrap=settings.n_bootstrap)
 
     def update(self, batch: BatchResult, draws: Draws) -> None:
         for mode, acc in self.modes.items():
             r = batch.modes[mode]
             acc.update(None, draws, batch.predictions, shares=r.shares, units=r.unit_names)
 
-    def merge(self, other: "ImportanceByMode") -> None:
-        for mode, acc in self.modes.items():
-            acc.merge(other.modes[mode])
 
-    def dump(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        return _dump_modes({m: a.dump() for m, a in self.modes.items()})
-
-    def load(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-        parts = _load_modes(meta, arrays)
-        self.modes = {m: ImportanceAccumulator.load(*parts[m]) for m in self.modes}
-
-
-class LayersByMode:
+class LayersByMode(_PerMode):
     """Per mode: the layer books and per-unit relevance sums (``LayerAccumulator``)."""
 
-    def __init__(self, settings: StageSettings) -> None:
-        self.modes = {m: LayerAccumulator(top_units=settings.top_units) for m in settings.modes}
+    _kind = LayerAccumulator
+
+    def _new(self, settings: StageSettings) -> LayerAccumulator:
+        return LayerAccumulator(top_units=settings.top_units)
 
     def update(self, batch: BatchResult, draws: Draws) -> None:
         for mode, acc in self.modes.items():
             acc.update(batch.modes[mode].layers)
-
-    def merge(self, other: "LayersByMode") -> None:
-        for mode, acc in self.modes.items():
-            acc.merge(other.modes[mode])
-
-    def dump(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        return _dump_modes({m: a.dump() for m, a in self.modes.items()})
-
-    def load(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-        parts = _load_modes(meta, arrays)
-        self.modes = {m: LayerAccumulator.load(*parts[m]) for m in self.modes}
 
 
 def _dump_modes(parts: Mapping[str, tuple[dict, dict]]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -295,3 +295,28 @@ def test_evaluator_plugin_skips_non_pytorch_models(credit_store) -> None:
     assert any("PyTorch-flavour models only" in str(w.message) for w in caught)
     assert "accuracy_score" in result.metrics and "governance_n_samples" not in result.metrics
     assert not any(p.startswith("governance/") for p in artifact_paths(run.info.run_id))
+
+
+def test_a_failure_in_the_last_rows_only_logs_the_contract(credit_store, tmp_path: Path) -> None:
+    """Checked in many blocks while the explanation streams: a NaN in the very last row still
+    fails the stage with exit 2 and leaves only the contract's evidence."""
+    df = pd.read_parquet(credit_store.validation_parquet).head(600)
+    df.loc[599, "fico_score"] = np.nan
+    path = tmp_path / "late.parquet"
+    df.to_parquet(path, index=False)
+    cfg = tmp_path / "governance.yaml"
+    cfg.write_text(yaml.safe_dump({**FAST, "contract_block_cells": 5000}))
+    rid = mlflow.MlflowClient().create_run(credit_store.experiment_id).info.run_id
+    result = CliRunner().invoke(cli, ["explain", "--model-uri", credit_store.runs_uri, "--data", str(path),
+                                      "--target-column", "default", "--run-id", rid, "--batch-size", "64",
+                                      "--config", str(cfg), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "expect_column_values_to_not_be_null on column 'fico_score': 1 unexpected value(s)" in result.output
+    assert artifact_paths(rid) == {"governance/config.yaml", "governance/data_quality/validation_result.json",
+                                   "governance/data_quality/datasets.json"}
+    doc = json.loads(_download(rid, "governance/data_quality/validation_result.json").read_text())
+    assert doc["n_rows"] == 600 and doc["great_expectations"]["meta"]["blocks"]["n_blocks"] == 10  # 8 columns each
+    assert doc["independent"] is True and doc["notes"] == []
+    run = mlflow.MlflowClient().get_run(rid)
+    assert run.data.tags["governance.status"] == "failed"
+    assert run.data.tags["governance.contract_independent"] == "true"

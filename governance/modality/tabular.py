@@ -102,17 +102,22 @@ class TabularModality(Modality):
                             independent=independent, notes=[] if independent else [SCHEMA_NOTE])
 
     def batches(self, table: TableSource, plan: ModalityPlan, batch_size: int) -> Iterator[InputBatch]:
-        target = self.cfg.target_column
-        names = plan.units or []
         for frame in table.iter_frames(batch_size, plan.columns):
-            try:
-                x = np.ascontiguousarray(frame[names].to_numpy(dtype=np.float32))
-            except (ValueError, TypeError) as exc:
-                raise InputNotReadable(f"rows {frame.index[0]}..{frame.index[-1]} cannot become float32 model "
-                                       f"inputs: {exc}") from exc
-            targets = frame[target].to_numpy() if target and target in frame.columns else None
-            yield InputBatch(sample_ids=sample_ids(frame, self.cfg.id_column), inputs=x, targets=targets,
-                             unit_values=x)
+            yield self.input_batch(frame, plan)
+
+    def input_batch(self, frame: pd.DataFrame, plan: ModalityPlan) -> InputBatch:
+        """One frame of ``plan.columns`` as model inputs; its index holds the rows' global
+        positions (the sample ids unless ``id_column`` is set). What a Spark executor calls on
+        each Arrow batch (converted to pandas, with an id column: partitions know no positions)."""
+        target = self.cfg.target_column
+        try:
+            x = np.ascontiguousarray(frame[plan.units or []].to_numpy(dtype=np.float32))
+        except (ValueError, TypeError) as exc:
+            raise InputNotReadable(f"rows {frame.index[0]}..{frame.index[-1]} cannot become float32 model "
+                                   f"inputs: {exc}") from exc
+        targets = frame[target].to_numpy() if target and target in frame.columns else None
+        return InputBatch(sample_ids=sample_ids(frame, self.cfg.id_column), inputs=x, targets=targets,
+                          unit_values=x)
 
     def to_model(self, inputs: Any, device: str) -> Any:
         import torch

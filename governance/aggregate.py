@@ -226,7 +226,7 @@ class ImportanceAccumulator:
         cols = self.units.columns(units)
         if cols is not None:
             self._grow()
-        n, f = s.shape
+        n = len(s)
         a = np.abs(s)
         # every group's column sums in one product: all rows, half 0, half 1, each class
         groups = [np.ones(n, dtype=bool), draws.half == 0, draws.half == 1]
@@ -241,15 +241,17 @@ class ImportanceAccumulator:
                 self.by_class[k] = _Moments()
                 self.by_class[k].grow(len(self.units))
         g = np.stack(groups).astype(np.float64)
-        sums = _matmul(g, np.concatenate([a, s, a * a], axis=1))
+        abs_sums, sums, sq_sums = _matmul(g, a), _matmul(g, s), _matmul(g, a * a)
         counts = g.sum(1)
         targets = [self.overall, self.halves[0], self.halves[1]] + [self.by_class[k] for k in keys]
         for i, m in enumerate(targets):
             if counts[i] > 0:
-                m.add_sums(counts[i], cols, sums[i, :f], sums[i, f:2 * f], sums[i, 2 * f:])
-        w = draws.weights[: self.n_bootstrap]
-        _add_columns(self.boot_sum, cols, _matmul(w, a))
-        self.boot_weight += w.sum(1)
+                m.add_sums(counts[i], cols, abs_sums[i], sums[i], sq_sums[i])
+        if draws.n_bootstrap < self.n_bootstrap:
+            raise ValueError(f"draws carry {draws.n_bootstrap} bootstrap replicates, expected {self.n_bootstrap}")
+        b = self.n_bootstrap
+        _add_columns(self.boot_sum, cols, _matmul(draws.weights[:b], a))
+        self.boot_weight += draws.weight_totals[:b]
         return s
 
     def merge(self, other: "ImportanceAccumulator") -> "ImportanceAccumulator":
@@ -614,13 +616,12 @@ def top_reasons(
         vals = np.asarray(vals, dtype=np.float64)
         n, f = vals.shape
         k = min(top_n, f)
-        if k < f:  # the k largest per row (argpartition), then ordered among themselves
-            part = np.argpartition(-vals, k - 1, axis=1)[:, :k]
-            part_vals = np.take_along_axis(vals, part, axis=1)
-            order = np.take_along_axis(part, np.lexsort((part, -part_vals), axis=1), axis=1)
-        else:
-            order = np.argsort(-vals, axis=1, kind="stable")
-        top = np.take_along_axis(vals, order, axis=1)
+        # the k largest per row (argpartition), then by value, ties by column index
+        part = np.sort(np.argpartition(-vals, k - 1, axis=1)[:, :k], axis=1) if k < f else \
+            np.broadcast_to(np.arange(f), (n, f))
+        part_vals = np.take_along_axis(vals, part, axis=1)
+        o = np.argsort(-part_vals, axis=1, kind="stable")
+        order, top = np.take_along_axis(part, o, axis=1), np.take_along_axis(part_vals, o, axis=1)
         ok = top > 0
         idx = np.full((n, top_n), -1, dtype=np.int64)
         mag = np.full((n, top_n), np.nan)

@@ -108,6 +108,13 @@ class Draws:
         return self._cache["weights"]
 
     @property
+    def weight_totals(self) -> np.ndarray:
+        """Each replicate's total weight over the batch (n_bootstrap,)."""
+        if "totals" not in self._cache:
+            self._cache["totals"] = self.weights.sum(1)
+        return self._cache["totals"]
+
+    @property
     def half(self) -> np.ndarray:
         """The stability half of each sample (n,)."""
         if "half" not in self._cache:

@@ -90,21 +90,24 @@ def reason_code_table(result: BatchResult, dictionary: Mapping[str, str]) -> Any
     """``reason_codes.parquet`` rows of one batch (columns: see docs/contracts.md)."""
     import pyarrow as pa
 
-    names = result.primary.unit_names
-    name_arr = np.asarray(list(names) + [""], dtype=object)
-    text_arr = np.asarray([dictionary.get(f, f) for f in names] + [""], dtype=object)
+    names = pa.array(list(result.primary.unit_names), pa.string())
+    texts = pa.array([dictionary.get(f, f) for f in result.primary.unit_names], pa.string())
+
+    def strings(values: Any, idx: np.ndarray) -> Any:  # unit index -> its text, -1 -> null (in C++)
+        return values.take(pa.array(np.where(idx >= 0, idx, 0), pa.int32(), mask=idx < 0))
+
     cols: dict[str, Any] = {"sample_id": pa.array(result.sample_ids), "prediction": pa.array(result.decisions),
                             "score": pa.array(result.scores)}
     for label, (idx, _) in result.reasons.items():
         ok = idx >= 0
         offsets = np.concatenate([[0], np.cumsum(ok.sum(1))]).astype(np.int32)
-        cols[label] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(name_arr[idx[ok]], pa.string()))
+        cols[label] = pa.ListArray.from_arrays(pa.array(offsets), strings(names, idx[ok]))
     for label, (idx, mag) in result.reasons.items():
         for j in range(idx.shape[1]):
             empty = idx[:, j] < 0
-            cols[f"{label}_{j + 1}"] = pa.array(name_arr[idx[:, j]], pa.string(), mask=empty)
+            cols[f"{label}_{j + 1}"] = strings(names, idx[:, j])
             cols[f"{label}_{j + 1}_share"] = pa.array(mag[:, j], pa.float64(), mask=empty)
-            cols[f"{label}_{j + 1}_text"] = pa.array(text_arr[idx[:, j]], pa.string(), mask=empty)
+            cols[f"{label}_{j + 1}_text"] = strings(texts, idx[:, j])
     return pa.table(cols)
 
 

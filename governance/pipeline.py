@@ -124,6 +124,8 @@ def _quality(model: Any, x: Any, names: list[str], cfg: GovernanceConfig,
                               "seed": cfg.aggregation.seed, "feature_names": names}
     if ground_truth is not None:
         kwargs["ground_truth"] = list(ground_truth)
+    if x is None:
+        return None, None, {}, "the modality gives the quality metrics no inputs"
     try:
         q = quality_report(model, x.to(cfg.device), **kwargs)
     except Exception as exc:  # quality is evidence about the explanation, not the explanation
@@ -139,10 +141,7 @@ def _quality(model: Any, x: Any, names: list[str], cfg: GovernanceConfig,
 def _quality_inputs(p: _Prepared, state: StageState) -> Any:
     """The quality metrics' rows: the first ``quality.n_samples`` samples of the reservoir (a
     deterministic random sample keyed by sample id, not the first rows of the file)."""
-    inputs = state.reservoir.columns.get("inputs")
-    if inputs is None:
-        return None
-    return p.modality.quality_inputs(inputs[: p.cfg.quality.n_samples])
+    return p.modality.quality_inputs(state.reservoir.columns, p.cfg.quality.n_samples)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -296,6 +295,7 @@ def explain_model(
 
             t = time.perf_counter()
             docs = documents(state)
+            p.modality.amend_documents(docs, state, plan)
             write_documents(docs, expl)
             layer_types = {str(r["module"]): str(r["type"]) for r in docs.layer_ranking.get("layers", [])
                            if r.get("type")}

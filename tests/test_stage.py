@@ -6,6 +6,7 @@ documents through ``explain_model``."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -21,6 +22,7 @@ from examples.credit_risk.generator import FEATURE_NAMES, Standardiser, generate
 from examples.credit_risk.model import train_mlp
 from governance.config import config_from_dict
 from governance.data import FrameSource
+from governance.modality.base import UnitRelevance
 from governance.modality.tabular import TabularModality
 from governance.stage.batch import ROW_ALIGNMENT, Explainer, torch_threads
 from governance.stage.documents import documents
@@ -210,3 +212,103 @@ def test_every_source_and_batch_size_gives_the_same_artifacts(credit, tmp_path: 
                      tol=tol, where=label)
         assert_close(res.layer_ranking, ref.layer_ranking, tol=tol, where=label)
         assert_close(res.stability, ref.stability, tol=tol, where=label)
+
+
+# ----------------------------------------------------------------------------- a new modality
+
+
+class SignedFeatureCounts:
+    """A modality's own accumulator (as text counts words): samples per unit."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def update(self, batch: Any, draws: Any) -> None:
+        r = batch.primary
+        for name, n in zip(r.unit_names, (r.relevance != 0).sum(0)):
+            self.counts[name] = self.counts.get(name, 0) + int(n)
+
+    def merge(self, other: "SignedFeatureCounts") -> None:
+        for k, v in other.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+
+    def dump(self) -> tuple[dict, dict]:
+        names = sorted(self.counts)
+        return {"units": names}, {"counts": np.array([self.counts[k] for k in names], dtype=np.int64)}
+
+    def load(self, meta: dict, arrays: dict) -> None:
+        self.counts = dict(zip(meta["units"], arrays["counts"].tolist()))
+
+
+class SignedFeatures(TabularModality):
+    """A data-dependent vocabulary, like words: a feature's relevance counts for ``<feature>+``
+    or ``<feature>-`` depending on the sign of the sample's value; the units have no single
+    input value. One class, registered in one table: the stage is not touched."""
+
+    name = "signed-features"
+    fixed_units = False
+
+    def plan(self, table, handle):
+        return dataclasses.replace(super().plan(table, handle), units=None)
+
+    def input_batch(self, frame, plan):
+        b = super().input_batch(frame, dataclasses.replace(plan, units=FEATURE_NAMES))
+        return dataclasses.replace(b, unit_values=None)
+
+    def units(self, batch, plan, relevance):
+        rel = np.asarray(relevance, dtype=np.float64)
+        positive = batch.inputs > 0
+        names = [f"{f}{s}" for s in "+-" for f in FEATURE_NAMES]
+        present = [i for i in range(len(names)) if (positive if i < 78 else ~positive)[:, i % 78].any()]
+        both = np.concatenate([np.where(positive, rel, 0.0), np.where(~positive, rel, 0.0)], axis=1)
+        return UnitRelevance([names[i] for i in present], both[:, present])
+
+    def sample_tables(self, result, plan):
+        return {}
+
+    def accumulators(self):
+        return {"counts": SignedFeatureCounts()}
+
+
+@pytest.fixture()
+def signed_features(monkeypatch):
+    from governance import modality
+
+    monkeypatch.setitem(modality.MODALITIES, "signed-features", "test_stage:SignedFeatures")
+    return "signed-features"
+
+
+def test_a_modality_with_a_growing_vocabulary_plugs_in(credit, signed_features) -> None:
+    from governance.modality import get_modality
+
+    model, frame = credit
+    frame = frame.head(300)
+
+    def run(part: pd.DataFrame, batch: int) -> StageState:
+        config = config_from_dict({**CONFIG, "modality": signed_features, "id_column": "row"})
+        modality = get_modality(config)
+        table = FrameSource(part)
+        plan = modality.plan(table, types.SimpleNamespace(source_run_id=None))
+        settings = StageSettings.from_config(config, plan.units)
+        with torch_threads(1):
+            return explain_stream(Explainer.from_config(model, config), modality, plan, table, settings, None,
+                                  batch_size=batch)
+
+    rows = frame.reset_index(names="row")
+    whole = run(rows, 300)
+    docs = _docs(whole)
+    gi = docs["global_importance"]
+    assert gi["modality"] == "signed-features" and "feature_columns" not in gi
+    names = {f["feature"] for f in gi["features"]}
+    assert "fico_score+" in names and "fico_score-" in names and len(names) <= 156
+    assert all(f["value_relevance_correlation"] is None for f in gi["features"])  # no single value
+    counts = whole.extra("counts").counts
+    assert counts["fico_score+"] + counts["fico_score-"] == 300
+    assert_close(_docs(run(rows, 7)), docs)
+    parts = [run(rows.iloc[a:b], 64).to_bytes() for a, b in ((0, 50), (50, 300))]
+    merged = StageState.from_bytes(parts[1], {"counts": SignedFeatureCounts()})
+    merged.merge(StageState.from_bytes(parts[0], {"counts": SignedFeatureCounts()}))
+    assert_close(_docs(merged), docs)
+    assert merged.extra("counts").counts == counts
+    with pytest.raises(ValueError, match="pass the modality's accumulators"):
+        StageState.from_bytes(parts[0])

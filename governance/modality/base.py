@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from governance.config import GovernanceConfig
     from governance.data import TableSource
     from governance.stage.batch import BatchResult
+    from governance.stage.documents import StageDocuments
     from governance.stage.state import Accumulator, StageState
 
 class InputNotReadable(DataLoadError):
@@ -143,11 +144,18 @@ class Modality(ABC):
         """Modality-specific mergeable tables added to the stage state (default: none)."""
         return {}
 
+    def amend_documents(self, docs: "StageDocuments", state: "StageState", plan: ModalityPlan) -> None:
+        """Add the modality's own entries to the shared documents before they are written (e.g.
+        per-word ``count`` and ``per_occurrence``, an image concentration block); default: none."""
+
     def write_documents(self, state: "StageState", plan: ModalityPlan, out_dir: Path) -> None:
         """Write the modality's own documents from a (merged) state (default: none)."""
 
-    def quality_inputs(self, inputs: np.ndarray) -> Any:
-        """The reservoir's model inputs as the tensor the quality metrics take."""
+    def quality_inputs(self, sample: Mapping[str, np.ndarray], n: int) -> Any:
+        """The first ``n`` reservoir samples' model inputs as the tensor the quality metrics take
+        (``sample``: the reservoir's columns, ``inputs`` or ``inputs/<argument>``); None when the
+        modality has none."""
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(inputs))
+        inputs = sample.get("inputs")
+        return None if inputs is None else torch.from_numpy(np.ascontiguousarray(inputs[:n]))

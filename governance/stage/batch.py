@@ -214,8 +214,9 @@ class Explainer:
         does not depend on how the rows are batched."""
         import torch
 
+        x = modality.to_model(batch.inputs, self.device)
         with torch.no_grad():
-            out = self.model(modality.to_model(batch.inputs, self.device))
+            out = self.model(**x) if isinstance(x, dict) else self.model(x)
         if hasattr(out, "logits"):
             out = out.logits
         elif isinstance(out, (tuple, list)):

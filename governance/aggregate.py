@@ -1,37 +1,43 @@
-"""Local relevance -> global importance, layer ranking, reason codes and stability.
+"""Local relevance -> global importance, layer ranking, reason codes, stability and direction.
 
-Everything here is a mergeable reduction over batches (sums, counts, sums of squares, bootstrap
-sums), so memory does not grow with the number of rows and the same code can run per partition
-(e.g. Spark ``mapInArrow``) and be merged with :meth:`ImportanceAccumulator.merge`.
+Everything here is a mergeable reduction (sums, counts, sums of squares, bootstrap replicate
+sums) or a pure function of one, so memory does not grow with the number of rows and the same
+code runs per batch, per chunk or per Spark partition, merged with ``merge``.
 
 Conventions:
 
-* a sample's *share* of feature i is ``R_i / sum_j |R_j|`` (L1-normalised; all-zero rows give 0);
+* a sample's *share* of unit i is ``R_i / sum_j |R_j|`` (L1-normalised; all-zero rows give 0);
 * ``importance`` is the mean of ``|share|``, ``signed`` the mean of ``share``, ``std`` the
   standard deviation of ``|share|``; ``ci_low``/``ci_high`` a 95% Poisson-bootstrap percentile
   interval of the importance; ``rank`` 1 is the most important (ties broken by name);
-* the bootstrap weights and the random halves for stability are drawn once per batch from a
-  seed and the batch's first row index, so results are deterministic for a given batch size.
+* the bootstrap weights and the random halves for stability are functions of (seed, sample
+  id) (``governance.stage.keys``), so any batching or partitioning gives the same result;
+* a unit's *direction* is the sign of the Spearman correlation between its input value and its
+  signed relevance (``raises`` / ``lowers``; ``mixed`` when |rho| < 0.1); units without a single
+  input value (image regions, words) take the sign of their mean signed share over their mean
+  |share| instead, with the same 0.1 threshold, and no correlation.
+
+Units are named by strings and may be a fixed set (table columns) or grow as batches bring new
+ones (words): every accumulator keeps its own ordered vocabulary and merges by name.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from governance.stage.keys import Draws
+
 TABLE_COLUMNS = ["feature", "importance", "signed", "std", "ci_low", "ci_high", "rank"]
+DIRECTION_COLUMNS = ["direction", "value_relevance_correlation"]
+MIXED_BELOW = 0.1
 
-
-def _poisson_lut(size: int = 65536) -> np.ndarray:
-    cdf = np.cumsum([math.exp(-1.0) / math.factorial(k) for k in range(16)]) * size
-    return np.searchsorted(cdf, np.arange(size) + 0.5, side="right").astype(np.float32)
-
-
-_POISSON_LUT = _poisson_lut()
+#: Batch draws keyed by sample id (kept under this name for callers of the first version).
+BatchDraws = Draws
 
 
 def l1_normalise(relevance: np.ndarray) -> np.ndarray:
@@ -52,24 +58,7 @@ def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return torch.matmul(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))).numpy()
 
 
-@dataclass
-class BatchDraws:
-    """Random draws of one batch shared by every mode: Poisson(1) bootstrap weights (B, n) and
-    the half (0/1) each row falls in for the stability estimate."""
-
-    weights: np.ndarray
-    half: np.ndarray
-
-    @classmethod
-    def make(cls, seed: int, start: int, n: int, n_bootstrap: int) -> "BatchDraws":
-        """Deterministic draws for rows ``start .. start+n`` under ``seed``."""
-        rng = np.random.default_rng([int(seed), int(start)])
-        u = rng.integers(0, 65536, size=(n_bootstrap, n), dtype=np.uint16)
-        half = rng.integers(0, 2, size=n, dtype=np.int8)
-        return cls(weights=_POISSON_LUT[u], half=half)
-
-
-def rank_of(values: np.ndarray, names: list[str]) -> np.ndarray:
+def rank_of(values: np.ndarray, names: Sequence[str]) -> np.ndarray:
     """Rank (1 = largest) of each value, ties broken by name."""
     order = sorted(range(len(values)), key=lambda i: (-float(values[i]), names[i]))
     ranks = np.empty(len(values), dtype=np.int64)
@@ -86,37 +75,97 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def column_spearman(values: np.ndarray, relevance: np.ndarray) -> np.ndarray:
+    """Per column, the Spearman correlation between ``values[:, j]`` and ``relevance[:, j]``
+    (average ranks for ties; NaN where a column is constant or has fewer than 3 rows)."""
+    v = pd.DataFrame(np.asarray(values, dtype=np.float64)).rank().to_numpy()
+    r = pd.DataFrame(np.asarray(relevance, dtype=np.float64)).rank().to_numpy()
+    if len(v) < 3:
+        return np.full(v.shape[1], np.nan)
+    v = v - v.mean(0)
+    r = r - r.mean(0)
+    den = np.sqrt((v * v).sum(0) * (r * r).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (v * r).sum(0) / den
+    return np.where(den > 0, rho, np.nan)
+
+
+def direction_label(score: float | None) -> str:
+    """``raises`` / ``lowers`` / ``mixed`` (|score| < 0.1 or unknown)."""
+    if score is None or not math.isfinite(score) or abs(score) < MIXED_BELOW:
+        return "mixed"
+    return "raises" if score > 0 else "lowers"
+
+
+# ----------------------------------------------------------------------------- units
+
+
+class UnitVocabulary:
+    """An ordered set of unit names with their column index; grows as new units appear."""
+
+    def __init__(self, names: Sequence[str] = ()) -> None:
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+        self.add(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def add(self, names: Sequence[str]) -> np.ndarray:
+        """Column indices of ``names``, appending the ones not seen yet."""
+        out = np.empty(len(names), dtype=np.int64)
+        for i, name in enumerate(names):
+            j = self._index.get(name)
+            if j is None:
+                j = self._index[name] = len(self.names)
+                self.names.append(name)
+            out[i] = j
+        return out
+
+    def columns(self, names: Sequence[str] | None) -> np.ndarray | None:
+        """None when ``names`` is this vocabulary in order (the dense fast path), else indices."""
+        if names is None or names is self.names or list(names) == self.names:
+            return None
+        return self.add(names)
+
+
+def _grow(arr: np.ndarray, size: int) -> np.ndarray:
+    """``arr`` with its last axis zero-padded to ``size``."""
+    if arr.shape[-1] >= size:
+        return arr
+    pad = [(0, 0)] * (arr.ndim - 1) + [(0, size - arr.shape[-1])]
+    return np.pad(arr, pad)
+
+
+def _add_columns(target: np.ndarray, cols: np.ndarray | None, values: np.ndarray) -> None:
+    if cols is None:
+        target += values
+    else:
+        target[..., cols] += values
+
+
 @dataclass
 class _Moments:
+    """Column sums of |share|, share and share^2 over ``n`` samples."""
+
     n: int = 0
-    abs_sum: np.ndarray | None = None
-    sum: np.ndarray | None = None
-    abs_sq: np.ndarray | None = None
+    abs_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    abs_sq: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
-    def add(self, s: np.ndarray) -> None:
-        a = np.abs(s)
-        self.add_sums(len(s), a.sum(0), s.sum(0), (a * a).sum(0))
+    def grow(self, size: int) -> None:
+        self.abs_sum, self.sum, self.abs_sq = (_grow(a, size) for a in (self.abs_sum, self.sum, self.abs_sq))
 
-    def add_sums(self, n: int, abs_sum: np.ndarray, total: np.ndarray, abs_sq: np.ndarray) -> None:
+    def add_sums(self, n: float, cols: np.ndarray | None, abs_sum: np.ndarray, total: np.ndarray,
+                 abs_sq: np.ndarray) -> None:
         """Add precomputed column sums of |s|, s and s^2 over ``n`` rows."""
-        if self.abs_sum is None:
-            f = len(abs_sum)
-            self.abs_sum, self.sum, self.abs_sq = np.zeros(f), np.zeros(f), np.zeros(f)
         self.n += int(n)
-        self.abs_sum += abs_sum
-        self.sum += total
-        self.abs_sq += abs_sq
+        _add_columns(self.abs_sum, cols, abs_sum)
+        _add_columns(self.sum, cols, total)
+        _add_columns(self.abs_sq, cols, abs_sq)
 
-    def merge(self, o: "_Moments") -> None:
-        if o.abs_sum is None:
-            return
-        if self.abs_sum is None:
-            self.n, self.abs_sum, self.sum, self.abs_sq = o.n, o.abs_sum.copy(), o.sum.copy(), o.abs_sq.copy()
-            return
-        self.n += o.n
-        self.abs_sum += o.abs_sum
-        self.sum += o.sum
-        self.abs_sq += o.abs_sq
+    def merge(self, o: "_Moments", cols: np.ndarray | None) -> None:
+        self.add_sums(o.n, cols, o.abs_sum, o.sum, o.abs_sq)
 
     def stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = max(self.n, 1)
@@ -124,67 +173,104 @@ class _Moments:
         var = np.maximum(self.abs_sq / n - mean_abs**2, 0.0) * (n / max(n - 1, 1))
         return mean_abs, self.sum / n, np.sqrt(var)
 
+    def dump(self, prefix: str, arrays: dict[str, np.ndarray]) -> None:
+        arrays[f"{prefix}.n"] = np.array([self.n], dtype=np.int64)
+        arrays[f"{prefix}.abs_sum"], arrays[f"{prefix}.sum"], arrays[f"{prefix}.abs_sq"] = (
+            self.abs_sum, self.sum, self.abs_sq)
 
-@dataclass
+    @classmethod
+    def load(cls, prefix: str, arrays: Mapping[str, np.ndarray]) -> "_Moments":
+        return cls(int(arrays[f"{prefix}.n"][0]), arrays[f"{prefix}.abs_sum"].astype(np.float64),
+                   arrays[f"{prefix}.sum"].astype(np.float64), arrays[f"{prefix}.abs_sq"].astype(np.float64))
+
+
+def _class_key(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
 class ImportanceAccumulator:
-    """Global importance of one mode as a mergeable reduction over batches of local relevance."""
+    """Global importance of one mode as a mergeable reduction over batches of local relevance:
+    moments overall, per predicted class and per stability half, and the Poisson-bootstrap
+    replicate sums of |share|."""
 
-    feature_names: list[str]
-    n_bootstrap: int = 200
-    overall: _Moments = field(default_factory=_Moments)
-    by_class: dict[Any, _Moments] = field(default_factory=dict)
-    halves: tuple[_Moments, _Moments] = field(default_factory=lambda: (_Moments(), _Moments()))
-    boot_sum: np.ndarray | None = None
-    boot_weight: np.ndarray | None = None
+    def __init__(self, feature_names: Sequence[str] = (), n_bootstrap: int = 200) -> None:
+        self.units = UnitVocabulary(feature_names)
+        self.n_bootstrap = int(n_bootstrap)
+        self.overall = _Moments()
+        self.by_class: dict[Any, _Moments] = {}
+        self.halves = (_Moments(), _Moments())
+        self.boot_sum = np.zeros((self.n_bootstrap, 0))
+        self.boot_weight = np.zeros(self.n_bootstrap)
+        self._grow()
 
-    def update(
-        self, relevance: np.ndarray, draws: BatchDraws, predicted_class: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Add a batch of local relevance (N, F); returns its L1-normalised shares."""
-        s = l1_normalise(relevance)
-        if s.shape[1] != len(self.feature_names):
-            raise ValueError(
-                f"relevance has {s.shape[1]} features, expected {len(self.feature_names)}"
-            )
-        n, f = s.shape
+    @property
+    def feature_names(self) -> list[str]:
+        return self.units.names
+
+    def _all_moments(self) -> list[_Moments]:
+        return [self.overall, *self.halves, *self.by_class.values()]
+
+    def _grow(self) -> None:
+        size = len(self.units)
+        for m in self._all_moments():
+            m.grow(size)
+        self.boot_sum = _grow(self.boot_sum, size)
+
+    def update(self, relevance: np.ndarray | None, draws: Draws, predicted_class: np.ndarray | None = None, *,
+               shares: np.ndarray | None = None, units: Sequence[str] | None = None) -> np.ndarray:
+        """Add a batch of local relevance (N, U) (or its precomputed ``shares``) over the units
+        ``units`` (default: this accumulator's units, in order); returns the shares."""
+        s = l1_normalise(relevance) if shares is None else np.asarray(shares, dtype=np.float64)
+        if units is None and s.shape[1] != len(self.units):
+            raise ValueError(f"relevance has {s.shape[1]} features, expected {len(self.units)}")
+        cols = self.units.columns(units)
+        if cols is not None:
+            self._grow()
+        n = len(s)
         a = np.abs(s)
-        # every group's column sums in one matmul: groups = all rows, half 0, half 1, each class
+        # every group's column sums in one product: all rows, half 0, half 1, each class
         groups = [np.ones(n, dtype=bool), draws.half == 0, draws.half == 1]
         keys: list[Any] = []
         if predicted_class is not None:
             pc = np.asarray(predicted_class).reshape(n)
             for c in np.unique(pc):
-                keys.append(c.item() if hasattr(c, "item") else c)
+                keys.append(_class_key(c))
                 groups.append(pc == c)
+        for k in keys:
+            if k not in self.by_class:
+                self.by_class[k] = _Moments()
+                self.by_class[k].grow(len(self.units))
         g = np.stack(groups).astype(np.float64)
-        sums = _matmul(g, np.concatenate([a, s, a * a], axis=1))
+        abs_sums, sums, sq_sums = _matmul(g, a), _matmul(g, s), _matmul(g, a * a)
         counts = g.sum(1)
-        targets = [self.overall, self.halves[0], self.halves[1]] + [
-            self.by_class.setdefault(k, _Moments()) for k in keys]
+        targets = [self.overall, self.halves[0], self.halves[1]] + [self.by_class[k] for k in keys]
         for i, m in enumerate(targets):
             if counts[i] > 0:
-                m.add_sums(counts[i], sums[i, :f], sums[i, f:2 * f], sums[i, 2 * f:])
-        w = draws.weights[: self.n_bootstrap]
-        if self.boot_sum is None:
-            self.boot_sum = np.zeros((self.n_bootstrap, f))
-            self.boot_weight = np.zeros(self.n_bootstrap)
-        self.boot_sum += _matmul(w, a.astype(np.float32)).astype(np.float64)
-        self.boot_weight += w.sum(1, dtype=np.float64)
+                m.add_sums(counts[i], cols, abs_sums[i], sums[i], sq_sums[i])
+        if draws.n_bootstrap < self.n_bootstrap:
+            raise ValueError(f"draws carry {draws.n_bootstrap} bootstrap replicates, expected {self.n_bootstrap}")
+        b = self.n_bootstrap
+        _add_columns(self.boot_sum, cols, _matmul(draws.weights[:b], a))
+        self.boot_weight += draws.weight_totals[:b]
         return s
 
     def merge(self, other: "ImportanceAccumulator") -> "ImportanceAccumulator":
-        """Fold another partition's reduction into this one (same features and bootstrap size)."""
-        self.overall.merge(other.overall)
+        """Fold another partition's reduction into this one (same bootstrap size); units by name."""
+        if other.n_bootstrap != self.n_bootstrap:
+            raise ValueError(f"cannot merge {other.n_bootstrap} bootstrap replicates into {self.n_bootstrap}")
+        cols = self.units.columns(other.units.names)
+        if cols is not None:
+            self._grow()
+        self.overall.merge(other.overall, cols)
         for k, m in other.by_class.items():
-            self.by_class.setdefault(k, _Moments()).merge(m)
-        self.halves[0].merge(other.halves[0])
-        self.halves[1].merge(other.halves[1])
-        if other.boot_sum is not None:
-            if self.boot_sum is None:
-                self.boot_sum, self.boot_weight = other.boot_sum.copy(), other.boot_weight.copy()
-            else:
-                self.boot_sum += other.boot_sum
-                self.boot_weight += other.boot_weight
+            if k not in self.by_class:
+                self.by_class[k] = _Moments()
+                self.by_class[k].grow(len(self.units))
+            self.by_class[k].merge(m, cols)
+        self.halves[0].merge(other.halves[0], cols)
+        self.halves[1].merge(other.halves[1], cols)
+        _add_columns(self.boot_sum, cols, other.boot_sum)
+        self.boot_weight += other.boot_weight
         return self
 
     @property
@@ -194,14 +280,14 @@ class ImportanceAccumulator:
     def table(self) -> pd.DataFrame:
         """The global importance table sorted by rank (columns ``TABLE_COLUMNS``)."""
         mean_abs, signed, std = self.overall.stats()
-        if self.boot_sum is not None:
+        if self.overall.n:
             reps = self.boot_sum / np.maximum(self.boot_weight, 1e-12)[:, None]
             lo, hi = np.percentile(reps, [2.5, 97.5], axis=0)
         else:
             lo = hi = mean_abs
         return self._frame(mean_abs, signed, std, lo, hi)
 
-    def class_tables(self) -> dict[str, pd.DataFrame]:
+    def class_tables(self) -> dict[str, tuple[pd.DataFrame, int]]:
         """Per predicted class: the same table, with a normal-approximation 95% CI."""
         out = {}
         for key in sorted(self.by_class, key=lambda k: str(k)):
@@ -219,42 +305,116 @@ class ImportanceAccumulator:
         return {"spearman": spearman(a.stats()[0], b.stats()[0]), "n_half_a": a.n, "n_half_b": b.n}
 
     def _frame(self, imp, signed, std, lo, hi) -> pd.DataFrame:
+        names = self.units.names
         df = pd.DataFrame({
-            "feature": self.feature_names, "importance": imp, "signed": signed, "std": std,
+            "feature": names, "importance": imp, "signed": signed, "std": std,
             "ci_low": np.minimum(lo, imp), "ci_high": np.maximum(hi, imp),
-            "rank": rank_of(imp, self.feature_names),
+            "rank": rank_of(imp, names),
         })
         return df.sort_values("rank", kind="stable").reset_index(drop=True)[TABLE_COLUMNS]
 
+    # -- serialisation (plain arrays and JSON metadata, no pickle) ------------------------------
+    def dump(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(JSON-able metadata, named arrays) that :meth:`load` restores exactly."""
+        arrays: dict[str, np.ndarray] = {"boot_sum": self.boot_sum, "boot_weight": self.boot_weight}
+        self.overall.dump("overall", arrays)
+        self.halves[0].dump("half0", arrays)
+        self.halves[1].dump("half1", arrays)
+        classes = list(self.by_class)
+        for i, k in enumerate(classes):
+            self.by_class[k].dump(f"class{i}", arrays)
+        return {"units": list(self.units.names), "n_bootstrap": self.n_bootstrap, "classes": classes}, arrays
 
-def table_records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """A table as JSON-ready records (plain floats and ints)."""
+    @classmethod
+    def load(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> "ImportanceAccumulator":
+        acc = cls(meta["units"], n_bootstrap=meta["n_bootstrap"])
+        acc.overall = _Moments.load("overall", arrays)
+        acc.halves = (_Moments.load("half0", arrays), _Moments.load("half1", arrays))
+        acc.by_class = {k: _Moments.load(f"class{i}", arrays) for i, k in enumerate(meta["classes"])}
+        acc.boot_sum = arrays["boot_sum"].astype(np.float64)
+        acc.boot_weight = arrays["boot_weight"].astype(np.float64)
+        return acc
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+@dataclass
+class Directions:
+    """Value-relevance correlations of one mode: per group ("all" or a predicted class) the
+    correlation of each unit by name and the number of samples it was computed on."""
+
+    rho: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    n: dict[str, int] = field(default_factory=dict)
+
+
+def _direction_of(rec: dict[str, Any], rho: Mapping[str, float | None] | None) -> dict[str, Any]:
+    r = None if rho is None else rho.get(rec["feature"])
+    if r is not None and math.isfinite(r):
+        return {"direction": direction_label(r), "value_relevance_correlation": float(r)}
+    if rho is None:  # a unit without a single input value: the sign of its mean signed share
+        ratio = rec["signed"] / rec["importance"] if rec["importance"] > 0 else None
+        return {"direction": direction_label(ratio), "value_relevance_correlation": None}
+    return {"direction": "mixed", "value_relevance_correlation": None}
+
+
+def table_records(df: pd.DataFrame, rho: Mapping[str, float | None] | None = None,
+                  with_direction: bool = False) -> list[dict[str, Any]]:
+    """A table as JSON-ready records (plain floats and ints); with ``with_direction`` each also
+    gets ``direction`` and ``value_relevance_correlation`` (from ``rho``, see the module doc)."""
     recs = []
     for row in df.itertuples(index=False):
-        recs.append({
+        rec = {
             "feature": str(row.feature), "importance": float(row.importance), "signed": float(row.signed),
             "std": float(row.std), "ci_low": float(row.ci_low), "ci_high": float(row.ci_high),
             "rank": int(row.rank),
-        })
+        }
+        if with_direction:
+            rec.update(_direction_of(rec, rho))
+        recs.append(rec)
     return recs
 
 
 def global_importance_document(
-    accumulators: Mapping[str, ImportanceAccumulator], primary_mode: str
+    accumulators: Mapping[str, ImportanceAccumulator], primary_mode: str, *,
+    directions: Mapping[str, Directions | None] | None = None, modality: str | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """``global_importance.json`` and the long table for ``global_importance.parquet``
-    (columns ``mode``, ``class`` ("all" or the predicted class), then ``TABLE_COLUMNS``)."""
+    (columns ``mode``, ``class`` ("all" or the predicted class), then ``TABLE_COLUMNS`` and, with
+    ``directions``, ``DIRECTION_COLUMNS``).
+
+    ``directions``: per mode the value-relevance correlations, or None for a mode whose units
+    have no single input value (their direction comes from the signed share). Without
+    ``directions`` no direction is added.
+    """
+    with_dir = directions is not None
     modes: dict[str, Any] = {}
     frames = []
+
+    def records(table: pd.DataFrame, mode: str, group: str) -> list[dict[str, Any]]:
+        d = (directions or {}).get(mode)  # None: the units have no single input value
+        rho = None if d is None else d.rho.get(group, {})
+        return table_records(table, rho, with_direction=with_dir)
+
+    def frame(recs: list[dict[str, Any]], mode: str, group: str) -> pd.DataFrame:
+        return pd.DataFrame(recs, columns=TABLE_COLUMNS + (DIRECTION_COLUMNS if with_dir else [])).assign(
+            mode=mode, **{"class": group})
+
     for mode in [primary_mode] + sorted(m for m in accumulators if m != primary_mode):
         acc = accumulators[mode]
-        table = acc.table()
+        recs = records(acc.table(), mode, "all")
+        frames.append(frame(recs, mode, "all"))
         by_class = {}
-        frames.append(table.assign(mode=mode, **{"class": "all"}))
         for key, (t, n) in acc.class_tables().items():
-            by_class[key] = {"n_samples": int(n), "features": table_records(t)}
-            frames.append(t.assign(mode=mode, **{"class": key}))
-        modes[mode] = {"n_samples": acc.n_samples, "features": table_records(table), "by_class": by_class}
+            class_recs = records(t, mode, key)
+            by_class[key] = {"n_samples": int(n), "features": class_recs}
+            frames.append(frame(class_recs, mode, key))
+        modes[mode] = {"n_samples": acc.n_samples, "features": recs, "by_class": by_class}
+        d = (directions or {}).get(mode)
+        if d is not None:
+            modes[mode]["direction_sample"] = int(d.n.get("all", 0))
+            for key in by_class:
+                by_class[key]["direction_sample"] = int(d.n.get(key, 0))
     doc = {
         "method": "dlbacktrace",
         "primary_mode": primary_mode,
@@ -265,7 +425,17 @@ def global_importance_document(
         "by_class": modes[primary_mode]["by_class"],
         "modes": modes,
     }
-    long = pd.concat(frames, ignore_index=True)[["mode", "class"] + TABLE_COLUMNS]
+    if modality is not None:
+        doc["modality"] = modality
+    if with_dir:
+        d = directions.get(primary_mode)
+        doc["direction_sample"] = int(d.n.get("all", 0)) if d else 0
+        doc["direction_method"] = (
+            "Spearman rank correlation between a unit's input value and its signed relevance over "
+            "the direction_sample samples with the smallest hash of (seed, sample id); raises / "
+            f"lowers, mixed when |rho| < {MIXED_BELOW}")
+    cols = ["mode", "class"] + TABLE_COLUMNS + (DIRECTION_COLUMNS if with_dir else [])
+    long = pd.concat(frames, ignore_index=True)[cols]
     return doc, long
 
 
@@ -285,86 +455,84 @@ def stability_document(
 
 # ----------------------------------------------------------------------------- layer ranking
 
-
-def _unit_axis(ndim: int, module_type: str) -> int:
-    if ndim <= 2:
-        return 1
-    return 1 if "conv" in module_type.lower() else ndim - 1
+#: Per-sample quantities summed per (module, map): see :class:`LayerBatch`.
+LAYER_SUMS = ("share", "bias_share", "relevance_in", "branch_share", "branch_count")
 
 
 @dataclass
-class LayerAccumulator:
-    """Layer ranking of one mode: batch-weighted means of the layer summary, per-unit relevance."""
+class LayerBatch:
+    """One batch's layer books in one mode, already summed over its samples.
 
-    top_units: int = 5
-    n: int = 0
-    rows: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    ``sums[(module, map)]`` holds, in the order of ``LAYER_SUMS``: the sum over samples of the
+    module's |relevance| at its output over the |seed| (share), of the part its biases absorbed
+    (bias share), of its signed relevance at the output, of its residual branch share (over the
+    samples where it is defined) and that number of samples. ``unit_sum`` / ``unit_abs``: per
+    module and output unit, the sum over samples of the unit's (absolute) relevance.
+    """
+
+    n: int
     types: dict[str, str] = field(default_factory=dict)
-    order: list[str] = field(default_factory=list)
+    sums: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     unit_sum: dict[str, np.ndarray] = field(default_factory=dict)
     unit_abs: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def update(self, summary: pd.DataFrame, n: int, layer_relevance: Mapping[str, Any] | None = None) -> None:
-        """Add one batch: its ``layer_summary()`` (batch means) and ``layer_relevance``."""
-        self.n += n
-        for rec in summary.to_dict("records"):
-            module = str(rec["module"])
-            if not module:  # the root module: its output is the seed itself
-                continue
-            if module not in self.types:
-                self.types[module] = str(rec.get("type", ""))
-                self.order.append(module)
-            key = (module, str(rec.get("map", "relevance")))
-            acc = self.rows.setdefault(key, {"w": 0.0, "branch_w": 0.0})
-            acc["w"] += n
-            for col in ("share", "bias_share", "relevance_in", "relevance_out", "dropped", "saturation_rerouted"):
-                v = rec.get(col)
-                if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                    acc[col] = acc.get(col, 0.0) + float(v) * n
-            b = rec.get("branch_share")
-            if b is not None and not (isinstance(b, float) and math.isnan(b)):
-                acc["branch_share"] = acc.get("branch_share", 0.0) + float(b) * n
-                acc["branch_w"] += n
-        for module, rel in (layer_relevance or {}).items():
-            if not module:
-                continue
-            t = rel.detach() if hasattr(rel, "detach") else rel
-            arr = np.asarray(t.float().cpu() if hasattr(t, "float") else t, dtype=np.float64)
-            if arr.ndim < 2:
-                continue
-            ax = _unit_axis(arr.ndim, self.types.get(module, ""))
-            moved = np.moveaxis(arr, ax, -1).reshape(-1, arr.shape[ax])
-            per_sample = moved.reshape(arr.shape[0], -1, arr.shape[ax]).sum(1)
-            s, a = per_sample.sum(0), np.abs(per_sample).sum(0)
-            if module in self.unit_sum and self.unit_sum[module].shape == s.shape:
-                self.unit_sum[module] += s
-                self.unit_abs[module] += a
+
+class LayerAccumulator:
+    """Layer ranking of one mode: per (module, map) sums over samples, per-unit relevance sums."""
+
+    def __init__(self, top_units: int = 5) -> None:
+        self.top_units = int(top_units)
+        self.n = 0
+        self.types: dict[str, str] = {}
+        self.sums: dict[tuple[str, str], np.ndarray] = {}
+        self.unit_sum: dict[str, np.ndarray] = {}
+        self.unit_abs: dict[str, np.ndarray] = {}
+
+    def update(self, batch: LayerBatch) -> None:
+        """Add one batch's :class:`LayerBatch`."""
+        self.n += batch.n
+        for module, t in batch.types.items():
+            self.types.setdefault(module, t)
+        for key, v in batch.sums.items():
+            if key in self.sums:
+                self.sums[key] = self.sums[key] + v
             else:
-                self.unit_sum[module], self.unit_abs[module] = s, a
+                self.sums[key] = np.asarray(v, dtype=np.float64).copy()
+        for module, s in batch.unit_sum.items():
+            a = batch.unit_abs[module]
+            if module in self.unit_sum and self.unit_sum[module].shape == s.shape:
+                self.unit_sum[module] = self.unit_sum[module] + s
+                self.unit_abs[module] = self.unit_abs[module] + a
+            else:
+                self.unit_sum[module], self.unit_abs[module] = s.copy(), a.copy()
+
+    def merge(self, other: "LayerAccumulator") -> "LayerAccumulator":
+        """Fold another partition's layer sums into this one."""
+        self.update(LayerBatch(n=other.n, types=other.types, sums=other.sums, unit_sum=other.unit_sum,
+                               unit_abs=other.unit_abs))
+        return self
 
     def layers(self) -> list[dict[str, Any]]:
         """Per module: mean share, branch share, bias share, top units; sorted by rank."""
         out = []
-        for module in self.order:
-            maps = {m: r for (mod, m), r in self.rows.items() if mod == module}
+        n = max(self.n, 1)
+        for module in sorted(self.types):
+            maps = {m: v for (mod, m), v in self.sums.items() if mod == module}
             entry: dict[str, Any] = {"module": module, "type": self.types[module]}
             shares = []
-            for m, r in sorted(maps.items()):
-                w = max(r["w"], 1.0)
-                sh = r.get("share", 0.0) / w
+            for m, v in sorted(maps.items()):
+                sh = float(v[0] / n)
                 shares.append(sh)
                 if len(maps) > 1:
                     entry[f"share_{m}"] = sh
             entry["share"] = float(np.mean(shares)) if shares else 0.0
-            entry["bias_share"] = float(np.mean([r.get("bias_share", 0.0) / max(r["w"], 1) for r in maps.values()]))
-            entry["relevance"] = float(np.mean([r.get("relevance_in", 0.0) / max(r["w"], 1) for r in maps.values()]))
-            bw = sum(r["branch_w"] for r in maps.values())
-            entry["branch_share"] = (
-                float(sum(r.get("branch_share", 0.0) for r in maps.values()) / bw) if bw > 0 else None
-            )
+            entry["bias_share"] = float(np.mean([v[1] / n for v in maps.values()])) if maps else 0.0
+            entry["relevance"] = float(np.mean([v[2] / n for v in maps.values()])) if maps else 0.0
+            bw = sum(float(v[4]) for v in maps.values())
+            entry["branch_share"] = float(sum(float(v[3]) for v in maps.values()) / bw) if bw > 0 else None
             if module in self.unit_sum:
-                mean_s = self.unit_sum[module] / max(self.n, 1)
-                mean_a = self.unit_abs[module] / max(self.n, 1)
+                mean_s = self.unit_sum[module] / n
+                mean_a = self.unit_abs[module] / n
                 top = np.argsort(-mean_a, kind="stable")[: self.top_units]
                 entry["n_units"] = int(len(mean_a))
                 entry["top_units"] = [
@@ -377,6 +545,26 @@ class LayerAccumulator:
         for e, r in zip(out, ranks):
             e["rank"] = int(r)
         return sorted(out, key=lambda e: e["rank"])
+
+    def dump(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(JSON-able metadata, named arrays) that :meth:`load` restores exactly."""
+        keys = sorted(self.sums)
+        units = sorted(self.unit_sum)
+        arrays = {f"sums{i}": self.sums[k] for i, k in enumerate(keys)}
+        arrays.update({f"unit_sum{i}": self.unit_sum[m] for i, m in enumerate(units)})
+        arrays.update({f"unit_abs{i}": self.unit_abs[m] for i, m in enumerate(units)})
+        return {"n": self.n, "top_units": self.top_units, "types": self.types,
+                "sums": [list(k) for k in keys], "units": units}, arrays
+
+    @classmethod
+    def load(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> "LayerAccumulator":
+        acc = cls(top_units=meta["top_units"])
+        acc.n = int(meta["n"])
+        acc.types = dict(meta["types"])
+        acc.sums = {(k[0], k[1]): arrays[f"sums{i}"].astype(np.float64) for i, k in enumerate(meta["sums"])}
+        acc.unit_sum = {m: arrays[f"unit_sum{i}"].astype(np.float64) for i, m in enumerate(meta["units"])}
+        acc.unit_abs = {m: arrays[f"unit_abs{i}"].astype(np.float64) for i, m in enumerate(meta["units"])}
+        return acc
 
 
 def layer_ranking_document(layers: Mapping[str, LayerAccumulator], primary_mode: str) -> dict[str, Any]:
@@ -428,13 +616,12 @@ def top_reasons(
         vals = np.asarray(vals, dtype=np.float64)
         n, f = vals.shape
         k = min(top_n, f)
-        if k < f:  # the k largest per row (argpartition), then ordered among themselves
-            part = np.argpartition(-vals, k - 1, axis=1)[:, :k]
-            part_vals = np.take_along_axis(vals, part, axis=1)
-            order = np.take_along_axis(part, np.lexsort((part, -part_vals), axis=1), axis=1)
-        else:
-            order = np.argsort(-vals, axis=1, kind="stable")
-        top = np.take_along_axis(vals, order, axis=1)
+        # the k largest per row (argpartition), then by value, ties by column index
+        part = np.sort(np.argpartition(-vals, k - 1, axis=1)[:, :k], axis=1) if k < f else \
+            np.broadcast_to(np.arange(f), (n, f))
+        part_vals = np.take_along_axis(vals, part, axis=1)
+        o = np.argsort(-part_vals, axis=1, kind="stable")
+        order, top = np.take_along_axis(part, o, axis=1), np.take_along_axis(part_vals, o, axis=1)
         ok = top > 0
         idx = np.full((n, top_n), -1, dtype=np.int64)
         mag = np.full((n, top_n), np.nan)

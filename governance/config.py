@@ -48,6 +48,7 @@ class AggregationConfig:
     n_bootstrap: int = 200
     seed: int = 0
     top_units: int = 5
+    sample_size: int = 2048  # the deterministic sample behind direction, plots and quality inputs
 
 
 @dataclass
@@ -55,7 +56,9 @@ class GovernanceConfig:
     """The whole configuration (sections as in docs/contracts.md)."""
 
     task: str = "binary-classification"
+    modality: str = "tabular"
     target_column: str | None = None
+    id_column: str | None = None  # integer (or text) sample ids; default: the row's position
     feature_columns: list[str] | None = None
     modes: list[str] = field(default_factory=lambda: list(MODES))
     primary_mode: str = "signed"
@@ -64,6 +67,7 @@ class GovernanceConfig:
     device: str = "cpu"
     cpu_threads: int | None = None
     expectations: list[dict[str, Any]] | None = None
+    contract_block_cells: int = 4_000_000  # rows x columns per data-contract block (32 MB float64)
     reason_codes: ReasonCodesConfig = field(default_factory=ReasonCodesConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
@@ -159,6 +163,16 @@ class GovernanceConfig:
             raise ConfigError("quality.n_samples: must be a positive integer")
         if self.aggregation.n_bootstrap < 10:
             raise ConfigError("aggregation.n_bootstrap: at least 10 replicates are needed")
+        if not isinstance(self.aggregation.sample_size, int) or self.aggregation.sample_size < 1:
+            raise ConfigError("aggregation.sample_size: must be a positive integer")
+        from governance.modality import MODALITIES
+
+        if self.modality not in MODALITIES:
+            raise ConfigError(f"modality: '{self.modality}' is not one of {', '.join(sorted(MODALITIES))}")
+        if self.id_column is not None and not isinstance(self.id_column, str):
+            raise ConfigError(f"id_column: must be a column name, got {self.id_column!r}")
+        if not isinstance(self.contract_block_cells, int) or self.contract_block_cells < 1:
+            raise ConfigError(f"contract_block_cells: must be a positive integer, got {self.contract_block_cells!r}")
         if not isinstance(self.gates, list) or not all(isinstance(g, dict) for g in self.gates):
             raise ConfigError("gates: must be a list of mappings")
         for name in ("report", "model_card"):

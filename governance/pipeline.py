@@ -1,33 +1,43 @@
-"""The explanation stage: data contract -> backtrace in batches -> aggregation -> quality -> logging.
+"""The explanation stage's wiring: config, model and data -> contract and streamed explanation ->
+documents -> quality -> MLflow.
 
-Only this module wires the engine, the aggregation and MLflow together. Per-sample results are
-streamed to parquet batch by batch (memory stays flat in the number of rows); everything is
-written to a staging folder and logged to the run only after the whole stage succeeded, so a
-failure leaves no half-written explanation. The data contract's result is logged either way.
+Only this module wires the modality (``governance.modality``), the stage core
+(``governance.stage``: explain_batch, StageState, documents, writers, the streaming runner), the
+quality metrics and MLflow (``governance.tracking``) together; it computes nothing itself.
+Everything is written to a staging folder and logged to the run only after the whole stage
+succeeded, so a failure leaves no half-written explanation. The data contract's result (and the
+dataset's hashes) are logged either way.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import pandas as pd
 
-from governance.aggregate import global_importance_document, layer_ranking_document, stability_document
-from governance.batches import StageError, run_backtrace, torch_threads
 from governance.config import GovernanceConfig, config_from_dict, load_config
-from governance.data import LoadedData, load_data
+from governance.data import DatasetRecord, LoadedData, TableSource
+from governance.modality import get_modality
+from governance.modality.base import Modality, ModalityPlan
+from governance.modality.tabular import RESERVED_COLUMNS
 from governance.model_summary import model_summary
-from governance.validation import ContractViolation, ValidationOutcome, derive_contract, feature_checks, validate_table
+from governance.stage.batch import Explainer, StageError, torch_threads
+from governance.stage.documents import documents
+from governance.stage.runner import frozen_gc, run_stream
+from governance.stage.state import StageSettings, StageState
+from governance.stage.writers import json_safe, write_documents, write_json, write_plots
+from governance.validation import ContractRun, ContractViolation, ValidationOutcome
+
+__all__ = ["explain_model", "validate_data", "StageResult", "StageError", "ContractViolation", "json_safe",
+           "write_json", "RESERVED_COLUMNS"]
 
 EXPLANATIONS = "explanations"
-RESERVED_COLUMNS = ("sample_id", "prediction", "score", "target", "relevance_l1")
+#: Rows of the data MLflow's dataset digest reads (``mlflow.data.digest_utils.MAX_ROWS``).
+DIGEST_ROWS = 10_000
 
 
 @dataclass
@@ -47,31 +57,7 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     quality_note: str | None = None
-
-
-def json_safe(obj: Any) -> Any:
-    """Plain JSON values: numpy scalars to Python, NaN/inf to None, keys to str."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    return obj
-
-
-def write_json(path: Path, doc: Any) -> Path:
-    """Deterministic JSON (sorted keys, 2-space indent, no NaN)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(doc), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    return path
+    state: StageState | None = None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -96,43 +82,39 @@ def _resolve_model(model: Any, device: str):
     return ModelHandle(model=model, uri=f"<in-memory {type(model).__name__}>")
 
 
-def feature_columns(frame: pd.DataFrame, cfg: GovernanceConfig) -> list[str]:
-    """The configured feature columns, else every column but the target."""
-    if cfg.feature_columns:
-        return list(cfg.feature_columns)
-    cols = [str(c) for c in frame.columns if c != cfg.target_column]
-    clash = [c for c in cols if c in RESERVED_COLUMNS]
-    if clash:
-        raise StageError(f"column name(s) {clash} are reserved; list feature_columns in the config")
-    return cols
+@dataclass
+class _Prepared:
+    cfg: GovernanceConfig
+    handle: Any
+    modality: Modality
+    table: TableSource
+    plan: ModalityPlan
 
 
-def build_contract(cfg: GovernanceConfig, handle: Any,
-                   frame: pd.DataFrame) -> tuple[list[dict[str, Any]], str, list[str]]:
-    """The contract, where it came from, and the feature columns.
+def _prepare(model: Any, data: Any, config: Any, overrides: Mapping[str, Any]) -> _Prepared:
+    """Config, model, the data opened as a streamed table (its files being hashed) and the plan."""
+    # the stage shows its own progress bar; MLflow's download bars would only add noise
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    cfg = _resolve_config(config, overrides)
+    if cfg.device.startswith("cuda"):
+        import torch
 
-    Config expectations, else a contract derived from the model's training data (whose columns,
-    less the target, are then the features the model expects), else the validation data's own
-    schema; the feature checks are always included."""
-    if cfg.expectations:
-        names = feature_columns(frame, cfg)
-        return feature_checks(names) + [dict(e) for e in cfg.expectations], "config", names
-    from governance.tracking import training_frame
-
-    found = training_frame(handle) if getattr(handle, "source_run_id", None) else None
-    if found is not None:
-        train, where = found
-        names = list(cfg.feature_columns) if cfg.feature_columns else feature_columns(train, cfg)
-        if all(c in train.columns for c in names):
-            return derive_contract(train, names), where, names
-    names = feature_columns(frame, cfg)
-    return feature_checks(names), "validation data schema", names
+        if not torch.cuda.is_available():
+            raise StageError(f"device '{cfg.device}' was asked for but torch sees no CUDA device")
+    handle = _resolve_model(model, cfg.device)
+    modality = get_modality(cfg)
+    table = modality.open(data)
+    try:
+        return _Prepared(cfg, handle, modality, table, modality.plan(table, handle))
+    except BaseException:
+        table.close()
+        raise
 
 
 # ----------------------------------------------------------------------------- quality
 
 
-def _quality(model: Any, x: np.ndarray, names: list[str], cfg: GovernanceConfig,
+def _quality(model: Any, x: Any, names: list[str], cfg: GovernanceConfig,
              ground_truth: Any = None) -> tuple[dict | None, dict | None, dict[str, float], str | None]:
     """``governance.quality.quality_report``, ``evaluate_gates`` and the flattened metrics."""
     if not cfg.quality.enabled:
@@ -141,14 +123,15 @@ def _quality(model: Any, x: np.ndarray, names: list[str], cfg: GovernanceConfig,
         from governance.quality import evaluate_gates, quality_metrics, quality_report
     except ImportError as exc:
         return None, None, {}, f"governance.quality is not available ({exc})"
-    import torch
 
     kwargs: dict[str, Any] = {"task": cfg.task, "modes": tuple(cfg.modes), "n_samples": cfg.quality.n_samples,
                               "seed": cfg.aggregation.seed, "feature_names": names}
     if ground_truth is not None:
         kwargs["ground_truth"] = list(ground_truth)
+    if x is None:
+        return None, None, {}, "the modality gives the quality metrics no inputs"
     try:
-        q = quality_report(model, torch.from_numpy(x).to(cfg.device), **kwargs)
+        q = quality_report(model, x.to(cfg.device), **kwargs)
     except Exception as exc:  # quality is evidence about the explanation, not the explanation
         note = f"quality_report failed: {type(exc).__name__}: {exc}"
         gates = None
@@ -159,87 +142,50 @@ def _quality(model: Any, x: np.ndarray, names: list[str], cfg: GovernanceConfig,
     return q, gates, quality_metrics(q), None
 
 
-# ----------------------------------------------------------------------------- the stage
+def _quality_inputs(p: _Prepared, state: StageState) -> Any:
+    """The quality metrics' rows: the first ``quality.n_samples`` samples of the reservoir (a
+    deterministic random sample keyed by sample id, not the first rows of the file)."""
+    return p.modality.quality_inputs(state.reservoir.columns, p.cfg.quality.n_samples)
 
 
-def _plots(tables: dict[str, pd.DataFrame], primary: str, layer_doc: dict, local_path: Path,
-           plot_dir: Path) -> None:
-    import pyarrow.parquet as pq
-
-    from governance import plots
-
-    table = tables[primary]
-    plots.importance_bar(table, plot_dir / "global_importance.png",
-                         title=f"Global importance ({primary} mode, top {min(20, len(table))})")
-    if len(tables) > 1:
-        plots.mode_comparison(tables, plot_dir / "importance_by_mode.png")
-    top = list(table.sort_values("rank")["feature"].head(12))
-    pf = pq.ParquetFile(local_path)
-    rows = []
-    n_seen = 0
-    for i in range(pf.num_row_groups):
-        rg = pf.read_row_group(i, columns=["relevance_l1"] + top).to_pandas()
-        rows.append(rg.iloc[: max(0, 3000 - n_seen)])
-        n_seen += len(rows[-1])
-        if n_seen >= 3000:
-            break
-    sample = pd.concat(rows, ignore_index=True)
-    l1 = sample.pop("relevance_l1").to_numpy()
-    shares = sample.div(np.where(l1 > 0, l1, 1.0), axis=0)
-    plots.share_distribution(shares, plot_dir / "feature_distribution.png",
-                             title=f"Per-sample shares of the top {len(top)} features ({primary} mode)")
-    if layer_doc.get("layers"):
-        plots.layer_ranking_bar(layer_doc["layers"], plot_dir / "layer_ranking.png",
-                                title=f"Layer ranking ({primary} mode)")
+# ----------------------------------------------------------------------------- logging
 
 
-@dataclass
-class _Prepared:
-    cfg: GovernanceConfig
-    handle: Any
-    loaded: LoadedData
-    names: list[str]
-    outcome: ValidationOutcome
-    source: str
+def _dataset_record(p: _Prepared, n_rows: int, digest: str | None) -> DatasetRecord:
+    return DatasetRecord(role="validation", source=p.table.source, name=p.table.name, n_rows=n_rows,
+                         mlflow_digest=digest, files=p.table.file_hashes())
 
 
-def _prepare(model: Any, data: Any, config: Any, overrides: Mapping[str, Any],
-             timings: dict[str, float]) -> _Prepared:
-    """Config, model, data, feature columns, and the data contract's outcome (not raised yet)."""
-    t0 = time.perf_counter()
-    # the stage shows its own progress bar; MLflow's download bars would only add noise
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    cfg = _resolve_config(config, overrides)
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise StageError(f"device '{cfg.device}' was asked for but torch sees no CUDA device")
-    handle = _resolve_model(model, cfg.device)
-    loaded = data if isinstance(data, LoadedData) else load_data(data)
-    contract, source, names = build_contract(cfg, handle, loaded.frame)
-    timings["load"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    outcome = validate_table(loaded.frame, contract, contract_source=source)
-    timings["contract"] = time.perf_counter() - t
-    return _Prepared(cfg, handle, loaded, names, outcome, source)
-
-
-def _log_validation(rid: str, p: _Prepared) -> str | None:
-    """Log config.yaml, the validation result, the dataset input and the first tags."""
+def _dataset_digest(p: _Prepared, n_rows: int, rid: str | None) -> str | None:
+    """Log the data as an MLflow dataset input of ``rid`` (None: only compute the digest)."""
     from governance import tracking
 
-    with tracking.StagingArea() as first:
-        first.path("config.yaml").write_text(p.cfg.to_yaml())
-        write_json(first.path("data_quality/validation_result.json"), p.outcome.to_dict())
-        first.commit(rid)
     try:
-        digest = tracking.log_dataset(rid, p.loaded.frame, source=p.loaded.source, name=p.loaded.name,
-                                      target_column=p.cfg.target_column)
+        head = p.table.head(DIGEST_ROWS)
+        if rid is None:
+            return tracking.pandas_digest(head, n_rows=n_rows)
+        return tracking.log_streamed_dataset(rid, head, n_rows, source=p.table.source, name=p.table.name,
+                                             target_column=p.cfg.target_column)
     except Exception:  # a broken table may not even have a schema; the contract says why
-        digest = None
-    tags = {"status": "validated" if p.outcome.success else "failed", "primary_mode": p.cfg.primary_mode,
-            "model_uri": p.handle.uri, "contract_source": p.source}
+        return None
+
+
+def _log_validation(rid: str | None, p: _Prepared, outcome: ValidationOutcome, stage: Any) -> str | None:
+    """Stage config.yaml, the validation result and the dataset hashes; when ``rid`` is given log
+    them, the dataset input and the first tags. Returns the dataset digest."""
+    from governance import tracking
+
+    digest = _dataset_digest(p, outcome.n_rows, rid)
+    stage.path("config.yaml").write_text(p.cfg.to_yaml())
+    write_json(stage.path("data_quality/validation_result.json"), outcome.to_dict())
+    write_json(stage.path("data_quality/datasets.json"),
+               {"datasets": [_dataset_record(p, outcome.n_rows, digest).to_dict()]})
+    if rid is None:
+        return digest
+    stage.commit(rid)
+    tags = {"status": "validated" if outcome.success else "failed", "primary_mode": p.cfg.primary_mode,
+            "model_uri": p.handle.uri, "contract_source": outcome.contract_source,
+            "contract_independent": "true" if outcome.independent else "false"}
     if digest:
         tags["dataset_digest"] = digest
     tracking.set_tags(rid, tags)
@@ -254,17 +200,53 @@ def validate_data(
     :class:`ContractViolation` when it fails."""
     from governance import tracking
 
-    p = _prepare(model, data, config, overrides, {})
+    p = _prepare(model, data, config, overrides)
+    with frozen_gc():
+        outcome = ContractRun(p.table, p.plan.expectations, contract_source=p.plan.contract_source,
+                              cell_budget=p.cfg.contract_block_cells, independent=p.plan.independent,
+                              notes=p.plan.notes).run()
+    p.table.check_unchanged()
     rid, created = tracking.resolve_run(run_id, experiment_name, "governance-validate") if log else (None, False)
     try:
         if log:
-            _log_validation(rid, p)
-        if not p.outcome.success:
-            raise ContractViolation(p.outcome)
-        return p.outcome
+            with tracking.StagingArea() as first:
+                _log_validation(rid, p, outcome, first)
+        if not outcome.success:
+            raise ContractViolation(outcome)
+        return outcome
     finally:
+        p.table.close()
         if created:
-            tracking.finish_run(rid, p.outcome.success)
+            tracking.finish_run(rid, outcome.success)
+
+
+def _log_explanation(rid: str, p: _Prepared, stage: Any, gi: dict, metrics: dict[str, float],
+                     gates: dict | None, note: str | None, digest: str | None, n: int) -> None:
+    from governance import tracking
+
+    cfg = p.cfg
+    stage.commit(rid)
+    tracking.log_metrics(rid, metrics)
+    top = gi["features"][0]
+    tags = {"status": "explained", "top_feature": top["feature"], "n_samples": n}
+    if gates is not None:
+        tags["gates_passed"] = "true" if gates.get("passed") else "false"
+    if note and cfg.quality.enabled:
+        tags["quality_note"] = note[:500]
+    tracking.set_tags(rid, tags)
+    mv_tags = {"explained_run_id": rid, "primary_mode": cfg.primary_mode, "top_feature": top["feature"],
+               "status": "explained"}
+    if gates is not None:
+        mv_tags["gates_passed"] = tags["gates_passed"]
+    if digest:
+        mv_tags["dataset_digest"] = digest
+    try:
+        tracking.tag_model_version(p.handle, mv_tags)
+    except Exception:
+        pass
+
+
+# ----------------------------------------------------------------------------- the stage
 
 
 def explain_model(
@@ -282,98 +264,80 @@ def explain_model(
     """Run the explanation stage and log its evidence to MLflow.
 
     ``model``: an MLflow model URI, a :class:`governance.tracking.ModelHandle` or a torch module.
-    ``data``: a parquet/CSV path, ``mlflow-dataset:<run-id>/<name>`` or a DataFrame.
-    ``overrides`` are config keys (``target_column``, ``modes``, ``primary_mode``, ``batch_size``,
-    ``device``, ...). Raises :class:`ContractViolation` when the data breaks its contract.
+    ``data``: a parquet/CSV file or a folder of them, ``mlflow-dataset:<run-id>/<name>`` or a
+    DataFrame. ``overrides`` are config keys (``target_column``, ``modes``, ``primary_mode``,
+    ``batch_size``, ``device``, ``id_column``, ...). Raises :class:`ContractViolation` when the
+    data breaks its contract.
     """
     from governance import tracking
 
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    p = _prepare(model, data, config, overrides, timings)
-    cfg, handle, loaded, names, outcome = p.cfg, p.handle, p.loaded, p.names, p.outcome
-    frame = loaded.frame
-
+    p = _prepare(model, data, config, overrides)
+    cfg, handle, plan = p.cfg, p.handle, p.plan
+    timings: dict[str, float] = {"load": time.perf_counter() - t0}
     rid, created = (tracking.resolve_run(run_id, experiment_name) if log else (None, False))
     ok = False
     try:
-        digest = _log_validation(rid, p) if log else None
-        if not outcome.success:
-            raise ContractViolation(outcome)
-
-        x = np.ascontiguousarray(frame[names].to_numpy(dtype=np.float32))
-        targets = None
-        if cfg.target_column and cfg.target_column in frame.columns:
-            targets = frame[cfg.target_column].to_numpy()
+        explainer = Explainer.from_config(handle.model, cfg)
+        k = max(cfg.aggregation.sample_size, cfg.quality.n_samples if cfg.quality.enabled else 0)
+        settings = StageSettings.from_config(cfg, plan.units, sample_size=k)
         with tracking.StagingArea() as stage:
             expl = stage.path(EXPLANATIONS)
             expl.mkdir(parents=True, exist_ok=True)
-            t = time.perf_counter()
             with torch_threads(cfg.cpu_threads):
-                red = run_backtrace(handle.model, x, names, cfg, expl, targets=targets, quiet=quiet)
-            timings["backtrace"] = time.perf_counter() - t
+                stream = run_stream(explainer, p.modality, plan, p.table, settings, expl,
+                                    batch_size=cfg.batch_size, dictionary=cfg.reason_codes.dictionary,
+                                    cell_budget=cfg.contract_block_cells, quiet=quiet)
+            timings.update(stream.timings)
+            p.table.check_unchanged()
+            outcome = stream.outcome
+            with tracking.StagingArea() as first:
+                digest = _log_validation(rid if log else None, p, outcome, first)
+            if not outcome.success:
+                raise ContractViolation(outcome)
+            state = stream.state
+            assert state is not None
 
             t = time.perf_counter()
-            gi_doc, gi_long = global_importance_document(red["importance"], cfg.primary_mode)
-            gi_doc["feature_columns"] = names
-            gi_doc["reason_code_leaders"] = red["reason_summary"]
-            write_json(expl / "global_importance.json", gi_doc)
-            gi_long.to_parquet(expl / "global_importance.parquet", index=False)
-            layer_doc = layer_ranking_document(red["layers"], cfg.primary_mode)
-            write_json(expl / "layer_ranking.json", layer_doc)
-            stab = stability_document(red["importance"], cfg.primary_mode, cfg.aggregation.seed)
-            write_json(expl / "stability.json", stab)
-            layer_types = {str(r["module"]): str(r["type"]) for r in layer_doc.get("layers", []) if r.get("type")}
+            docs = documents(state)
+            p.modality.amend_documents(docs, state, plan)
+            write_documents(docs, expl)
+            layer_types = {str(r["module"]): str(r["type"]) for r in docs.layer_ranking.get("layers", [])
+                           if r.get("type")}
             write_json(expl / "model_summary.json", model_summary(handle.model, layer_types))
-            tables = {m: red["importance"][m].table() for m in [cfg.primary_mode] + [
-                m for m in cfg.modes if m != cfg.primary_mode]}
-            _plots(tables, cfg.primary_mode, layer_doc, expl / "local_relevance.parquet", expl / "plots")
-            timings["aggregate"] = time.perf_counter() - t
+            p.modality.write_documents(state, plan, expl)
+            write_plots(docs, state, expl / "plots")
+            timings["documents"] = time.perf_counter() - t
 
             t = time.perf_counter()
             with torch_threads(cfg.cpu_threads):
-                quality, gates, q_metrics, note = _quality(handle.model, x, names, cfg, ground_truth)
+                quality, gates, q_metrics, note = _quality(handle.model, _quality_inputs(p, state),
+                                                           plan.units or [], cfg, ground_truth)
             if quality is not None:
                 write_json(expl / "quality.json", quality)
             if gates is not None:
                 write_json(expl / "gates.json", gates)
             timings["quality"] = time.perf_counter() - t
 
-            top = gi_doc["features"][0]
+            gi, stab = docs.global_importance, docs.stability
+            n = state.n_samples
             metrics = {
-                "governance_n_samples": float(len(x)),
-                "governance_top_feature_share": float(top["importance"]),
+                "governance_n_samples": float(n),
+                "governance_top_feature_share": float(gi["features"][0]["importance"]),
                 "governance_stability": stab["stability"],
                 **{f"governance_stability_{m}": v["spearman"] for m, v in stab["modes"].items()},
                 **q_metrics,
             }
             t = time.perf_counter()
             if log:
-                stage.commit(rid)
-                tracking.log_metrics(rid, metrics)
-                tags = {"status": "explained", "top_feature": top["feature"], "n_samples": len(x)}
-                if gates is not None:
-                    tags["gates_passed"] = "true" if gates.get("passed") else "false"
-                if note and cfg.quality.enabled:
-                    tags["quality_note"] = note[:500]
-                tracking.set_tags(rid, tags)
-                mv_tags = {"explained_run_id": rid, "primary_mode": cfg.primary_mode,
-                           "top_feature": top["feature"], "status": "explained"}
-                if gates is not None:
-                    mv_tags["gates_passed"] = tags["gates_passed"]
-                if digest:
-                    mv_tags["dataset_digest"] = digest
-                try:
-                    tracking.tag_model_version(handle, mv_tags)
-                except Exception:
-                    pass
+                _log_explanation(rid, p, stage, gi, metrics, gates, note, digest, n)
             timings["logging"] = time.perf_counter() - t
         ok = True
         timings["total"] = time.perf_counter() - t0
         return StageResult(
-            run_id=rid, status="explained", n_samples=len(x), feature_names=names, validation=outcome,
-            global_importance=gi_doc, layer_ranking=layer_doc, stability=stab, quality=quality,
-            gates=gates, metrics=metrics, timings=timings, quality_note=note,
+            run_id=rid, status="explained", n_samples=n, feature_names=list(plan.units or []), validation=outcome,
+            global_importance=gi, layer_ranking=docs.layer_ranking, stability=stab, quality=quality,
+            gates=gates, metrics=metrics, timings=timings, quality_note=note, state=state,
         )
     except BaseException:
         if log and rid is not None:
@@ -383,5 +347,6 @@ def explain_model(
                 pass
         raise
     finally:
+        p.table.close()
         if created and rid is not None:
             tracking.finish_run(rid, ok)

@@ -510,9 +510,10 @@ class StagingArea:
         self.close()
 
 
-def pandas_digest(frame: pd.DataFrame) -> str:
+def pandas_digest(frame: pd.DataFrame, n_rows: int | None = None) -> str:
     """MLflow's pandas dataset digest (``compute_pandas_digest``), with its string-column test run
-    on the hashed first rows instead of the whole table; identical for numeric tables."""
+    on the hashed first rows instead of the whole table; identical for numeric tables. ``n_rows``:
+    the whole table's row count when ``frame`` holds only its first rows (a streamed table)."""
     import numpy as np
     from mlflow.data.digest_utils import MAX_ROWS, get_normalized_md5_digest
 
@@ -521,7 +522,7 @@ def pandas_digest(frame: pd.DataFrame) -> str:
     numeric = trimmed.select_dtypes(include=[np.number]).columns
     trimmed = trimmed[strings.union(numeric)]
     return get_normalized_md5_digest(
-        [pd.util.hash_pandas_object(trimmed).values, np.int64(len(frame))]
+        [pd.util.hash_pandas_object(trimmed).values, np.int64(len(frame) if n_rows is None else n_rows)]
         + [str(x).encode() for x in frame.columns]
     )
 
@@ -578,3 +579,33 @@ def artifact_files(run_id: str, path: str = ARTIFACT_ROOT) -> Iterator[str]:
             yield from artifact_files(run_id, f.path)
         else:
             yield f.path
+
+
+def log_streamed_dataset(run_id: str, head: pd.DataFrame, n_rows: int, *, source: str, name: str,
+                         target_column: str | None, context: str = "validation") -> str:
+    """Log a table that was read in chunks as an MLflow dataset input of the run, from its first
+    rows (``head``, at least MLflow's 10,000 digest rows when the table has them) and its row
+    count: the same digest and schema :func:`log_dataset` gives the whole table, the whole
+    table's profile. Returns the digest."""
+    import json
+
+    from mlflow.entities import Dataset as DatasetEntity
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    kwargs: dict[str, Any] = {"name": name, "digest": pandas_digest(head, n_rows=n_rows)}
+    if target_column and target_column in head.columns:
+        kwargs["targets"] = target_column
+    from governance.sources import dataset_source
+
+    resolved = dataset_source(source) if source else None
+    if resolved is not None:
+        kwargs["source"] = resolved
+    ds = mlflow.data.from_pandas(head, **kwargs)
+    ds.__dict__["schema"] = _sample_schema(head)
+    d = ds.to_dict()
+    entity = DatasetEntity(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
+                           schema=d.get("schema"),
+                           profile=json.dumps({"num_rows": int(n_rows), "num_elements": int(n_rows) * head.shape[1]}))
+    client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+    return ds.digest

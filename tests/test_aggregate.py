@@ -9,10 +9,14 @@ import pytest
 
 from governance.aggregate import (
     BatchDraws,
+    Directions,
     ImportanceAccumulator,
     LayerAccumulator,
+    LayerBatch,
+    column_spearman,
     contrastive_maps,
     decision_direction,
+    direction_label,
     global_importance_document,
     l1_normalise,
     layer_ranking_document,
@@ -20,6 +24,7 @@ from governance.aggregate import (
     spearman,
     stability_document,
 )
+from governance.stage.keys import sample_keys
 
 NAMES = ["a", "b", "c", "d", "e"]
 
@@ -141,20 +146,25 @@ def test_contrastive_maps_orient_to_decision() -> None:
     assert np.isclose(sup[0].sum() + adv[0].sum(), 1.0)
 
 
-def test_layer_ranking_weights_batches_and_picks_top_units() -> None:
-    import torch
+def _layer_batch(n: int, share: dict[str, float], branch: dict[str, float], units: np.ndarray) -> LayerBatch:
+    """A batch of ``n`` samples whose per-sample books are the given constants."""
+    lb = LayerBatch(n=n, types={"fc1": "Linear", "block": "Block"})
+    for module, sh in share.items():
+        b = branch.get(module)
+        lb.sums[(module, "relevance")] = np.array([sh * n, 0.1 * n, 1.0 * n, 0.0 if b is None else b * n,
+                                                   0.0 if b is None else float(n)])
+    per = np.repeat(units[None, :], n, axis=0)
+    lb.unit_sum["fc1"], lb.unit_abs["fc1"] = per.sum(0), np.abs(per).sum(0)
+    return lb
 
+
+def test_layer_ranking_weights_samples_and_picks_top_units() -> None:
     acc = LayerAccumulator(top_units=2)
-    cols = dict(relevance_in=1.0, relevance_out=0.9, abs_relevance_in=1.0, bias_absorbed=0.1,
-                bias_share=0.1, saturation_rerouted=0.0, dropped=0.0)
-    s1 = pd.DataFrame([
-        {"module": "fc1", "type": "Linear", "map": "relevance", "share": 0.8, "branch_share": np.nan, **cols},
-        {"module": "block", "type": "Block", "map": "relevance", "share": 0.9, "branch_share": 0.25, **cols},
-    ])
-    s2 = s1.assign(share=[0.2, 0.3], branch_share=[np.nan, 0.75])
-    rel = {"fc1": torch.tensor([[0.0, 3.0, -1.0], [0.0, 1.0, -5.0]])}
-    acc.update(s1, 30, rel)
-    acc.update(s2, 10, rel)
+    units = np.array([0.0, 3.0, -5.0])
+    acc.update(_layer_batch(30, {"fc1": 0.8, "block": 0.9}, {"block": 0.25}, units))
+    other = LayerAccumulator(top_units=2)
+    other.update(_layer_batch(10, {"fc1": 0.2, "block": 0.3}, {"block": 0.75}, units))
+    acc.merge(other)
     doc = layer_ranking_document({"signed": acc}, "signed")
     layers = {d["module"]: d for d in doc["layers"]}
     assert layers["block"]["share"] == pytest.approx((0.9 * 30 + 0.3 * 10) / 40)
@@ -164,3 +174,93 @@ def test_layer_ranking_weights_batches_and_picks_top_units() -> None:
     assert [d["module"] for d in doc["layers"]] == ["block", "fc1"]
     assert [d["rank"] for d in doc["layers"]] == [1, 2]
     assert [u["unit"] for u in layers["fc1"]["top_units"]] == [2, 1]
+    assert layers["fc1"]["top_units"][0]["mean_relevance"] == pytest.approx(-5.0)
+    meta, arrays = acc.dump()
+    assert layer_ranking_document({"signed": LayerAccumulator.load(meta, arrays)}, "signed") == doc
+
+
+def test_draws_are_keyed_by_sample_id() -> None:
+    """The same sample gets the same bootstrap weights and half in any batch; the weights are
+    Poisson(1) and the halves fair coins."""
+    whole = BatchDraws.make(3, 0, 20000, 60)
+    part = BatchDraws.make(3, 7000, 500, 60)
+    assert np.array_equal(part.weights, whole.weights[:, 7000:7500])
+    assert np.array_equal(part.half, whole.half[7000:7500])
+    ids = np.array([7042, 12, 7001])
+    assert np.array_equal(BatchDraws.for_keys(sample_keys(ids), 3, 60).weights, whole.weights[:, ids])
+    w = whole.weights
+    assert w.mean() == pytest.approx(1.0, abs=0.01) and w.var() == pytest.approx(1.0, abs=0.02)
+    assert (w == 0).mean() == pytest.approx(np.exp(-1), abs=0.005)
+    assert whole.half.mean() == pytest.approx(0.5, abs=0.02)
+    assert abs(np.corrcoef(w[0], w[1])[0, 1]) < 0.03  # replicates are independent
+    assert not np.array_equal(BatchDraws.make(4, 0, 100, 60).weights, whole.weights[:, :100])
+
+
+def test_importance_is_the_same_for_any_batching_and_merge_order() -> None:
+    rel = _relevance(1500)
+    classes = (rel[:, 0] > 0).astype(int)
+    ref = _run(rel, 1500, classes)
+    for batch in (1, 7, 256):
+        got = _run(rel, batch, classes)
+        pd.testing.assert_frame_equal(got.table(), ref.table(), rtol=1e-12, atol=1e-12)
+        for key, (t, n) in ref.class_tables().items():
+            pd.testing.assert_frame_equal(got.class_tables()[key][0], t, rtol=1e-12, atol=1e-12)
+        assert got.stability() == pytest.approx(ref.stability(), rel=1e-12)
+    parts = [(0, 400), (400, 401), (401, 1500)]
+    accs = []
+    for a, b in parts:
+        acc = ImportanceAccumulator(NAMES, n_bootstrap=100)
+        acc.update(rel[a:b], BatchDraws.make(0, a, b - a, 100), classes[a:b])
+        accs.append(acc)
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        merged = ImportanceAccumulator(NAMES, n_bootstrap=100)
+        for i in order:
+            merged.merge(ImportanceAccumulator.load(*accs[i].dump()))
+        pd.testing.assert_frame_equal(merged.table(), ref.table(), rtol=1e-12, atol=1e-12)
+
+
+def test_units_that_appear_batch_by_batch_merge_by_name() -> None:
+    """Words (a data-dependent vocabulary): each batch names its own units; a unit absent from a
+    sample has share 0 there, so the result equals one pass over the dense table."""
+    rel = _relevance(600)
+    dense = ImportanceAccumulator(NAMES, n_bootstrap=50)
+    dense.update(rel, BatchDraws.make(0, 0, 600, 50))
+    shares = l1_normalise(rel)
+    grown = ImportanceAccumulator(n_bootstrap=50)
+    # the first batch only holds units c and a, the second all five in another order
+    for a, b, cols in ((0, 200, [2, 0]), (200, 600, [4, 1, 3, 0, 2])):
+        grown.update(None, BatchDraws.make(0, a, b - a, 50), shares=shares[a:b][:, cols],
+                     units=[NAMES[c] for c in cols])
+    expected = ImportanceAccumulator(NAMES, n_bootstrap=50)
+    masked = shares.copy()
+    masked[:200][:, [1, 3, 4]] = 0.0
+    expected.update(None, BatchDraws.make(0, 0, 600, 50), shares=masked)
+    pd.testing.assert_frame_equal(grown.table().sort_values("feature").reset_index(drop=True),
+                                  expected.table().sort_values("feature").reset_index(drop=True),
+                                  rtol=1e-12, atol=1e-12)
+    assert grown.feature_names == ["c", "a", "e", "b", "d"]
+
+
+def test_direction_follows_the_value_relevance_correlation() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 3))
+    rel = np.stack([2 * x[:, 0] + 0.1 * rng.normal(size=500), -x[:, 1] ** 3, rng.normal(size=500)], axis=1)
+    rho = column_spearman(x, rel)
+    assert rho[0] > 0.9 and rho[1] == pytest.approx(-1.0) and abs(rho[2]) < 0.1
+    assert [direction_label(r) for r in rho] == ["raises", "lowers", "mixed"]
+    assert np.isnan(column_spearman(np.ones((10, 1)), rng.normal(size=(10, 1)))[0])
+    assert direction_label(None) == "mixed" and direction_label(float("nan")) == "mixed"
+    one = ImportanceAccumulator(["a", "b", "c"], n_bootstrap=50)
+    one.update(rel, BatchDraws.make(0, 0, 500, 50))
+    acc = {"signed": one}
+    dirs = Directions(rho={"all": {"a": float(rho[0]), "b": float(rho[1]), "c": None}}, n={"all": 500})
+    doc, long = global_importance_document(acc, "signed", directions={"signed": dirs}, modality="tabular")
+    by = {f["feature"]: f for f in doc["features"]}
+    assert (by["a"]["direction"], by["b"]["direction"], by["c"]["direction"]) == ("raises", "lowers", "mixed")
+    assert by["c"]["value_relevance_correlation"] is None and doc["direction_sample"] == 500
+    assert doc["modality"] == "tabular" and list(long.columns[-2:]) == ["direction", "value_relevance_correlation"]
+    # units without a single input value (regions, words): the sign of the mean signed share decides
+    doc, _ = global_importance_document(acc, "signed", directions={"signed": None})
+    assert all(f["value_relevance_correlation"] is None for f in doc["features"])
+    assert {f["feature"]: f["direction"] for f in doc["features"]}["b"] == direction_label(
+        by["b"]["signed"] / by["b"]["importance"])

@@ -4,6 +4,7 @@ the MLflow evaluator plugin."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from governance.cli import main as cli
 from governance.pipeline import explain_model
 
 EXPL = "governance/explanations/"
-TABLE_KEYS = {"feature", "importance", "signed", "std", "ci_low", "ci_high", "rank"}
+TABLE_KEYS = {"feature", "importance", "signed", "std", "ci_low", "ci_high", "rank", "direction",
+              "value_relevance_correlation"}
 FAST = {"quality": {"enabled": False}, "aggregation": {"n_bootstrap": 50}}
 
 
@@ -64,7 +66,22 @@ def test_stage_logs_every_artifact_with_its_schema(credit_store, tmp_path: Path)
     # mean |share| over features sums to one: each sample's shares were L1-normalised
     assert sum(f["importance"] for f in gi["features"]) == pytest.approx(1.0, abs=1e-6)
     assert set(gi["by_class"]) <= {"0", "1"} and sum(v["n_samples"] for v in gi["by_class"].values()) == 300
+    assert gi["modality"] == "tabular" and gi["direction_sample"] == 300  # every row fits the sample
+    for entries in [gi["features"]] + [v["features"] for v in gi["by_class"].values()]:
+        for f in entries:
+            rho = f["value_relevance_correlation"]
+            assert f["direction"] == ("mixed" if rho is None or abs(rho) < 0.1 else "raises" if rho > 0 else "lowers")
+    # the example's strongest risk drivers: a lower credit score and a higher debt burden raise the risk
+    by_name = {f["feature"]: f for f in gi["features"]}
+    assert by_name["fico_score"]["direction"] == "lowers" and by_name["debt_to_income"]["direction"] == "raises"
+    datasets = json.loads(_download(rid, "governance/data_quality/datasets.json").read_text())["datasets"]
+    assert [(d["role"], d["n_rows"], d["name"]) for d in datasets] == [("validation", 300, "valid")]
+    assert datasets[0]["files"] == [{"path": "valid.parquet", "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+                                     "size": data.stat().st_size}]
+    assert datasets[0]["mlflow_digest"] == mlflow.MlflowClient().get_run(rid).data.tags["governance.dataset_digest"]
     long = pd.read_parquet(_download(rid, EXPL + "global_importance.parquet"))
+    assert list(long.columns) == ["mode", "class", "feature", "importance", "signed", "std", "ci_low", "ci_high",
+                                  "rank", "direction", "value_relevance_correlation"]
     assert set(long["mode"]) == {"default", "contrastive", "signed"}
     assert len(long[long["class"] == "all"]) == 3 * 78
 
@@ -157,7 +174,8 @@ def test_broken_data_fails_the_gate_and_logs_no_explanation(credit_store, tmp_pa
     assert "data contract failed" in result.output and expectation in result.output
     if column:
         assert column in result.output
-    assert artifact_paths(rid) == {"governance/config.yaml", "governance/data_quality/validation_result.json"}
+    assert artifact_paths(rid) == {"governance/config.yaml", "governance/data_quality/validation_result.json",
+                                   "governance/data_quality/datasets.json"}
     doc = json.loads(_download(rid, "governance/data_quality/validation_result.json").read_text())
     assert doc["success"] is False
     assert any(f["expectation"] == expectation for f in doc["failures"])
@@ -240,3 +258,28 @@ def test_python_api_on_an_in_memory_module(tmp_path: Path) -> None:
     assert res.run_id is None and res.n_samples == 50
     assert {f["feature"] for f in res.global_importance["features"]} == set("abcde")
     assert res.validation.contract_source == "validation data schema"
+
+
+def test_a_failure_in_the_last_rows_only_logs_the_contract(credit_store, tmp_path: Path) -> None:
+    """Checked in many blocks while the explanation streams: a NaN in the very last row still
+    fails the stage with exit 2 and leaves only the contract's evidence."""
+    df = pd.read_parquet(credit_store.validation_parquet).head(600)
+    df.loc[599, "fico_score"] = np.nan
+    path = tmp_path / "late.parquet"
+    df.to_parquet(path, index=False)
+    cfg = tmp_path / "governance.yaml"
+    cfg.write_text(yaml.safe_dump({**FAST, "contract_block_cells": 5000}))
+    rid = mlflow.MlflowClient().create_run(credit_store.experiment_id).info.run_id
+    result = CliRunner().invoke(cli, ["explain", "--model-uri", credit_store.runs_uri, "--data", str(path),
+                                      "--target-column", "default", "--run-id", rid, "--batch-size", "64",
+                                      "--config", str(cfg), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "expect_column_values_to_not_be_null on column 'fico_score': 1 unexpected value(s)" in result.output
+    assert artifact_paths(rid) == {"governance/config.yaml", "governance/data_quality/validation_result.json",
+                                   "governance/data_quality/datasets.json"}
+    doc = json.loads(_download(rid, "governance/data_quality/validation_result.json").read_text())
+    assert doc["n_rows"] == 600 and doc["great_expectations"]["meta"]["blocks"]["n_blocks"] == 10  # 8 columns each
+    assert doc["independent"] is True and doc["notes"] == []
+    run = mlflow.MlflowClient().get_run(rid)
+    assert run.data.tags["governance.status"] == "failed"
+    assert run.data.tags["governance.contract_independent"] == "true"

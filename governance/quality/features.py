@@ -21,23 +21,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from governance.modality.base import QUALITY_KINDS, detect_modality
+
 Tensor = torch.Tensor
 
-MODALITIES = ("tabular", "image", "token", "generic")
-
-
-def detect_modality(x: Tensor) -> str:
-    """``token`` for integer inputs, ``tabular`` for (N, F) floats, ``image`` for (N, C, H, W),
-    ``generic`` (one unit per element) otherwise."""
-    if not torch.is_floating_point(x):
-        if x.dim() != 2:
-            raise ValueError(f"token inputs must be (N, T) ids, got shape {tuple(x.shape)}")
-        return "token"
-    if x.dim() == 2:
-        return "tabular"
-    if x.dim() == 4:
-        return "image"
-    return "generic"
+# The unit kinds and their detection live in the modality layer, shared with the stage and the report.
+MODALITIES = QUALITY_KINDS
 
 
 def resolve_baseline(spec: str | float | Tensor, X: Tensor, modality: str) -> Tensor:

@@ -1,0 +1,272 @@
+"""One batch through the engine: every mode, predictions, unit relevance, layer books, reason codes.
+
+``explain_batch`` is a pure function of the batch (no state, no files, no MLflow), so the same
+call runs in the streaming runner and inside a Spark executor. Its result does not depend on
+which other samples share the batch: the engine is called on a row count padded up to a
+multiple of ``ROW_ALIGNMENT`` (by repeating the batch's first sample), because float32 BLAS
+kernels give bitwise different rows for small or ragged row counts (GEMV for one row,
+remainder tiles) and identical rows for aligned ones (measured on CPU with 1 and 2 threads).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from governance.aggregate import (
+    LayerBatch,
+    contrastive_maps,
+    decision_direction,
+    l1_normalise,
+    top_reasons,
+)
+from governance.errors import InputError
+from governance.modality.base import InputBatch, Modality, ModalityPlan
+from governance.stage.keys import sample_keys
+
+#: The engine always sees a row count that is a multiple of this (see the module docstring).
+ROW_ALIGNMENT = 64
+
+
+class StageError(InputError):
+    """The stage cannot run with these inputs (the message says why)."""
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads and restore the previous number afterwards.
+
+    Small tabular models gain little from several threads, and on a busy machine OpenMP's spin
+    waits make several threads many times slower than one (measured on the 2-core CI box)."""
+    import torch
+
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class ModeResult:
+    """One mode's result for a batch: relevance per unit (``unit_names``), its L1-normalised
+    shares, the per-sample L1 norm, the layer books summed over the batch, and (contrastive) the
+    R+ / R- maps per unit."""
+
+    unit_names: list[str]
+    relevance: np.ndarray
+    shares: np.ndarray
+    relevance_l1: np.ndarray
+    layers: LayerBatch
+    positive: np.ndarray | None = None
+    negative: np.ndarray | None = None
+
+
+@dataclass
+class BatchResult:
+    """Everything the stage keeps from one explained batch.
+
+    ``sample_ids`` (n,) and their 64-bit ``keys``; ``predictions`` (n,) predicted class (None for
+    regression); ``scores`` (n,) the model's output (one output, or the largest); ``direction``
+    (n,) +1 where positive relevance supports the decision, -1 where it pushes against it;
+    ``targets`` when the data has labels; ``inputs`` / ``unit_values`` from the modality;
+    ``modes`` by mode; ``reasons``: the primary mode's reason codes per side, (unit index (n, k),
+    share (n, k)) with -1 / NaN in empty slots, indices into the primary mode's unit names."""
+
+    sample_ids: np.ndarray
+    keys: np.ndarray
+    predictions: np.ndarray | None
+    scores: np.ndarray
+    direction: np.ndarray
+    targets: np.ndarray | None
+    inputs: Any
+    unit_values: np.ndarray | None
+    modes: dict[str, ModeResult]
+    primary_mode: str
+    reasons: dict[str, tuple[np.ndarray, np.ndarray]]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def primary(self) -> ModeResult:
+        return self.modes[self.primary_mode]
+
+    @property
+    def decisions(self) -> np.ndarray:
+        """The per-sample decision column: the predicted class, or the score for regression."""
+        return self.predictions if self.predictions is not None else self.scores
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    if isinstance(t, dict):
+        return {k: _to_numpy(v) for k, v in t.items()}  # type: ignore[return-value]
+    return t.detach().float().cpu().numpy()
+
+
+def _pad(inputs: Any, n: int) -> Any:
+    """``inputs`` with the first sample repeated up to a multiple of ``ROW_ALIGNMENT`` rows."""
+    extra = -n % ROW_ALIGNMENT
+    if not extra:
+        return inputs
+    if isinstance(inputs, dict):
+        return {k: _pad(v, n) for k, v in inputs.items()}
+    return np.concatenate([inputs, np.repeat(inputs[:1], extra, axis=0)])
+
+
+def predicted_class(task: str, output: np.ndarray, threshold: float | None) -> np.ndarray | None:
+    """The predicted class per sample (None for regression and other non-class tasks)."""
+    out = output.reshape(len(output), -1)
+    if task == "binary-classification":
+        if out.shape[1] == 1:
+            return (out[:, 0] > (0.5 if threshold is None else threshold)).astype(np.int64)
+        return out.argmax(1).astype(np.int64)
+    if task in ("multiclass-classification", "generation"):
+        return out.argmax(1).astype(np.int64)
+    return None
+
+
+def output_score(output: np.ndarray) -> np.ndarray:
+    """The model's output per sample: the one output, or the largest of several."""
+    out = output.reshape(len(output), -1)
+    return out[:, 0] if out.shape[1] == 1 else out.max(1)
+
+
+def layer_batch(exp: Any, n: int) -> LayerBatch:
+    """The explanation's per-sample layer books (first ``n`` rows) summed into a LayerBatch."""
+    import torch
+
+    lb = LayerBatch(n=n)
+    parts = [("relevance", exp)]
+    if exp.positive is not None and exp.negative is not None:
+        parts = [("positive", exp.positive), ("negative", exp.negative)]
+    for map_name, e in parts:
+        seed_abs = e.seed_relevance[:n].double().abs()
+        safe = torch.where(seed_abs > 0, seed_abs, torch.ones_like(seed_abs))
+        for name, b in e.books.items():
+            if not name:  # the root module: its output is the seed itself
+                continue
+            lb.types.setdefault(name, e.module_types.get(name, ""))
+            a_in = b.relevance_in[:n].double()
+            share = b.abs_relevance_in[:n].double() / safe
+            denom = torch.where(a_in.abs() > 0, a_in.abs(), torch.ones_like(a_in))
+            bias = b.bias_absorbed[:n].double() / denom
+            branch_sum, branch_n = 0.0, 0.0
+            if b.branch_in is not None and b.skip_in is not None:
+                bi = b.branch_in[:n].double()
+                tot = bi + b.skip_in[:n].double()
+                ok = tot.abs() > 0
+                branch_sum, branch_n = float((bi[ok] / tot[ok]).sum()), float(ok.sum())
+            lb.sums[(name, map_name)] = np.array(
+                [float(share.sum()), float(bias.sum()), float(a_in.sum()), branch_sum, branch_n])
+    for module, rel in exp.layer_relevance.items():
+        if not module or module not in lb.types or rel.dim() < 2:
+            continue
+        per = per_unit_relevance(rel[:n].detach().double(), lb.types[module])
+        lb.unit_sum[module] = per.sum(0).cpu().numpy()
+        lb.unit_abs[module] = torch.linalg.vector_norm(per, 1, dim=0).cpu().numpy()
+    return lb
+
+
+def per_unit_relevance(rel: Any, module_type: str) -> Any:
+    """(N, units) relevance per sample and output unit of a module (channels for convolutions,
+    the last axis otherwise) from its relevance at the output (N, ...), a torch tensor."""
+    axis = 1 if rel.dim() <= 2 or "conv" in module_type.lower() else rel.dim() - 1
+    if rel.dim() == 2:
+        return rel
+    moved = rel.movedim(axis, -1)
+    return moved.reshape(rel.shape[0], -1, rel.shape[axis]).sum(1)
+
+
+class Explainer:
+    """The engine for one model and configuration: every mode on a batch of model inputs."""
+
+    def __init__(self, model: Any, *, task: str, modes: Sequence[str], primary_mode: str,
+                 multiplier: float = 100.0, device: str = "cpu", top_n: int = 4) -> None:
+        from governance.backtrace import Backtrace
+
+        self.model = model
+        self.bt = Backtrace(model)
+        self.task = task
+        self.modes = list(modes)
+        self.primary_mode = primary_mode
+        self.multiplier = float(multiplier)
+        self.device = device
+        self.top_n = int(top_n)
+        self.threshold: float | None = None
+
+    @classmethod
+    def from_config(cls, model: Any, cfg: Any) -> "Explainer":
+        return cls(model, task=cfg.task, modes=cfg.modes, primary_mode=cfg.primary_mode,
+                   multiplier=cfg.multiplier, device=cfg.device, top_n=cfg.reason_codes.top_n)
+
+    def calibrate(self, modality: Modality, batch: InputBatch) -> None:
+        """Decide once, on a probe batch (the data's first rows), whether a one-output binary
+        model emits probabilities (threshold 0.5) or logits (threshold 0), so the decision rule
+        does not depend on how the rows are batched."""
+        import torch
+
+        x = modality.to_model(batch.inputs, self.device)
+        with torch.no_grad():
+            out = self.model(**x) if isinstance(x, dict) else self.model(x)
+        if hasattr(out, "logits"):
+            out = out.logits
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        out = out.detach().float().cpu().numpy().reshape(len(batch), -1)
+        if out.shape[1] == 1 and len(out):
+            self.threshold = 0.5 if (out.min() >= 0 and out.max() <= 1) else 0.0
+
+    def explain(self, x: Any, mode: str) -> Any:
+        """One engine call; a shape mismatch becomes a clear StageError."""
+        try:
+            return self.bt.explain(x, mode=mode, task=self.task, multiplier=self.multiplier)
+        except RuntimeError as exc:
+            if "shape" in str(exc) or "size" in str(exc):
+                raise StageError(f"the model rejected the input batch ({exc}); check feature_columns and "
+                                 "target_column") from exc
+            raise
+
+
+def explain_batch(explainer: Explainer, modality: Modality, plan: ModalityPlan, batch: InputBatch) -> BatchResult:
+    """Explain one batch in every mode (see the module docstring)."""
+    n = len(batch)
+    x = modality.to_model(_pad(batch.inputs, n), explainer.device)
+    modes: dict[str, ModeResult] = {}
+    pred = score = direction = None
+    for mode in explainer.modes:
+        exp = explainer.explain(x, mode)
+        if pred is None:
+            output = _to_numpy(exp.output)[:n]
+            if explainer.threshold is None and output.reshape(n, -1).shape[1] == 1:
+                explainer.threshold = 0.5 if (output.min() >= 0 and output.max() <= 1) else 0.0
+            pred = predicted_class(explainer.task, output, explainer.threshold)
+            score = output_score(output)
+            direction = decision_direction(explainer.task, output, pred)
+        units = modality.units(batch, plan, _to_numpy(exp.input_relevance)[:n])
+        rel = np.asarray(units.relevance, dtype=np.float64)
+        pos = neg = None
+        if mode == "contrastive" and exp.positive is not None and exp.negative is not None:
+            pos = modality.units(batch, plan, _to_numpy(exp.positive.input_relevance)[:n]).relevance
+            neg = modality.units(batch, plan, _to_numpy(exp.negative.input_relevance)[:n]).relevance
+        modes[mode] = ModeResult(unit_names=units.names, relevance=rel, shares=l1_normalise(rel),
+                                 relevance_l1=np.abs(rel).sum(1), layers=layer_batch(exp, n),
+                                 positive=pos, negative=neg)
+    primary = modes[explainer.primary_mode]
+    sup = adv = None
+    if primary.positive is not None and primary.negative is not None:
+        sup, adv = contrastive_maps(primary.positive, primary.negative, direction)
+    reasons = top_reasons(primary.shares, direction, top_n=explainer.top_n, supporting=sup, adverse=adv)
+    return BatchResult(
+        sample_ids=batch.sample_ids, keys=sample_keys(batch.sample_ids), predictions=pred, scores=score,
+        direction=direction, targets=batch.targets, inputs=batch.inputs, unit_values=batch.unit_values,
+        modes=modes, primary_mode=explainer.primary_mode, reasons=reasons, extras=dict(batch.extras),
+    )

@@ -248,3 +248,29 @@ def test_two_threads_give_the_same_relevance_and_restore_the_setting():
     scale = float(one.positive.input_relevance.abs().max())
     assert float((one.positive.input_relevance - two.positive.input_relevance).abs().max()) <= 1e-5 * scale
     assert float((one.negative.input_relevance - two.negative.input_relevance).abs().max()) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_rows_relevance_does_not_depend_on_its_batch(dtype, routes):
+    """Most rows but not all hold one-signed units (a single non-zero input): the recomputed rows
+    and the identity rows must each get the same formula whatever else is in the batch, so a
+    sample's relevance explained in its batch, alone, or in another batch differs only by the
+    matrix library's rounding (a few ulps: BLAS sums a row differently for other batch sizes),
+    never by the identity-versus-one-signed difference (up to 1e-5 relative in float32)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 2)).to(dtype).eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.zeros(10, 24, dtype=dtype)
+    x[torch.arange(8), torch.arange(8) * 3] = torch.linspace(-1.5, 1.5, 8, dtype=dtype)
+    x[8:] = torch.randn(2, 24, generator=g, dtype=dtype)
+    whole = nr.explain(model, x, "contrastive", task="bbox-regression")
+    assert any(r["rows"] is not None and r["of"] // 2 < r["rows"] < r["of"] and not r["by_sign"]
+               for r in routes), routes
+    eps = torch.finfo(dtype).eps
+    for idx in ([9], [8], [0], [2, 9, 5], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]):
+        part = nr.explain(model, x[idx], "contrastive", task="bbox-regression")
+        for side in ("positive", "negative"):
+            a = getattr(whole, side).input_relevance[idx]
+            b = getattr(part, side).input_relevance
+            scale = a.abs().max()
+            assert (a - b).abs().max() <= 8 * eps * scale, (idx, side, ((a - b).abs().max() / scale).item())

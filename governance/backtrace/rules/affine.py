@@ -389,7 +389,7 @@ def pos_neg2(u: AffineUnit, x: torch.Tensor, S: torch.Tensor, nonneg: bool,
     N2 = S.sub_(D)
     if not flagged:
         return P2, N2, None
-    if rows is None or 2 * len(rows) >= math.prod(x.shape[:k]):  # every row, or most: all at once
+    if rows is None or len(rows) == math.prod(x.shape[:k]):  # every row: all at once
         P, N = _exact_pos_neg(u, x, nonneg)
         return P.mul_(2.0), N.mul_(2.0), rows
     P, N = _exact_pos_neg(u, x.reshape(-1, *x.shape[k:]).index_select(0, rows), nonneg)
@@ -423,10 +423,13 @@ def _per_map(g: torch.Tensor, maps: int, x: torch.Tensor) -> torch.Tensor:
 
 def split_by_sign(u: AffineUnit, x: torch.Tensor, nonneg: bool, rows: torch.Tensor | None) -> bool:
     """Whether ``_spread`` uses the one-signed products everywhere: for x ≥ 0 they are as cheap
-    as the identity; for ops that can't recompute single rows, or when most rows need them."""
+    as the identity; for ops that can't recompute single rows, and when every row needs them.
+    Otherwise the identity, with the ``rows`` that need it recomputed one-signed: which formula a
+    row gets never depends on the other rows of its batch (the stage's documents must not depend
+    on how rows are batched)."""
     if nonneg or u.row_dims == 0:
         return True
-    return rows is not None and 2 * len(rows) >= math.prod(x.shape[:u.row_dims])
+    return rows is not None and len(rows) == math.prod(x.shape[:u.row_dims])
 
 
 def _by_sign(u: AffineUnit, x: torch.Tensor, coef, maps: int, merged: bool, nonneg: bool) -> torch.Tensor:

@@ -581,14 +581,12 @@ def decision_direction(task: str, output: np.ndarray, predicted_class: np.ndarra
 
     Binary classification seeds the probability of the positive class, so for a sample
     predicted negative the features that lower that probability support the decision.
-    Regression seeds the output itself, so the sign of the output decides.
+    Regression seeds the output itself and has no decision: positive relevance raises the
+    predicted value, negative lowers it, whatever the output's sign (no threshold at 0).
     """
     n = len(output)
     if task == "binary-classification" and predicted_class is not None:
         return np.where(np.asarray(predicted_class).reshape(n) > 0, 1.0, -1.0)
-    if task == "regression":
-        y = np.asarray(output, dtype=np.float64).reshape(n, -1).sum(1)
-        return np.where(y >= 0, 1.0, -1.0)
     return np.ones(n)
 
 

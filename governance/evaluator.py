@@ -90,6 +90,7 @@ class GovernanceEvaluator(ModelEvaluator):
         quiet = bool(config.pop("quiet", True))
         if model_type == "regressor":  # said by the caller: no inference needed
             config.setdefault("task", "regression")
-        config.setdefault("feature_columns", [str(c) for c in frame.columns])
+        if not handle.feature_names:  # a signature with column names gives the order itself
+            config.setdefault("feature_columns", [str(c) for c in frame.columns])
         result = explain_model(handle, frame, config=config, run_id=run_id, quiet=quiet)
         return EvaluationResult(metrics=dict(result.metrics), artifacts={})

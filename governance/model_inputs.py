@@ -128,6 +128,18 @@ def _plan(m: InputMapping, spec: Any | None) -> tuple[str, bool]:
     return dtype, bool(squeeze)
 
 
+def resolve_mapping(mapping: Sequence[InputMapping], expected: Sequence[Any] = ()) -> list[InputMapping]:
+    """``mapping`` with each input's dtype and squeeze decided from the model's specs
+    (``expected``), so the columns can become tensors without the model at hand (a Spark
+    executor gets the plan only)."""
+    specs = {e.name: e for e in expected}
+    out = []
+    for m in mapping:
+        dtype, squeeze = _plan(m, specs.get(m.name))
+        out.append(InputMapping(m.name, m.columns, dtype, squeeze))
+    return out
+
+
 def build_inputs(frame: Any, mapping: Sequence[InputMapping], expected: Sequence[Any] = ()) -> dict[str, Any]:
     """The model's inputs from ``frame`` (a DataFrame), keyed by input name in the model's order:
     ``tuple(result.values())`` is the positional call (exported pt2 modules take positional

@@ -12,6 +12,7 @@ dataset's hashes) are logged either way.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from governance.stage.documents import documents
 from governance.stage.runner import frozen_gc, run_stream
 from governance.stage.state import StageSettings, StageState
 from governance.stage.writers import json_safe, write_documents, write_json, write_plots
+from governance.task_inference import TaskDecision
 from governance.validation import ContractRun, ContractViolation, ValidationOutcome
 
 __all__ = ["explain_model", "validate_data", "StageResult", "StageError", "ContractViolation", "json_safe",
@@ -66,19 +68,21 @@ class StageResult:
 def _resolve_config(config: GovernanceConfig | Mapping[str, Any] | str | Path | None,
                     overrides: Mapping[str, Any]) -> GovernanceConfig:
     if isinstance(config, GovernanceConfig):
-        return config_from_dict(config.to_dict(), **overrides)
+        return config.with_overrides(**overrides)
     if isinstance(config, Mapping):
         return config_from_dict(dict(config), **overrides)
     return load_config(config, **overrides)
 
 
-def _resolve_model(model: Any, device: str):
+def _resolve_model(model: Any, cfg: GovernanceConfig):
+    """A :class:`governance.tracking.ModelHandle`: a URI is loaded (a pickle only with
+    ``allow_pickle``), a handle kept, a module wrapped."""
     from governance.tracking import ModelHandle, load_model
 
     if isinstance(model, ModelHandle):
         return model
     if isinstance(model, (str, Path)):
-        return load_model(str(model), device=device)
+        return load_model(str(model), device=cfg.device, allow_pickle=cfg.allow_pickle)
     return ModelHandle(model=model, uri=f"<in-memory {type(model).__name__}>")
 
 
@@ -89,10 +93,63 @@ class _Prepared:
     modality: Modality
     table: TableSource
     plan: ModalityPlan
+    task: TaskDecision | None = None
+
+    def run_tags(self) -> dict[str, str]:
+        """What the stage decided and could not be sure of, as ``governance.*`` run tags."""
+        tags: dict[str, str] = {}
+        order = self.plan.feature_order
+        if order is not None:
+            tags.update(order.tags())
+        if self.task is not None:
+            tags.update({"task": self.task.task, "task_source": self.task.source})
+        if getattr(self.handle, "serialization", None) == "pickle" and getattr(self.handle, "allow_pickle", False):
+            tags["allow_pickle"] = "true"
+        return tags
+
+
+def say(note: str) -> None:
+    """One ``note:`` line on stderr: what the stage could not be sure of, or chose to ignore."""
+    print(f"note: {note}", file=sys.stderr, flush=True)
+
+
+#: Rows the model runs on to see its output (task inference) before anything is explained.
+TASK_PROBE_ROWS = 64
+
+
+def _decide_task(cfg: GovernanceConfig, handle: Any, modality: Modality, table: TableSource,
+                 plan: ModalityPlan) -> TaskDecision | None:
+    """The task from the config, the model's metadata, else its output on the data's first rows
+    (``governance.task_inference``); None when the rows cannot become model inputs (the data
+    contract then says why)."""
+    from governance.data import DataLoadError
+    from governance.stage.batch import model_output
+    from governance.task_inference import infer_task, output_facts
+
+    if not set(plan.columns) <= set(table.columns):
+        return None
+    try:
+        probe = next(iter(modality.batches(table, plan, TASK_PROBE_ROWS)), None)
+    except DataLoadError:
+        return None
+    if probe is None:
+        return None
+    out = model_output(handle.model, modality.to_model(probe.inputs, cfg.device))
+    shape, rng = output_facts(out)
+    hint = (handle.task_hint, handle.task_hint_source) if getattr(handle, "task_hint", None) else None
+    decision = infer_task(cfg.task if cfg.given("task") else None, hint, shape, rng)
+    width = shape[1] if len(shape) == 2 else 1 if len(shape) == 1 else None
+    if decision.task == "binary-classification" and width == 1 and not (0.0 <= rng[0] and rng[1] <= 1.0):
+        note = (f"the task is binary-classification ({decision.source}) and the model's one output is outside "
+                f"[0, 1] (range [{rng[0]:.4g}, {rng[1]:.4g}]): it is read as a logit, class 1 where it is > 0")
+        decision = decision._replace(note=f"{decision.note} {note}" if decision.note else note)
+    return decision
 
 
 def _prepare(model: Any, data: Any, config: Any, overrides: Mapping[str, Any]) -> _Prepared:
-    """Config, model, the data opened as a streamed table (its files being hashed) and the plan."""
+    """Config, model, the data opened as a streamed table (its files being hashed), the plan
+    (feature order, contract) and the task; what the stage could not be sure of is said once on
+    stderr."""
     # the stage shows its own progress bar; MLflow's download bars would only add noise
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg = _resolve_config(config, overrides)
@@ -101,11 +158,18 @@ def _prepare(model: Any, data: Any, config: Any, overrides: Mapping[str, Any]) -
 
         if not torch.cuda.is_available():
             raise StageError(f"device '{cfg.device}' was asked for but torch sees no CUDA device")
-    handle = _resolve_model(model, cfg.device)
+    handle = _resolve_model(model, cfg)
     modality = get_modality(cfg)
     table = modality.open(data)
     try:
-        return _Prepared(cfg, handle, modality, table, modality.plan(table, handle))
+        plan = modality.plan(table, handle)
+        decision = _decide_task(cfg, handle, modality, table, plan)
+        if decision is not None and decision.task != cfg.task:
+            cfg = cfg.with_overrides(task=decision.task)
+            modality.cfg = cfg
+        for note in plan.remarks + ([decision.note] if decision is not None and decision.note else []):
+            say(note)
+        return _Prepared(cfg, handle, modality, table, plan, decision)
     except BaseException:
         table.close()
         raise
@@ -185,10 +249,11 @@ def _log_validation(rid: str | None, p: _Prepared, outcome: ValidationOutcome, s
     stage.commit(rid)
     tags = {"status": "validated" if outcome.success else "failed", "primary_mode": p.cfg.primary_mode,
             "model_uri": p.handle.uri, "contract_source": outcome.contract_source,
-            "contract_independent": "true" if outcome.independent else "false"}
+            "contract_independent": "true" if outcome.independent else "false", **p.run_tags()}
     if digest:
         tags["dataset_digest"] = digest
     tracking.set_tags(rid, tags)
+    tracking.log_model_input(rid, p.handle)
     return digest
 
 
@@ -240,10 +305,14 @@ def _log_explanation(rid: str, p: _Prepared, stage: Any, gi: dict, metrics: dict
         mv_tags["gates_passed"] = tags["gates_passed"]
     if digest:
         mv_tags["dataset_digest"] = digest
+    from governance.registry import record_explained
+
     try:
-        tracking.tag_model_version(p.handle, mv_tags)
-    except Exception:
-        pass
+        version = tracking.tag_model_version(p.handle, mv_tags)
+        if version is not None:  # the version's evidence is now this run (a standing approval is superseded)
+            record_explained(*version, rid)
+    except Exception as exc:  # the evidence is logged; the registry is told on the next report
+        say(f"the registered model version could not be tagged: {type(exc).__name__}: {exc}")
 
 
 # ----------------------------------------------------------------------------- the stage

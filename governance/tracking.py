@@ -560,15 +560,16 @@ def log_dataset(run_id: str, frame: pd.DataFrame, *, source: str, name: str,
     return ds.digest
 
 
-def tag_model_version(handle: ModelHandle, tags: Mapping[str, Any]) -> bool:
-    """Set ``governance.*`` tags on the registered version behind ``handle``; False if none."""
+def tag_model_version(handle: ModelHandle, tags: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Set ``governance.*`` tags on the registered version behind ``handle``; returns its
+    (name, version), None when the model is not registered."""
     name, version = _registered_version_of(handle)
     if not (name and version):
-        return False
+        return None
     c = client()
     for k, v in sorted(tags.items()):
         c.set_model_version_tag(name, version, k if k.startswith(TAG_PREFIX) else TAG_PREFIX + k, str(v))
-    return True
+    return name, version
 
 
 def artifact_files(run_id: str, path: str = ARTIFACT_ROOT) -> Iterator[str]:

@@ -62,8 +62,9 @@ NUMERIC_TYPES = [
     "float16", "float32", "float64", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16",
     "UInt32", "UInt64", "Float32", "Float64", "boolean",
 ]
-# Values outside the float64 range are +-inf: a between-check with these bounds means "finite".
-FINITE_BOUND = 1.7976931348623157e308
+#: A feature value must not be one of these (with not-null: the value is finite). A set, not a
+#: between-check with the float64 range: a contract shows no bounds that mean nothing.
+NON_FINITE = [float("inf"), float("-inf")]
 #: Cells (rows x columns) one contract block holds: 32 MB of float64.
 DEFAULT_CELL_BUDGET = 4_000_000
 
@@ -130,12 +131,12 @@ class ValidationOutcome:
             "notes": list(self.notes),
             "n_rows": self.n_rows,
             "n_expectations": len(self.expectations),
-            "expectations": self.expectations,
+            "expectations": spell_infinities(self.expectations),
             "failures": [
                 {"expectation": f.expectation, "column": f.column, "detail": f.detail}
                 for f in self.failures
             ],
-            "great_expectations": self.gx_result,
+            "great_expectations": spell_infinities(self.gx_result),
         }
 
 
@@ -146,21 +147,33 @@ def _table_checks(columns: list[str]) -> list[dict[str, Any]]:
     ]
 
 
-def _column_checks(col: str, low: float, high: float) -> list[dict[str, Any]]:
+def _column_checks(col: str) -> list[dict[str, Any]]:
     return [
         {"type": "expect_column_values_to_be_in_type_list", "column": col, "type_list": NUMERIC_TYPES},
         {"type": "expect_column_values_to_not_be_null", "column": col},
-        {"type": "expect_column_values_to_be_between", "column": col, "min_value": low, "max_value": high},
+        {"type": "expect_column_values_to_not_be_in_set", "column": col, "value_set": list(NON_FINITE)},
     ]
 
 
 def feature_checks(feature_columns: list[str]) -> list[dict[str, Any]]:
     """The checks every contract carries: rows exist, every feature column exists and is numeric,
-    not null and finite (a between-check with the float64 range)."""
+    not null and not infinite."""
     out = _table_checks(feature_columns)
     for col in feature_columns:
-        out += _column_checks(col, -FINITE_BOUND, FINITE_BOUND)
+        out += _column_checks(col)
     return out
+
+
+def spell_infinities(obj: Any) -> Any:
+    """``obj`` with float infinities as the strings ``"inf"`` / ``"-inf"`` (JSON has no infinity;
+    written as null, the finiteness check's value set would read as "not null")."""
+    if isinstance(obj, dict):
+        return {k: spell_infinities(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [spell_infinities(v) for v in obj]
+    if isinstance(obj, float) and math.isinf(obj):
+        return "inf" if obj > 0 else "-inf"
+    return obj
 
 
 def derive_contract(

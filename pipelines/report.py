@@ -14,7 +14,8 @@ from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
 from governance.archive import verify_run
-from governance.report import ReportError, publish_report
+from governance.errors import GovernanceError
+from governance.report import publish_report
 
 
 def report_run(run_id: str, config: str | None, output_dir: str | None, own_run: str | None = None) -> int:
@@ -22,9 +23,11 @@ def report_run(run_id: str, config: str | None, output_dir: str | None, own_run:
     with what it reported on. Returns the exit code."""
     try:
         res = publish_report(run_id, config_path=config, output_dir=output_dir)
-    except ReportError as exc:
+    except GovernanceError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        return exc.exit_code
+    for note in res.notes:
+        print(f"note: {note}", file=sys.stderr)
     check = verify_run(run_id)
     print(check.summary())
     if own_run and own_run != run_id:

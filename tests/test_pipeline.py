@@ -193,7 +193,7 @@ def test_missing_model_uri_fails_clearly(credit_store, tmp_path: Path) -> None:
                                       str(tmp_path / "nope.parquet"), "--quiet"])
     assert result.exit_code == 1 and "data file not found" in result.output
     result = CliRunner().invoke(cli, ["explain", "--model-uri", credit_store.runs_uri, "--data", str(data),
-                                      "--run-id", "0" * 32, "--quiet"])
+                                      "--target-column", "default", "--run-id", "0" * 32, "--quiet"])
     assert result.exit_code == 1 and "MLflow:" in result.output and "0" * 32 in result.output
 
 

@@ -46,7 +46,7 @@ def test_clean_data_passes_the_derived_contract() -> None:
     ("missing", "expect_table_columns_to_match_set", None),
     ("nan", "expect_column_values_to_not_be_null", "debt_ratio"),
     ("string", "expect_column_values_to_be_in_type_list", "income"),
-    ("inf", "expect_column_values_to_be_between", "income"),
+    ("inf", "expect_column_values_to_not_be_in_set", "income"),
     ("drift", "expect_column_values_to_be_between", "age"),
 ])
 def test_broken_data_fails_naming_expectation_and_column(breakage: str, expectation: str, column: str | None) -> None:

@@ -86,7 +86,12 @@ class UnitRelevance:
 class ModalityPlan:
     """What a modality decided for one data source: the units (None when data-dependent), the
     columns it reads, the data contract and where it came from (``independent`` is False when
-    the contract was derived from the data it checks), and notes for the run."""
+    the contract was derived from the data it checks), and notes for validation_result.json.
+
+    ``feature_order``: how a table's feature order is known (a
+    ``governance.feature_order.FeatureOrder``; None where units have no order to verify);
+    ``mapping``: the columns of each input of a model with several inputs; ``remarks``: what the
+    stage says once on stderr (what it could not be sure of, what it ignored)."""
 
     units: list[str] | None
     columns: list[str]
@@ -94,6 +99,9 @@ class ModalityPlan:
     contract_source: str
     independent: bool = True
     notes: list[str] = field(default_factory=list)
+    feature_order: Any = None
+    mapping: list[Any] | None = None
+    remarks: list[str] = field(default_factory=list)
 
 
 class Modality(ABC):

@@ -171,7 +171,8 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
     try:
         out = forward(model, x, batch_size)
         tgt = resolve_target(out, task, tgt_in)
-        transform = confidence_transform(out)
+        # a regression output is its own score: never squashed or thresholded as a probability
+        transform = "raw" if task == "regression" else confidence_transform(out)
         polarity = decision_polarity(out, task, transform)
         valid = space.valid(x)
         if explainers is None:

@@ -112,6 +112,13 @@ def _to_numpy(t: Any) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
+def _head(values: Any, n: int) -> Any:
+    """The first ``n`` rows of an array, or of each array of a dict (several model inputs)."""
+    if isinstance(values, dict):
+        return {k: v[:n] for k, v in values.items()}
+    return values[:n]
+
+
 def _pad(inputs: Any, n: int) -> Any:
     """``inputs`` with the first sample repeated up to a multiple of ``ROW_ALIGNMENT`` rows."""
     extra = -n % ROW_ALIGNMENT
@@ -186,6 +193,21 @@ def per_unit_relevance(rel: Any, module_type: str) -> Any:
     return moved.reshape(rel.shape[0], -1, rel.shape[axis]).sum(1)
 
 
+def model_output(model: Any, x: Any) -> Any:
+    """The model's output tensor for inputs ``x`` (a tensor, a tuple of positional inputs or a
+    dict of keyword inputs), without gradients: ``.logits`` of a model output object, the first
+    element of a tuple."""
+    import torch
+
+    with torch.no_grad():
+        out = model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, tuple) else model(x)
+    if hasattr(out, "logits"):
+        out = out.logits
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
 class Explainer:
     """The engine for one model and configuration: every mode on a batch of model inputs."""
 
@@ -212,15 +234,7 @@ class Explainer:
         """Decide once, on a probe batch (the data's first rows), whether a one-output binary
         model emits probabilities (threshold 0.5) or logits (threshold 0), so the decision rule
         does not depend on how the rows are batched."""
-        import torch
-
-        x = modality.to_model(batch.inputs, self.device)
-        with torch.no_grad():
-            out = self.model(**x) if isinstance(x, dict) else self.model(x)
-        if hasattr(out, "logits"):
-            out = out.logits
-        elif isinstance(out, (tuple, list)):
-            out = out[0]
+        out = model_output(self.model, modality.to_model(batch.inputs, self.device))
         out = out.detach().float().cpu().numpy().reshape(len(batch), -1)
         if out.shape[1] == 1 and len(out):
             self.threshold = 0.5 if (out.min() >= 0 and out.max() <= 1) else 0.0
@@ -251,12 +265,12 @@ def explain_batch(explainer: Explainer, modality: Modality, plan: ModalityPlan, 
             pred = predicted_class(explainer.task, output, explainer.threshold)
             score = output_score(output)
             direction = decision_direction(explainer.task, output, pred)
-        units = modality.units(batch, plan, _to_numpy(exp.input_relevance)[:n])
+        units = modality.units(batch, plan, _head(_to_numpy(exp.input_relevance), n))
         rel = np.asarray(units.relevance, dtype=np.float64)
         pos = neg = None
         if mode == "contrastive" and exp.positive is not None and exp.negative is not None:
-            pos = modality.units(batch, plan, _to_numpy(exp.positive.input_relevance)[:n]).relevance
-            neg = modality.units(batch, plan, _to_numpy(exp.negative.input_relevance)[:n]).relevance
+            pos = modality.units(batch, plan, _head(_to_numpy(exp.positive.input_relevance), n)).relevance
+            neg = modality.units(batch, plan, _head(_to_numpy(exp.negative.input_relevance), n)).relevance
         modes[mode] = ModeResult(unit_names=units.names, relevance=rel, shares=l1_normalise(rel),
                                  relevance_l1=np.abs(rel).sum(1), layers=layer_batch(exp, n),
                                  positive=pos, negative=neg)

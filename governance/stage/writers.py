@@ -131,12 +131,22 @@ def sample_shares(state: StageState, units: list[str], mode: str) -> pd.DataFram
     return pd.DataFrame({u: shares[:, index[u]] for u in units})
 
 
+def with_direction(table: pd.DataFrame, gi: Mapping[str, Any], mode: str) -> pd.DataFrame:
+    """``table`` with the ``direction`` of each feature in ``mode`` (global_importance.json), which
+    the importance plot colours by; unchanged when the document has none."""
+    feats = ((gi.get("modes") or {}).get(mode) or {}).get("features") or []
+    direction = {f["feature"]: f["direction"] for f in feats if f.get("direction")}
+    if not direction:
+        return table
+    return table.assign(direction=[direction.get(f) for f in table["feature"]])
+
+
 def write_plots(docs: StageDocuments, state: StageState, plot_dir: Path) -> None:
     """The stage's PNGs: importance, importance by mode, per-sample shares, layer ranking."""
     from governance import plots
 
     primary = state.settings.primary_mode
-    table = docs.tables[primary]
+    table = with_direction(docs.tables[primary], docs.global_importance, primary)
     plots.importance_bar(table, plot_dir / "global_importance.png",
                          title=f"Global importance ({primary} mode, top {min(20, len(table))})")
     if len(docs.tables) > 1:

@@ -342,3 +342,19 @@ def test_the_run_records_its_model_and_the_version_its_evidence(credit_store, da
     state = registry.version_state(mlflow.MlflowClient(), name, "1")
     assert state.current_run_id == rid
     assert "governance.allow_pickle" not in run.data.tags
+
+
+def test_two_logits_with_nothing_but_the_model_and_its_features(credit_store, tmp_path: Path) -> None:
+    """No config, no training data, no target: the features file alone; multiclass is inferred and
+    the unverified order and the self-derived contract are said, each once."""
+    uri = _log(_net(nn.Linear(8, 2)), credit_store, name="bare")
+    path = tmp_path / "features.csv"
+    _frame(100, seed=4)[FEATURES].to_csv(path, index=False)
+    res = CliRunner().invoke(cli, ["explain", "--model-uri", uri, "--data", str(path), "--quiet",
+                                   "--set", "quality.enabled=false", "--set", "aggregation.n_bootstrap=20"])
+    assert res.exit_code == 0, res.stderr
+    notes = [ln for ln in res.stderr.splitlines() if ln.startswith("note: ")]
+    assert len(notes) == 2 and "Traceback" not in res.stderr, res.stderr
+    tags = _tags(res.stdout.strip().splitlines()[-1])
+    assert tags["governance.task"] == "multiclass-classification"
+    assert tags["governance.feature_order"] == "unverified" and tags["governance.contract_independent"] == "false"

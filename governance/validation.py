@@ -112,15 +112,17 @@ class ValidationOutcome:
     independent: bool = True
     notes: list[str] = field(default_factory=list)
 
-    def message(self) -> str:
-        """A human-readable summary naming every failed expectation and column."""
+    def message(self, shown: int = 5) -> str:
+        """One line: the verdict, then the first ``shown`` failed expectations with their columns
+        (every failure is in validation_result.json)."""
         if self.success:
             return f"data contract passed ({len(self.expectations)} expectations, {self.contract_source})"
-        lines = [f"data contract failed: {len(self.failures)} of {len(self.expectations)} expectations"]
-        lines += [f"  - {f}" for f in self.failures[:40]]
-        if len(self.failures) > 40:
-            lines.append(f"  ... and {len(self.failures) - 40} more (see validation_result.json)")
-        return "\n".join(lines)
+        head = (f"data contract failed ({self.contract_source}): {len(self.failures)} of "
+                f"{len(self.expectations)} expectations: ")
+        text = "; ".join(" ".join(str(f).split()) for f in self.failures[:shown])
+        more = len(self.failures) - shown
+        tail = (f"; and {more} more" if more > 0 else "") + " (all in governance/data_quality/validation_result.json)"
+        return head + text + tail
 
     def to_dict(self) -> dict[str, Any]:
         """The document logged as ``governance/data_quality/validation_result.json``."""

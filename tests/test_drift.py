@@ -272,11 +272,13 @@ def test_cli_compare_runs_is_paired_and_feeds_the_report(store: DriftStore, tmp_
     assert ev.drift is not None and ev.drift["verdict"] == "changed" and ev.drift_plot
     assert "governance/drift/drift.json" in ev.input_files  # the report's manifest covers it
     ctx = build_context(ev)
-    assert ctx["drift"]["missing"] is None and ctx["drift"]["verdict"] == "changed"
-    assert any(r["unit"] == REPLACED and r["significant"] == "yes" for r in ctx["drift"]["rows"])
-    assert "changed" in ctx["changes"]["drift_note"]
+    block = ctx["changes"]["drift"]
+    assert block["missing"] is None and block["verdict"] == "changed"
+    assert any(r["unit"] == REPLACED and r["significant"] == "yes" for r in block["rows"])
     html = render_html(ctx)
-    assert "Explanation drift" in html and "data:image/png;base64," in html
+    changes = html[html.index('id="changes"'):]
+    assert "Explanation drift" in changes and "Verdict: <strong>changed</strong>" in changes
+    assert "data:image/png;base64," in changes
     card = build_model_card(ev.model, ev, {}, date=None)
     assert card["explanation"]["drift"].startswith("changed against " + store.baseline_run)
     assert "Explanation drift: changed against" in render_model_card(card)["model_card.md"].decode()
@@ -319,3 +321,31 @@ def test_monitor_ten_batches_flags_the_shifted_one_only(store: DriftStore) -> No
     js = {m.step: m for m in client.get_metric_history(run.info.run_id, "governance_drift_js_divergence")}
     assert max(js, key=lambda s: js[s].value) == shifted_at
     assert js[3].timestamp == int(pd.Timestamp("2026-01-04T08:00:00Z").timestamp() * 1000)
+
+
+def test_mlproject_monitor_entry_point(store: DriftStore, tmp_path: Path) -> None:
+    """`mlflow run pipelines -e monitor` logs one more step into the version's monitoring run and
+    points its own run at it."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    batch = tmp_path / "batch.parquet"
+    store.std.transform(generate_loans(200, seed=500)).to_parquet(batch, index=False)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.tracking_uri, "MLFLOW_EXPERIMENT_ID": store.experiment_id,
+           "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(root / "pipelines"), "-e", "monitor",
+                           "--env-manager", "local", "--experiment-id", store.experiment_id,
+                           "-P", f"model_uri=models:/{NAME}@audited", "-P", f"data={batch}",
+                           "-P", "batch_index=42", "-P", "batch_time=2026-02-01T00:00:00Z"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(store.tracking_uri)
+    outer = client.search_runs([store.experiment_id], filter_string="tags.`governance.monitor_step` = '42'")
+    assert len(outer) == 1
+    monitor_run = outer[0].data.tags["governance.monitor_run_id"]
+    steps = {m.step for m in client.get_metric_history(monitor_run, "governance_drift_changed")}
+    assert 42 in steps
+    assert client.get_run(monitor_run).data.tags["governance.monitor_model_version"] == f"{NAME}/1"

@@ -41,6 +41,14 @@ def monitor_command(model_uri: str, data: str, batch_index: int | None, batch_ti
     except MlflowException as exc:
         raise DriftInputError(f"MLflow: {exc.message}") from exc
     r = out.result
+    import os
+
+    from governance import tracking
+
+    outer = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run -e monitor`: point its run at the monitoring run
+    if outer and outer != out.run_id:
+        tracking.set_tags(outer, {"monitor_run_id": out.run_id, "monitor_step": str(out.step),
+                                  "drift_verdict": r.verdict})
     click.echo(f"batch {out.step}: {r.verdict} (JS divergence {r.overall.js_divergence:.4f}, "
                f"{r.overall.n_significant} significant shift(s)) in {out.timings['total']:.1f}s"
                + (": " + "; ".join(r.reasons) if r.reasons else ""), err=True)

@@ -76,12 +76,6 @@ CROSSWALK: dict[str, tuple[str, str, str, str]] = {
         "",
         "",
     ),
-    "drift": (
-        "Annex IV 6 changes through the lifecycle; Annex IV 9 post-market monitoring (Art. 72)",
-        "Ongoing monitoring: outcomes and process verification; revalidation after material change",
-        "",
-        "",
-    ),
     "appendix": (
         "Annex IV 2(g) test logs; Annex IV 1(c) software versions; record-keeping (Art. 12)",
         "Documentation sufficient for a knowledgeable third party to understand and replicate",

@@ -86,7 +86,7 @@ def build_model_card(facts: ModelFacts, evidence: RunEvidence | None, card_optio
     version = facts.version or "not registered"
     metrics = [{"name": k, "value": fnum(v, 4), "raw": v} for k, v in sorted(facts.training_metrics.items())]
     importance: list[dict[str, str]] = []
-    explanation: dict[str, str] = {}
+    explanation: dict[str, Any] = {}
     if evidence is not None:
         gi = evidence.global_importance
         for f in sorted(gi["features"], key=lambda f: f.get("rank", 0))[:10]:
@@ -103,10 +103,8 @@ def build_model_card(facts: ModelFacts, evidence: RunEvidence | None, card_optio
                                                                  "not provided"),
             "run_id": evidence.run_id,
             "caveats": caveats(evidence),
+            "drift": drift_text(evidence),
         }
-        drift = drift_text(evidence)
-        if drift:
-            explanation["drift"] = drift
     datasets = []
     for d in facts.training_datasets:
         datasets.append({"name": str(d.get("name")), "context": str(d.get("context") or "training"),

@@ -13,7 +13,6 @@ from governance.report.sections import (
     cover,
     data,
     decisions,
-    drift,
     explainability,
     performance,
     risks,
@@ -30,7 +29,6 @@ SECTIONS: tuple[Section, ...] = (
     Section("decisions", "Individual decisions", decisions.build, "sections/decisions.html.j2"),
     Section("risks", "Risks, limitations and human oversight", risks.build, "sections/risks.html.j2"),
     Section("changes", "Change log", changes.build, "sections/changes.html.j2"),
-    Section("drift", "Explanation drift", drift.build, "sections/drift.html.j2"),
     Section("appendix", "Appendix", appendix.build, "sections/appendix.html.j2"),
 )
 

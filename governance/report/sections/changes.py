@@ -1,4 +1,5 @@
-"""Section 8: change log against the previous audited version of the same registered model."""
+"""Section 8: change log against the previous audited version of the same registered model, and
+the explanation-drift comparison logged into the run (``sections.drift``) when there is one."""
 
 from __future__ import annotations
 
@@ -6,36 +7,25 @@ from typing import Any
 
 from governance.report.format import fnum, fpct, ftext, not_provided
 from governance.report.inputs import ReportInputs
+from governance.report.sections import drift
 
 
 #: Explanation-quality metrics of the run: compared in the quality table, not listed here one by one.
 QUALITY_METRIC_PREFIX = "governance_quality_"
 
 
-def drift_note(inp: ReportInputs) -> str | None:
-    """One sentence on the explanation-drift comparison logged into the run (None without one)."""
-    d = inp.ev.drift
-    if not d or not d.get("verdict"):
-        return None
-    number = next((h["number"] for h in inp.headings if h.get("id") == "drift"), None)
-    where = f" (section {number})" if number else ""
-    reasons = "; ".join(str(r) for r in d.get("reasons") or []) or "no threshold crossed"
-    return ftext(f"Explanation drift against {(d.get('baseline') or {}).get('run_id') or 'the baseline'}: "
-                 f"{d['verdict']} ({reasons}){where}.")
-
-
 def build(inp: ReportInputs) -> dict[str, Any]:
     """Rank shifts and metric changes against the previous audited version, and the drift
-    comparison's verdict when one was logged into the run."""
+    comparison when one was logged into the run."""
     ev, features, top = inp.ev, inp.features, inp.opts.top_features
     m = ev.model
     prev = ev.previous
-    note = drift_note(inp)
+    comparison = drift.build(inp)
     if prev is None:
         reason = ("the model is not registered" if not m.name else
                   f"no earlier version of {m.name} is marked audited")
-        return {"missing": not_provided(reason), "ranks": [], "metrics": [], "drift_note": note}
-    out: dict[str, Any] = {"missing": None, "version": prev.version, "run_id": ftext(prev.run_id), "drift_note": note}
+        return {"missing": not_provided(reason), "ranks": [], "metrics": [], "drift": comparison}
+    out: dict[str, Any] = {"missing": None, "version": prev.version, "run_id": ftext(prev.run_id), "drift": comparison}
     if prev.global_importance and prev.global_importance.get("features"):
         before = {str(f["feature"]): f for f in prev.global_importance["features"]}
         now = {str(f["feature"]): f for f in features}

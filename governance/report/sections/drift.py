@@ -1,6 +1,6 @@
-"""Section: explanation drift, from ``governance/drift/drift.json`` when ``compare`` logged one
-into the run (``governance.drift``): the verdict and why, the overall measures and the units
-with the largest shifts."""
+"""The change log's explanation-drift block, from ``governance/drift/drift.json`` when ``compare``
+logged one into the run (``governance.drift``): the verdict and why, the overall measures and
+the units with the largest shifts. Printed by ``sections/drift.html.j2`` inside the change log."""
 
 from __future__ import annotations
 

@@ -97,7 +97,8 @@ def monitor_batch(model_uri: str, data: Any, *, given: Mapping[str, Any] | None 
     with tempfile.TemporaryDirectory(prefix="governance-monitor-") as tmp:
         cfg0 = config_from_dict(user)
         before, info = run_side(baseline_run, "audited baseline", cfg0, Path(tmp))
-    run_cfg = {k: v for k, v in info["config"].items() if k not in ("report", "model_card")}
+    # the audited run's opt-in to a pickle is not the monitor's: only the user's setting counts
+    run_cfg = {k: v for k, v in info["config"].items() if k not in ("report", "model_card", "allow_pickle")}
     merged = {**run_cfg, **user}
     cfg = config_from_dict(merged)
     if cfg.aggregation.seed != cfg0.aggregation.seed or cfg.aggregation.n_bootstrap != cfg0.aggregation.n_bootstrap:

@@ -25,12 +25,16 @@ def _baseline_text(b: dict[str, Any]) -> str:
     return ftext(", ".join(str(p) for p in parts if p) or b.get("label"))
 
 
-def build(inp: ReportInputs) -> dict[str, Any]:
-    """The drift verdict, overall measures and largest shifts (or why there are none)."""
+def build(inp: ReportInputs) -> dict[str, Any] | None:
+    """The drift verdict, overall measures and largest shifts; None when the run holds no
+    comparison (the change log then prints nothing about drift: a report of a run without one
+    is the same as before comparisons existed)."""
     d = inp.ev.drift
-    if not d or not isinstance(d.get("units"), list):
-        return {"missing": not_provided("no comparison was logged into this run "
-                                        "(`mlflow-governance compare ... --log-run-id <this run>`)")}
+    if not d:
+        return None
+    if not isinstance(d.get("units"), list):
+        return {"missing": not_provided("governance/drift/drift.json has no units: it was not written by "
+                                        "`mlflow-governance compare`")}
     o = d.get("overall") or {}
     units = d["units"]
     flagged = [u for u in units if u.get("significant") or u.get("rank_shift") or u.get("direction_flip")]

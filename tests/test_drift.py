@@ -361,3 +361,34 @@ def test_mlproject_monitor_entry_point(store: DriftStore, tmp_path: Path) -> Non
     steps = {m.step for m in client.get_metric_history(monitor_run, "governance_drift_changed")}
     assert 42 in steps
     assert client.get_run(monitor_run).data.tags["governance.monitor_model_version"] == f"{NAME}/1"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("drift.top_k=0", "drift.top_k: must be a positive integer"),
+    ("drift.min_difference=2", "drift.min_difference: must be a number from 0 to 1"),
+    ("drift.confidence=1.5", "drift.confidence: must be a number from 0.5 to below 1"),
+    ("drift.nope=1", "drift: unknown key(s) ['nope']"),
+])
+def test_drift_thresholds_are_validated(setting: str, message: str) -> None:
+    from governance.config import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({}, settings=[setting])
+    assert message in str(exc.value)
+
+
+def test_monitor_needs_a_registered_version_with_an_explanation(store: DriftStore, tmp_path: Path) -> None:
+    import mlflow
+
+    batch = tmp_path / "b.parquet"
+    store.valid.head(50).to_parquet(batch, index=False)
+    # a version nobody explained (the monitor refuses before loading anything)
+    bare = mlflow.MlflowClient().create_model_version(NAME, source=tmp_path.as_uri()).version
+    for uri, says in ((f"runs:/{store.baseline_run}/model", "monitor needs a registered model version"),
+                      (f"models:/{NAME}/{bare}", f"{NAME} version {bare} has no explanation")):
+        res = _cli(["monitor", "--model-uri", uri, "--data", str(batch), "--quiet"])
+        assert res.exit_code == 1, res.output
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    res = _cli(["monitor", "--model-uri", f"models:/{NAME}@audited", "--data", str(batch), "--batch-time", "yesterday"])
+    assert res.exit_code == 1 and "--batch-time: 'yesterday' is not an ISO 8601 time" in res.stderr

@@ -303,6 +303,9 @@ def test_cli_compare_rejects_a_mixed_form(store: DriftStore) -> None:
     assert len(err) == 1 and err[0].startswith("error: compare: give --baseline-run-id and --run-id")
     res = _cli(["compare", "--baseline-run-id", "0" * 32, "--run-id", store.baseline_run])
     assert res.exit_code == 1 and res.stderr.strip().startswith("error:") and "Traceback" not in res.stderr
+    res = _cli(["compare", "--baseline-run-id", store.baseline_run, "--run-id", store.baseline_run,
+                "--log-run-id", "f" * 32])
+    assert res.exit_code == 1 and res.stderr.strip().startswith("error: MLflow:")
 
 
 def test_monitor_ten_batches_flags_the_shifted_one_only(store: DriftStore) -> None:

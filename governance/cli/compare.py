@@ -80,6 +80,8 @@ def _compare(baseline_run_id: str | None, run_id: str | None, baseline_model: st
 
     form = comparison_form(baseline_run_id, run_id, baseline_model, model_uri, baseline_data, data)
     given = user_settings(config_path, settings, target_column=target_column, allow_pickle=allow_pickle)
+    if log_run_id:
+        tracking.resolve_run(log_run_id)  # a wrong id fails before any work
     if form == "runs":
         result = workflow.compare_runs(baseline_run_id, run_id, given)
     elif form == "models":
@@ -98,13 +100,13 @@ def _compare(baseline_run_id: str | None, run_id: str | None, baseline_model: st
             target, created = tracking.create_run_in(experiment, "governance-compare"), True
         else:
             target, created = tracking.resolve_run(None, experiment_name, "governance-compare")
-    else:
-        tracking.resolve_run(target)
+    ok = False
     try:
         workflow.log_comparison(result, target)
+        ok = True
     finally:
         if created:
-            tracking.finish_run(target, True)
+            tracking.finish_run(target, ok)
     o = result.overall
     click.echo(f"drift: {result.verdict} ({'paired' if result.paired else 'unpaired'}; JS divergence "
                f"{o.js_divergence:.4f}, top-{o.top_k} overlap {o.top_k_overlap:.2f}, "

@@ -185,6 +185,9 @@ def test_true_positive_replaced_driver_is_flagged(sides) -> None:
     rows = {u.unit: u for u in result.units}
     assert rows[REPLACED].difference < 0 < rows[REPLACEMENT].difference
     assert rows[REPLACEMENT].rank_shift  # a control enters the top k
+    assert {x.side for x in result.overall.leaders} == {"supporting", "adverse"}
+    assert {s.module for s in result.overall.layer_shifts} >= {"fc1", "fc2", "out"}
+    assert result.overall.max_layer_shift is not None
     assert result.overall.top_reason_changed is not None and result.overall.top_reason_changed > 0.2
 
 
@@ -217,6 +220,17 @@ def test_paired_intervals_are_narrower_than_unpaired(store: DriftStore, sides) -
     half, _ = explain_side(store.champion, store.valid.iloc[:400], EXPLAIN, "half")
     with pytest.raises(ValueError, match="same sample ids"):
         compare(before, half, DriftConfig(), paired=True, kind="models")
+
+
+def test_the_same_comparison_writes_the_same_bytes(sides, tmp_path: Path) -> None:
+    from governance.drift.documents import write_drift
+
+    first = compare(sides("champion"), sides("challenger"), DriftConfig(), paired=True, kind="models")
+    again = compare(sides("champion"), sides("challenger"), DriftConfig(), paired=True, kind="models")
+    a = write_drift(first, tmp_path / "a")
+    b = write_drift(again, tmp_path / "b")
+    assert [p.name for p in a] == ["drift.json", "drift.png"]
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
 
 
 def test_run_side_equals_state_side(store: DriftStore, tmp_path: Path) -> None:

@@ -161,6 +161,28 @@ def test_js_divergence_bounds() -> None:
     assert js_divergence(2 * p, q) == pytest.approx(js_divergence(p, q))  # normalised first
 
 
+def test_a_side_from_per_sample_rows_does_not_depend_on_how_they_are_cut() -> None:
+    from governance.drift.summary import side_from_samples
+
+    rng = np.random.default_rng(0)
+    n = 300
+    frame = pd.DataFrame({"sample_id": np.arange(n), "prediction": rng.integers(0, 2, n), "score": rng.random(n),
+                          **{f"u{i}": rng.normal(size=n).astype(np.float32) for i in range(6)}})
+    kw = dict(task="binary-classification", seed=3, n_bootstrap=50, global_importance={"features": []},
+              layer_ranking=None)
+    whole = side_from_samples([frame], "whole", **kw)
+    cut = side_from_samples([frame.iloc[:7], frame.iloc[7:7], frame.iloc[7:200], frame.iloc[200:]], "cut", **kw)
+    shuffled = side_from_samples([frame.sample(frac=1.0, random_state=1)], "shuffled", **kw)
+    for other in (cut, shuffled):
+        assert other.units == whole.units == [f"u{i}" for i in range(6)]
+        np.testing.assert_allclose(other.replicates, whole.replicates, rtol=1e-12)
+        np.testing.assert_allclose(other.importance, whole.importance, rtol=1e-12)
+        np.testing.assert_array_equal(other.reason_keys, whole.reason_keys)
+        np.testing.assert_array_equal(other.top_reason, whole.top_reason)
+    assert same_rows(whole, shuffled)
+    assert not same_rows(whole, side_from_samples([frame.iloc[1:]], "fewer", **kw))
+
+
 def test_false_positive_two_seeds_same_data_is_stable(sides) -> None:
     cfg = DriftConfig()
     before, after = sides("champion"), sides("sibling")

@@ -13,7 +13,7 @@ what makes the paired interval a bootstrap of per-sample differences.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -94,32 +94,41 @@ def side_from_state(state: Any, label: str, *, global_importance: Mapping[str, A
                 n_reason_samples=0 if keys is None else len(keys), source=dict(source or {}))
 
 
-def side_from_samples(local_relevance: pd.DataFrame, label: str, *, task: str, seed: int, n_bootstrap: int,
+def side_from_samples(frames: Iterable[pd.DataFrame], label: str, *, task: str, seed: int, n_bootstrap: int,
                       global_importance: Mapping[str, Any], layer_ranking: Mapping[str, Any] | None,
-                      source: Mapping[str, Any] | None = None, block_rows: int = 65536) -> Side:
-    """A side from an explain run's per-sample file (``local_relevance.parquet``: sample_id,
-    prediction, score, then one raw relevance column per unit) and its documents. The bootstrap
-    replicates are recomputed with weights keyed by (``seed``, sample id), in blocks of rows."""
-    units = [c for c in local_relevance.columns if c not in NON_UNIT_COLUMNS]
-    if not units or "sample_id" not in local_relevance.columns:
-        raise ValueError("local_relevance.parquet has no sample_id or no unit columns")
-    n = len(local_relevance)
-    abs_sum = np.zeros(len(units))
-    boot = np.zeros((n_bootstrap, len(units)))
+                      source: Mapping[str, Any] | None = None) -> Side:
+    """A side from an explain run's per-sample rows (``local_relevance.parquet``: sample_id,
+    prediction, score, then one raw relevance column per unit), given as consecutive frames so
+    that memory stays bounded by one frame, and the run's documents. The bootstrap replicates are
+    recomputed with weights keyed by (``seed``, sample id)."""
+    units: list[str] | None = None
+    n = 0
+    abs_sum = boot = None
     totals = np.zeros(n_bootstrap)
-    keys_all = sample_keys(local_relevance["sample_id"].to_numpy())
-    tops = []
-    for start in range(0, n, block_rows):
-        block = local_relevance.iloc[start:start + block_rows]
+    keys_parts, tops = [], []
+    for block in frames:
+        if units is None:
+            units = [c for c in block.columns if c not in NON_UNIT_COLUMNS]
+            if not units or "sample_id" not in block.columns:
+                raise ValueError("local_relevance.parquet has no sample_id or no unit columns")
+            abs_sum, boot = np.zeros(len(units)), np.zeros((n_bootstrap, len(units)))
+        if not len(block):
+            continue
         rel = block[units].to_numpy(dtype=np.float64)
         a = np.abs(l1_normalise(rel))
-        w = poisson_weights(keys_all[start:start + len(block)], seed, n_bootstrap)
+        keys = sample_keys(block["sample_id"].to_numpy())
+        w = poisson_weights(keys, seed, n_bootstrap)
         abs_sum += a.sum(0)
         boot += w @ a
         totals += w.sum(1)
+        n += len(block)
         pred = block["prediction"].to_numpy() if "prediction" in block.columns else None
+        keys_parts.append(keys)
         tops.append(_top_reasons(task, rel, pred, block["score"].to_numpy()))
-    keys, top = _sorted_reasons(keys_all, np.concatenate(tops) if tops else np.zeros(0, dtype=np.int64))
+    if units is None or abs_sum is None or boot is None:
+        raise ValueError("local_relevance.parquet holds no rows")
+    all_keys = np.concatenate(keys_parts) if keys_parts else np.zeros(0, dtype=np.uint64)
+    keys, top = _sorted_reasons(all_keys, np.concatenate(tops) if tops else np.zeros(0, dtype=np.int64))
     return Side(label=label, units=units, importance=abs_sum / max(n, 1),
                 replicates=boot / np.maximum(totals, 1e-12)[:, None], weight_totals=totals, n_samples=n,
                 directions=_directions(global_importance), layer_shares=_layer_shares(layer_ranking),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import pandas as pd
 import yaml
@@ -72,6 +72,14 @@ def _read_json(path: Path | None) -> Any:
     return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
+def _frames(path: Path, rows: int = 65536) -> Iterator[pd.DataFrame]:
+    """The rows of a parquet file, or of a folder of them (Spark), a block at a time."""
+    import pyarrow.dataset as pads
+
+    for batch in pads.dataset(str(path), format="parquet").to_batches(batch_size=rows):
+        yield batch.to_pandas()
+
+
 def run_side(run_id: str, label: str, cfg: GovernanceConfig, workdir: Path) -> tuple[Side, dict[str, Any]]:
     """A side from an explain run's artifacts; also returns the run's configuration and datasets."""
     from governance import tracking
@@ -92,8 +100,7 @@ def run_side(run_id: str, label: str, cfg: GovernanceConfig, workdir: Path) -> t
     run_cfg = yaml.safe_load(got["config"].read_text()) if got["config"] is not None else {}
     run_cfg = run_cfg or {}
     datasets = (_read_json(got["datasets"]) or {}).get("datasets", [])
-    frame = pd.read_parquet(got["local_relevance"])
-    side = side_from_samples(frame, label, task=str(run_cfg.get("task") or cfg.task), seed=cfg.aggregation.seed,
+    side = side_from_samples(_frames(got["local_relevance"]), label, task=str(run_cfg.get("task") or cfg.task), seed=cfg.aggregation.seed,
                              n_bootstrap=cfg.aggregation.n_bootstrap, global_importance=gi,
                              layer_ranking=_read_json(got["layer_ranking"]),
                              source={"run_id": run_id, "primary_mode": gi.get("primary_mode"),

@@ -52,6 +52,20 @@ class AggregationConfig:
 
 
 @dataclass
+class DriftConfig:
+    """Thresholds of explanation drift (``governance.drift``): when a unit is flagged and when a
+    comparison's verdict is ``changed``."""
+
+    top_k: int = 5  # the top units whose entries and exits are rank shifts
+    min_difference: float = 0.01  # |importance after - before| a unit must exceed to be significant
+    confidence: float = 0.95  # of the bootstrap interval of the difference
+    max_significant_rate: float = 0.2  # share of the top-k units (either side) flagged significant tolerated
+    max_js_divergence: float = 0.02  # Jensen-Shannon divergence (base 2) of the normalised importance
+    min_top_k_overlap: float = 0.6  # share of the top-k units in common
+    max_direction_flips: int = 0  # direction flips among the top-k units tolerated
+
+
+@dataclass
 class GovernanceConfig:
     """The whole configuration (sections as in docs/contracts.md)."""
 
@@ -71,6 +85,7 @@ class GovernanceConfig:
     reason_codes: ReasonCodesConfig = field(default_factory=ReasonCodesConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     gates: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     model_card: dict[str, Any] = field(default_factory=dict)
@@ -165,6 +180,7 @@ class GovernanceConfig:
             raise ConfigError("aggregation.n_bootstrap: at least 10 replicates are needed")
         if not isinstance(self.aggregation.sample_size, int) or self.aggregation.sample_size < 1:
             raise ConfigError("aggregation.sample_size: must be a positive integer")
+        self._validate_drift()
         from governance.modality import MODALITIES
 
         if self.modality not in MODALITIES:
@@ -180,8 +196,26 @@ class GovernanceConfig:
                 raise ConfigError(f"{name}: must be a mapping")
         return self
 
+    def _validate_drift(self) -> None:
+        d = self.drift
+        if not isinstance(d.top_k, int) or isinstance(d.top_k, bool) or d.top_k < 1:
+            raise ConfigError(f"drift.top_k: must be a positive integer, got {d.top_k!r}")
+        if not isinstance(d.max_direction_flips, int) or isinstance(d.max_direction_flips, bool) \
+                or d.max_direction_flips < 0:
+            raise ConfigError(f"drift.max_direction_flips: must be a non-negative integer, got {d.max_direction_flips!r}")
+        for name, lo, hi in (("min_difference", 0.0, 1.0), ("max_significant_rate", 0.0, 1.0),
+                             ("max_js_divergence", 0.0, 1.0), ("min_top_k_overlap", 0.0, 1.0)):
+            v = getattr(d, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ConfigError(f"drift.{name}: must be a number from {lo:g} to {hi:g}, got {v!r}")
+            setattr(d, name, float(v))
+        if not isinstance(d.confidence, (int, float)) or not 0.5 <= d.confidence < 1.0:
+            raise ConfigError(f"drift.confidence: must be a number from 0.5 to below 1, got {d.confidence!r}")
+        d.confidence = float(d.confidence)
 
-_SECTIONS = {"reason_codes": ReasonCodesConfig, "quality": QualityConfig, "aggregation": AggregationConfig}
+
+_SECTIONS = {"reason_codes": ReasonCodesConfig, "quality": QualityConfig, "aggregation": AggregationConfig,
+             "drift": DriftConfig}
 
 
 def _build_section(name: str, cls: type, value: Any) -> Any:

@@ -108,3 +108,25 @@ def layer_ranking_bar(layers: Sequence[Mapping[str, Any]], path: str | Path, *, 
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
+
+
+def drift_shifts(units: Sequence[Mapping[str, Any]], path: str | Path, *, title: str, top_k: int = 15) -> Path:
+    """Horizontal bars of the ``top_k`` largest importance differences (after - before) with
+    their bootstrap intervals; significant shifts in colour, the others grey. ``units``: the
+    ``units`` entries of ``drift.json`` (largest |difference| first)."""
+    from matplotlib.patches import Patch
+
+    rows = list(units)[:top_k][::-1]
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * max(len(rows), 1) + 1.6), layout="constrained")
+    diff = np.array([float(r["difference"]) for r in rows])
+    err = np.vstack([diff - np.array([float(r["ci_low"]) for r in rows]),
+                     np.array([float(r["ci_high"]) for r in rows]) - diff]).clip(min=0) if rows else None
+    colours = [("#b2182b" if d > 0 else "#2166ac") if r["significant"] else "#8c8c8c" for r, d in zip(rows, diff)]
+    ax.barh([str(r["unit"]) for r in rows], diff, xerr=err, color=colours, ecolor="#333333", capsize=2)
+    ax.axvline(0.0, color="#333333", linewidth=0.8)
+    ax.set_xlabel("importance after - before (mean |share|), with its bootstrap interval")
+    ax.legend(handles=[Patch(color="#b2182b", label="significant rise"), Patch(color="#2166ac", label="significant fall"),
+                       Patch(color="#8c8c8c", label="not significant")], fontsize=7, loc="lower right")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)

@@ -610,3 +610,65 @@ def log_streamed_dataset(run_id: str, head: pd.DataFrame, n_rows: int, *, source
                            profile=json.dumps({"num_rows": int(n_rows), "num_elements": int(n_rows) * head.shape[1]}))
     client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
     return ds.digest
+
+
+# ------------------------------------------------------------------------------- drift and monitoring
+
+
+def download_run_files(run_id: str, paths: list[str], dst: str | Path) -> dict[str, Path | None]:
+    """Download the run's artifacts ``paths`` (files or folders) under ``dst``; None where absent."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    out: dict[str, Path | None] = {}
+    for path in paths:
+        try:
+            out[path] = Path(c.download_artifacts(run_id, path, str(dst)))
+        except (MlflowException, OSError):
+            out[path] = None
+    return out
+
+
+def run_info(run_id: str) -> Any:
+    """The MLflow run ``run_id`` (tags in ``.data.tags``, experiment in ``.info.experiment_id``)."""
+    return client().get_run(run_id)
+
+
+def registered_version(model_uri: str) -> tuple[str | None, str | None]:
+    """(name, version) of a ``models:/name/version`` or ``models:/name@alias`` URI, else (None, None)."""
+    return _registered_version(model_uri)
+
+
+def find_or_create_run(experiment_id: str, tag: str, value: str, run_name: str) -> tuple[str, bool]:
+    """The most recent run of the experiment whose tag ``tag`` equals ``value`` (a new run with
+    that tag when there is none). Returns (run id, created)."""
+    key = tag if tag.startswith(TAG_PREFIX) else TAG_PREFIX + tag
+    escaped = value.replace("'", "\\'")
+    found = client().search_runs([experiment_id], filter_string=f"tags.`{key}` = '{escaped}'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        return found[0].info.run_id, False
+    run = client().create_run(experiment_id, run_name=run_name,
+                              tags={"mlflow.source.name": "mlflow-governance", key: value})
+    return run.info.run_id, True
+
+
+def log_metric_series(run_id: str, metrics: Mapping[str, float], *, step: int, timestamp_ms: int) -> None:
+    """Log metrics at one ``step`` with the given timestamp (a time series MLflow's UI charts)."""
+    import math
+
+    items = [Metric(k, float(v), int(timestamp_ms), int(step)) for k, v in sorted(metrics.items())
+             if v is not None and math.isfinite(float(v))]
+    if items:
+        client().log_batch(run_id, metrics=items)
+
+
+def metric_steps(run_id: str, key: str) -> list[int]:
+    """The steps at which the run logged metric ``key``."""
+    return sorted(m.step for m in client().get_metric_history(run_id, key))
+
+
+def create_run_in(experiment_id: str, run_name: str) -> str:
+    """A new run in experiment ``experiment_id``; returns its id."""
+    return client().create_run(experiment_id, run_name=run_name,
+                               tags={"mlflow.source.name": "mlflow-governance"}).info.run_id

@@ -41,6 +41,11 @@ main.add_command(approve_command)
 from governance.cli.explain import explain_command  # noqa: E402
 
 main.add_command(explain_command)
+from governance.cli.compare import compare_command  # noqa: E402
+from governance.cli.monitor import monitor_command  # noqa: E402
+
+main.add_command(compare_command)
+main.add_command(monitor_command)
 
 if __name__ == "__main__":
     main()

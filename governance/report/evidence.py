@@ -107,6 +107,9 @@ class RunEvidence:
     previous: PreviousAudit | None
     approvals: list[dict[str, Any]]
     root: Path
+    #: ``governance/drift/drift.json`` when a comparison was logged into the run (``compare``)
+    drift: dict[str, Any] | None = None
+    drift_plot: bytes | None = None
 
     @property
     def start_time(self) -> datetime:
@@ -598,4 +601,6 @@ def load_run_evidence(run_id: str, *, tracking_uri: str | None = None, config_ov
         previous=find_previous_audit(client, facts),
         approvals=list((approvals_doc or {}).get("entries", [])),
         root=art,
+        drift=_read_json(g / "drift" / "drift.json"),
+        drift_plot=(g / "drift" / "drift.png").read_bytes() if (g / "drift" / "drift.png").is_file() else None,
     )

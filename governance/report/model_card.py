@@ -60,6 +60,19 @@ def caveats(evidence: RunEvidence) -> list[str]:
     return out
 
 
+def drift_text(evidence: RunEvidence) -> str | None:
+    """The explanation-drift comparison logged into the run, in one sentence (None without one)."""
+    d = evidence.drift
+    if not d or not d.get("verdict"):
+        return None
+    o = d.get("overall") or {}
+    moved = [str(u["unit"]) for u in d.get("units") or [] if u.get("significant")][:5]
+    base = (d.get("baseline") or {}).get("run_id") or (d.get("baseline") or {}).get("model_uri") or "the baseline"
+    return (f"{d['verdict']} against {base} ({'paired' if d.get('paired') else 'unpaired'}; Jensen-Shannon divergence "
+            f"{fnum(o.get('js_divergence'), 4)}, top-{fnum(o.get('top_k'))} overlap {fpct(o.get('top_k_overlap'), 0)}; "
+            f"significant shifts: {', '.join(moved) if moved else 'none'})")
+
+
 def build_model_card(facts: ModelFacts, evidence: RunEvidence | None, card_options: dict[str, Any] | None,
                      *, date: str | None, approval: str | None = None) -> dict[str, Any]:
     """The model-card context: ``fields`` (human), ``facts`` (MLflow), ``mct`` (JSON document).
@@ -73,7 +86,7 @@ def build_model_card(facts: ModelFacts, evidence: RunEvidence | None, card_optio
     version = facts.version or "not registered"
     metrics = [{"name": k, "value": fnum(v, 4), "raw": v} for k, v in sorted(facts.training_metrics.items())]
     importance: list[dict[str, str]] = []
-    explanation: dict[str, str] = {}
+    explanation: dict[str, Any] = {}
     if evidence is not None:
         gi = evidence.global_importance
         for f in sorted(gi["features"], key=lambda f: f.get("rank", 0))[:10]:
@@ -90,6 +103,7 @@ def build_model_card(facts: ModelFacts, evidence: RunEvidence | None, card_optio
                                                                  "not provided"),
             "run_id": evidence.run_id,
             "caveats": caveats(evidence),
+            "drift": drift_text(evidence),
         }
     datasets = []
     for d in facts.training_datasets:

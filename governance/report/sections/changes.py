@@ -1,4 +1,5 @@
-"""Section 8: change log against the previous audited version of the same registered model."""
+"""Section 8: change log against the previous audited version of the same registered model, and
+the explanation-drift comparison logged into the run (``sections.drift``) when there is one."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from governance.report.format import fnum, fpct, ftext, not_provided
 from governance.report.inputs import ReportInputs
+from governance.report.sections import drift
 
 
 #: Explanation-quality metrics of the run: compared in the quality table, not listed here one by one.
@@ -13,15 +15,17 @@ QUALITY_METRIC_PREFIX = "governance_quality_"
 
 
 def build(inp: ReportInputs) -> dict[str, Any]:
-    """Rank shifts and metric changes against the previous audited version."""
+    """Rank shifts and metric changes against the previous audited version, and the drift
+    comparison when one was logged into the run."""
     ev, features, top = inp.ev, inp.features, inp.opts.top_features
     m = ev.model
     prev = ev.previous
+    comparison = drift.build(inp)
     if prev is None:
         reason = ("the model is not registered" if not m.name else
                   f"no earlier version of {m.name} is marked audited")
-        return {"missing": not_provided(reason), "ranks": [], "metrics": []}
-    out: dict[str, Any] = {"missing": None, "version": prev.version, "run_id": ftext(prev.run_id)}
+        return {"missing": not_provided(reason), "ranks": [], "metrics": [], "drift": comparison}
+    out: dict[str, Any] = {"missing": None, "version": prev.version, "run_id": ftext(prev.run_id), "drift": comparison}
     if prev.global_importance and prev.global_importance.get("features"):
         before = {str(f["feature"]): f for f in prev.global_importance["features"]}
         now = {str(f["feature"]): f for f in features}

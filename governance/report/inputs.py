@@ -19,7 +19,7 @@ import pandas as pd
 from governance.report import plots
 from governance.report.evidence import RunEvidence
 from governance.report.format import fnum, fpct, ftext, is_missing, kv_rows, not_provided
-from governance.report.options import ReportOptions, parse_report_options
+from governance.report.options import NOT_PROVIDED, ReportOptions, parse_report_options
 
 
 @dataclass

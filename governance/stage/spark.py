@@ -358,7 +358,7 @@ def write_sample_outputs(spark: Any, rows: Any, tables: list[tuple[str, Any]], e
             _tidy_spark_folder(expl / name)
             continue
         parts = [u for u in _list_files(spark, dest) if u.endswith(".parquet")]
-        files = hash_files(spark, parts, root=dest)
+        files = hash_files(spark, parts, root=parts[0].rsplit("/", 1)[0] if parts else dest)
         record["outputs"].append({"name": name, "uri": dest, "sha256": files_sha256(files),
                                   "files": [f.to_dict() for f in sorted(files, key=lambda f: f.relative)]})
     return record if output_uri else None

@@ -272,6 +272,6 @@ class SparkContractRun(ContractRun):
         from pyspark.sql import functions as F
 
         c = F.col(f"`{column}`")
-        bad = self.frame.where(c.isNotNull() & c.cast("double").isNull())
+        bad = self.frame.where(c.isNotNull() & c.try_cast("double").isNull())
         examples = [str(r[0]) for r in bad.select(c).limit(3).collect()]
         return str(self.table.schema_frame()[column].dtype), int(bad.count()), examples

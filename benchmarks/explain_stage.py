@@ -15,6 +15,14 @@ the main thread's CPU microseconds per row (``time.thread_time``), the data cont
     .venv/bin/python benchmarks/explain_stage.py                       # 100k, 400k, 1.6M rows
     .venv/bin/python benchmarks/explain_stage.py --rows 100000 --modes signed
     .venv/bin/python benchmarks/explain_stage.py --rows 100000 --cpu-threads 1 0   # 1 vs default threads
+    .venv/bin/python benchmarks/explain_stage.py --rows 100000 --spark-rows 100000  # + Spark local[2]
+    .venv/bin/python benchmarks/explain_stage.py --rows 1000000 --profile            # + cProfile's top
+
+``--spark-rows`` also runs the Spark engine (``governance.stage.spark``) on ``--spark-master``
+(default ``local[2]``) at those sizes, in a fresh process each (session start not timed), and
+prints its rows/s beside the streaming path's at the same size (the ratio measured in one run).
+``--profile`` runs the streaming stage under cProfile and prints the functions with the most
+own time (the profiler slows the stage down; the rows/s of such a run are not the figures).
 """
 
 from __future__ import annotations
@@ -95,14 +103,34 @@ def child(args: argparse.Namespace) -> None:
                       "ci_high": [1.0], "rank": [1]}), Path(args.workdir) / "warmup.png", title="warm-up")
     os.environ["MLFLOW_EXPERIMENT_ID"] = ctx["experiment_id"]
     data = Path(ctx["files"][str(args.rows)])
-    rss_before = _peak_rss_mb()
     threads = args.cpu_threads[0] or None
     modes = args.modes.split(",")
     config = {"quality": {"enabled": False}, "batch_size": args.batch_size, "modes": modes, "cpu_threads": threads,
               "primary_mode": "signed" if "signed" in modes else modes[0]}
+    if args.engine == "spark":
+        from pyspark.sql import SparkSession
+
+        session = SparkSession.builder.master(args.spark_master).config("spark.ui.enabled", "false").getOrCreate()
+        session.sparkContext.setLogLevel("ERROR")
+        config["engine"] = "spark"
+    rss_before = _peak_rss_mb()
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     t, cpu = time.perf_counter(), time.process_time()
-    res = explain_model(ctx["model_uri"], data, target_column="default", config=config, quiet=True)
+    res = explain_model(ctx["model_uri"], str(data), target_column="default", config=config, quiet=True)
     stage_s, stage_cpu = time.perf_counter() - t, time.process_time() - cpu
+    if profiler is not None:
+        import io
+        import pstats
+
+        profiler.disable()
+        buf = io.StringIO()
+        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
+        sys.stderr.write(buf.getvalue())
     rss_stage = _peak_rss_mb()
     del res.state
 
@@ -117,8 +145,10 @@ def child(args: argparse.Namespace) -> None:
             model(x)
             infer_s += time.perf_counter() - t
     tm = res.timings
+    if args.engine == "spark":
+        session.stop()
     print(json.dumps({
-        "rows": args.rows, "modes": args.modes, "batch_size": args.batch_size,
+        "engine": args.engine, "rows": args.rows, "modes": args.modes, "batch_size": args.batch_size,
         "stage_s": stage_s, "stage_cpu_s": stage_cpu, "stage_rows_per_s": args.rows / stage_s,
         "inference_rows_per_s": args.rows / infer_s, "ratio_to_inference": infer_s / stage_s,
         "peak_rss_mb_before_stage": rss_before, "peak_rss_mb": rss_stage,
@@ -139,6 +169,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--cpu-threads", type=int, nargs="*", default=[1],
                    help="torch intra-op threads for the stage and the inference (0 = torch's default).")
+    p.add_argument("--spark-rows", type=int, nargs="*", default=[],
+                   help="Also run the Spark engine at these sizes (see the module docstring).")
+    p.add_argument("--spark-master", default="local[2]")
+    p.add_argument("--profile", action="store_true", help="cProfile the streaming stage (see the docstring).")
+    p.add_argument("--engine", default="local", help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="Also write the results to this file.")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--context", default="", help=argparse.SUPPRESS)
@@ -151,17 +186,34 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as tmp:
         work = Path(tmp)
-        ctx = prepare(work, sorted(set(args.rows)), args.n_train, args.epochs)
-        for threads, n in [(t, n) for t in args.cpu_threads for n in args.rows]:
+        ctx = prepare(work, sorted(set(args.rows) | set(args.spark_rows)), args.n_train, args.epochs)
+        runs = [("local", t, n) for t in args.cpu_threads for n in args.rows]
+        runs += [("spark", args.cpu_threads[0], n) for n in args.spark_rows]
+        for engine, threads, n in runs:
             cmd = [sys.executable, __file__, "--child", "--rows", str(n), "--batch-size", str(args.batch_size),
                    "--modes", args.modes, "--context", json.dumps(ctx), "--workdir", str(work),
-                   "--cpu-threads", str(threads)]
+                   "--cpu-threads", str(threads), "--engine", engine, "--spark-master", args.spark_master]
+            if args.profile and engine == "local":
+                cmd.append("--profile")
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 sys.stderr.write(out.stderr[-4000:])
                 raise SystemExit(f"benchmark child for {n} rows failed")
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(res)
+            if args.profile and engine == "local":
+                start = out.stderr.find("Ordered by")
+                print(out.stderr[start:] if start >= 0 else out.stderr[-6000:], flush=True)
+            if engine == "spark":
+                same = [r for r in results if r["engine"] == "local" and r["rows"] == n]
+                ratio = (f" | {res['stage_rows_per_s'] / same[0]['stage_rows_per_s']:.2f}x the streaming path"
+                         if same else "")
+                print(f"spark {args.spark_master} | {n:>9,} rows | stage {res['stage_rows_per_s']:>8,.0f} rows/s "
+                      f"({res['stage_s']:.1f} s) | explain (executors) "
+                      f"{n / res['steps_s']['explain']:>8,.0f} rows/s{ratio} | load {res['load_average'][0]:.1f}",
+                      flush=True)
+                print(f"    wall s {res['steps_s']}", flush=True)
+                continue
             print(f"threads {res['torch_threads']} | {n:>9,} rows | stage {res['stage_rows_per_s']:>8,.0f} rows/s "
                   f"({res['stage_s']:.1f} s, CPU {res['stage_cpu_s']:.1f} s) | inference "
                   f"{res['inference_rows_per_s']:>10,.0f} rows/s | ratio {res['ratio_to_inference']:.4f} | "
@@ -170,6 +222,7 @@ def main() -> None:
             print(f"    wall s {res['steps_s']}", flush=True)
             print(f"    main-thread CPU us/row {res['cpu_us_per_row']}; contract thread CPU us/row "
                   f"{res['contract_cpu_us_per_row']}", flush=True)
+    results_all, results = results, [r for r in results if r["engine"] == "local"]
     for threads in args.cpu_threads:
         mine = [r for r in results if r["torch_threads"] == (threads or r["torch_threads"])]
         if len(mine) > 1:
@@ -182,7 +235,7 @@ def main() -> None:
     print(f"target {TARGET_ROWS_PER_S:,} rows/s: {verdict} it at {best['rows']:,} rows "
           f"({best['stage_rows_per_s']:,.0f} rows/s, modes {args.modes})")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        Path(args.json).write_text(json.dumps(results_all, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

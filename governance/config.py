@@ -66,6 +66,21 @@ class DriftConfig:
 
 
 @dataclass
+class SparkConfig:
+    """The Apache Spark engine (``engine: spark``): the session's master and extra Spark settings,
+    how many partitions the rows are explained in (None: as Spark reads them), and where Spark
+    writes the per-sample outputs when they are too large to log (None: logged to the run)."""
+
+    master: str | None = None
+    conf: dict[str, Any] = field(default_factory=dict)
+    partitions: int | None = None
+    output_uri: str | None = None
+
+
+ENGINES = ("local", "spark")
+
+
+@dataclass
 class GovernanceConfig:
     """The whole configuration (sections as in docs/contracts.md)."""
 
@@ -91,6 +106,8 @@ class GovernanceConfig:
     model_card: dict[str, Any] = field(default_factory=dict)
     allow_pickle: bool = False
     inputs: dict[str, Any] | None = None
+    engine: str = "local"
+    spark: SparkConfig = field(default_factory=SparkConfig)
     configured: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +211,18 @@ class GovernanceConfig:
         for name in ("report", "model_card"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name}: must be a mapping")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine: '{self.engine}' is not one of {', '.join(ENGINES)}")
+        sp = self.spark
+        if sp.master is not None and not isinstance(sp.master, str):
+            raise ConfigError(f"spark.master: must be a Spark master URL such as local[2], got {sp.master!r}")
+        if not isinstance(sp.conf, dict):
+            raise ConfigError("spark.conf: must map Spark settings to values, e.g. {spark.executor.memory: 4g}")
+        if sp.partitions is not None and (not isinstance(sp.partitions, int) or isinstance(sp.partitions, bool)
+                                          or sp.partitions < 1):
+            raise ConfigError(f"spark.partitions: must be a positive integer or null, got {sp.partitions!r}")
+        if sp.output_uri is not None and not isinstance(sp.output_uri, str):
+            raise ConfigError(f"spark.output_uri: must be a path or URI, got {sp.output_uri!r}")
         return self
 
     def _validate_drift(self) -> None:
@@ -215,7 +244,7 @@ class GovernanceConfig:
 
 
 _SECTIONS = {"reason_codes": ReasonCodesConfig, "quality": QualityConfig, "aggregation": AggregationConfig,
-             "drift": DriftConfig}
+             "drift": DriftConfig, "spark": SparkConfig}
 
 
 def _build_section(name: str, cls: type, value: Any) -> Any:
@@ -292,7 +321,7 @@ def config_from_dict(data: dict[str, Any] | None, *, settings: list[str] | tuple
         if not isinstance(current, cls):
             data[name] = _build_section(name, cls, current)
     for key in ("gates", "report", "model_card", "task", "modes", "primary_mode", "batch_size",
-                "multiplier", "device", "allow_pickle"):
+                "multiplier", "device", "allow_pickle", "engine"):
         if data.get(key) is None and key in data:
             del data[key]
     try:

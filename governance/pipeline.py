@@ -318,6 +318,14 @@ def _log_explanation(rid: str, p: _Prepared, stage: Any, gi: dict, metrics: dict
 # ----------------------------------------------------------------------------- the stage
 
 
+def _on_spark(data: Any, config: Any, overrides: Mapping[str, Any]) -> bool:
+    """Whether the stage runs on Spark (``governance.stage.spark``): ``engine: spark``, or a
+    Spark DataFrame as the data."""
+    if type(data).__module__.startswith("pyspark.sql"):
+        return True
+    return _resolve_config(config, overrides).engine == "spark"
+
+
 def explain_model(
     model: Any,
     data: str | Path | pd.DataFrame | LoadedData,
@@ -334,12 +342,18 @@ def explain_model(
 
     ``model``: an MLflow model URI, a :class:`governance.tracking.ModelHandle` or a torch module.
     ``data``: a parquet/CSV file or a folder of them, ``mlflow-dataset:<run-id>/<name>`` or a
-    DataFrame. ``overrides`` are config keys (``target_column``, ``modes``, ``primary_mode``,
+    DataFrame; with ``engine: spark`` a parquet path or folder (any Hadoop URI),
+    ``spark-table:<db.table>`` or a Spark DataFrame (``governance.stage.spark``). ``overrides`` are config keys (``target_column``, ``modes``, ``primary_mode``,
     ``batch_size``, ``device``, ``id_column``, ...). Raises :class:`ContractViolation` when the
     data breaks its contract.
     """
     from governance import tracking
 
+    if _on_spark(data, config, overrides):
+        from governance.stage.spark import explain_spark
+
+        return explain_spark(model, data, config=config, run_id=run_id, experiment_name=experiment_name,
+                             quiet=quiet, log=log, ground_truth=ground_truth, **overrides)
     t0 = time.perf_counter()
     p = _prepare(model, data, config, overrides)
     cfg, handle, plan = p.cfg, p.handle, p.plan

@@ -20,7 +20,8 @@ from governance.tasks import MODES, TASKS
               "models:/name@alias, models:/m-<id> (PyTorch flavour; pt2, or a pickle with --allow-pickle).")
 @click.option("--data", "data", required=True,
               help="Parquet or CSV file, a folder of parquet files (Spark, pyarrow), an artifact URI "
-                   "(runs:/, mlflow-artifacts:/, models:/...) or mlflow-dataset:<run-id>/<name>.")
+                   "(runs:/, mlflow-artifacts:/, models:/...) or mlflow-dataset:<run-id>/<name>; with --engine spark a "
+                   "parquet path or folder (any Hadoop URI) or spark-table:<db.table>.")
 @click.option("--target-column", default=None, help="Label column (not a feature).")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="governance.yaml; command-line options override it.")
@@ -38,6 +39,9 @@ from governance.tasks import MODES, TASKS
 @click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]), help="Where the model runs.")
 @click.option("--allow-pickle", is_flag=True, default=None,
               help="Load a model stored as a pickle (runs the code it contains: only for models you trust).")
+@click.option("--engine", default=None, type=click.Choice(["local", "spark"]),
+              help="Where the stage runs: local (streaming, default) or spark (spark.master, spark.conf "
+                   "in the config; --data a parquet path/folder or spark-table:<db.table>).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Any configuration key, e.g. --set reason_codes.top_n=3 --set quality.enabled=false "
                    "--set 'inputs.numeric=[a, b]'. Repeatable.")
@@ -46,7 +50,7 @@ def explain_command(model_uri: str, data: str, target_column: str | None, config
                     experiment_name: str | None, run_id: str | None, task: str | None,
                     feature_columns: str | None, batch_size: int | None, modes: str | None,
                     primary_mode: str | None, device: str | None, allow_pickle: bool | None,
-                    settings: tuple[str, ...], quiet: bool) -> None:
+                    engine: str | None, settings: tuple[str, ...], quiet: bool) -> None:
     """Explain a model on validation data and log the evidence to MLflow; prints the run id last."""
     from mlflow.exceptions import MlflowException
 
@@ -58,7 +62,8 @@ def explain_command(model_uri: str, data: str, target_column: str | None, config
     try:
         given = user_settings(config_path, settings, target_column=target_column, task=task,
                               feature_columns=feature_columns, batch_size=batch_size, modes=modes,
-                              primary_mode=primary_mode, device=device, allow_pickle=allow_pickle)
+                              primary_mode=primary_mode, device=device, allow_pickle=allow_pickle,
+                              engine=engine)
         cfg = config_from_dict(given)
         handle = load_model(model_uri, device=cfg.device, allow_pickle=cfg.allow_pickle)
         result = explain_model(handle, data, config=given, run_id=run_id, experiment_name=experiment_name,

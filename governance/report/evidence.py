@@ -127,11 +127,25 @@ def _read_json(path: Path) -> Any:
         raise ReportError(f"{path.name} is not valid JSON: {exc}") from exc
 
 
+def parquet_parts(path: Path) -> list[Path]:
+    """The parquet file(s) of a per-sample output: the file itself, or the part files of a folder
+    with that name (as Spark writes it; bookkeeping files such as ``_SUCCESS`` skipped), sorted."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.rglob("*.parquet")
+                  if p.is_file() and not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts))
+
+
 def _read_parquet(path: Path) -> pd.DataFrame | None:
-    """A parquet table, or None when absent."""
-    if not path.is_file():
+    """A parquet table (a file or a folder of parts), or None when absent."""
+    parts = parquet_parts(path)
+    if not parts:
         return None
-    return pd.read_parquet(path)
+    if len(parts) == 1:
+        return pd.read_parquet(parts[0])
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
 
 
 #: Rows of local_relevance.parquet read for the distribution views (evenly spaced, deterministic).
@@ -145,12 +159,13 @@ _META_COLUMNS = ("sample_id", "id", "sample", "row", "index", "prediction", "pre
 def _read_local_relevance(path: Path, ranked_features: list[str]) -> pd.DataFrame | None:
     """Local relevance, bounded: at most ``MAX_LOCAL_ROWS`` evenly spaced rows; when the file
     stores each row's L1 norm (``relevance_l1``) only the top ``MAX_LOCAL_FEATURES`` features."""
-    if not path.is_file():
+    paths = parquet_parts(path)
+    if not paths:
         return None
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
+    files = [pq.ParquetFile(p) for p in paths]
+    names = files[0].schema_arrow.names
     if "relevance_l1" in names:
         wanted = [c for c in names if c in _META_COLUMNS]
         for f in ranked_features[:MAX_LOCAL_FEATURES]:
@@ -160,10 +175,10 @@ def _read_local_relevance(path: Path, ranked_features: list[str]) -> pd.DataFram
                     break
     else:
         wanted = names
-    n = pf.metadata.num_rows
+    n = sum(pf.metadata.num_rows for pf in files)
     step = max(1, -(-n // MAX_LOCAL_ROWS))
     parts, seen = [], 0
-    for batch in pf.iter_batches(columns=wanted, batch_size=65536):
+    for batch in (b for pf in files for b in pf.iter_batches(columns=wanted, batch_size=65536)):
         frame = batch.to_pandas()
         import numpy as np
 

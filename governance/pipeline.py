@@ -26,12 +26,12 @@ from governance.modality import get_modality
 from governance.modality.base import Modality, ModalityPlan
 from governance.modality.tabular import RESERVED_COLUMNS
 from governance.model_summary import model_summary
+from governance.signals import Interrupted, interruptible
 from governance.stage.batch import Explainer, StageError, torch_threads
 from governance.stage.documents import documents
 from governance.stage.runner import frozen_gc, run_stream
 from governance.stage.state import StageSettings, StageState
 from governance.stage.writers import json_safe, write_documents, write_json, write_plots
-from governance.signals import Interrupted, interruptible
 from governance.validation import ContractRun, ContractViolation, ValidationOutcome
 from governance.workdirs import clean_stale
 
@@ -217,13 +217,7 @@ def _validate_data(model: Any, data: Any, *, config: Any, run_id: str | None, ex
                               cell_budget=p.cfg.contract_block_cells, independent=p.plan.independent,
                               notes=p.plan.notes).run()
     p.table.check_unchanged()
-    try:
-        rid, created = tracking.resolve_run(run_id, experiment_name, "governance-validate") if log else (None, False)
-        if log:
-            tracking.claim_run(rid, created)
-    except BaseException:
-        p.table.close()
-        raise
+    rid, created = _open_run(p, log, run_id, experiment_name, "governance-validate")
     ok = False
     try:
         if log:
@@ -287,6 +281,26 @@ def _mark_failed(rid: str | None) -> None:
             pass
 
 
+def _open_run(p: _Prepared, log: bool, run_id: str | None, experiment_name: str | None,
+              run_name: str) -> tuple[str | None, bool]:
+    """The run to log into, claimed for this process (``tracking.claim_run``); (None, False) when
+    not logging. On failure the table is closed and a run just created is ended; a refused run
+    is left exactly as it was."""
+    from governance import tracking
+
+    rid, created = None, False
+    try:
+        if log:
+            rid, created = tracking.resolve_run(run_id, experiment_name, run_name)
+            tracking.claim_run(rid, created)
+    except BaseException:
+        p.table.close()
+        if created:
+            _release(rid, created, False)
+        raise
+    return rid, created
+
+
 def _release(rid: str | None, created: bool, ok: bool) -> None:
     """Drop this process's claim on the run and end a run the stage created."""
     from governance import tracking
@@ -340,13 +354,7 @@ def _explain_model(
     p = _prepare(model, data, config, overrides)
     cfg, handle, plan = p.cfg, p.handle, p.plan
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
-    try:
-        rid, created = (tracking.resolve_run(run_id, experiment_name) if log else (None, False))
-        if log:
-            tracking.claim_run(rid, created)  # a refused run is left exactly as it was
-    except BaseException:
-        p.table.close()
-        raise
+    rid, created = _open_run(p, log, run_id, experiment_name, "governance-explain")
     ok = False
     try:
         explainer = Explainer.from_config(handle.model, cfg)

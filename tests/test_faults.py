@@ -316,3 +316,27 @@ def test_unknown_run_id_is_one_line(credit_store, tmp_path: Path) -> None:
     assert res.output.startswith(f"error: --run-id {'0' * 32}: no such run at ")
     assert res.output.strip().endswith("leave out --run-id to log into a new run")
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_a_second_signal_during_clean_up_ends_the_process_and_own_handlers_are_kept() -> None:
+    """Real signals in a real process: the first raises Interrupted (exit code 143), a second one
+    while cleaning up ends the process the default way; a handler the program set is not replaced
+    and every handler is restored on leaving."""
+    code = ("import signal\n"
+            "from governance.signals import Interrupted, interruptible\n"
+            "seen = []\n"
+            "signal.signal(signal.SIGHUP, lambda s, f: seen.append(s))\n"
+            "with interruptible():\n"
+            "    signal.raise_signal(signal.SIGHUP)\n"
+            "    print('own handler kept', seen == [signal.SIGHUP], flush=True)\n"
+            "print('restored', signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, flush=True)\n"
+            "with interruptible():\n"
+            "    try:\n"
+            "        signal.raise_signal(signal.SIGTERM)\n"
+            "    except Interrupted as exc:\n"
+            "        print('first', exc.name, exc.exit_code, flush=True)\n"
+            "        signal.raise_signal(signal.SIGTERM)\n"
+            "        print('survived the second', flush=True)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == -signal.SIGTERM, res.stderr
+    assert res.stdout.splitlines() == ["own handler kept True", "restored True", "first SIGTERM 143"]

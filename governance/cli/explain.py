@@ -50,7 +50,7 @@ def explain_command(model_uri: str, data: str, target_column: str | None, config
     """Explain a model on validation data and log the evidence to MLflow; prints the run id last.
 
     Exit codes: 0 done, 1 input/model, 2 data contract, 3 policy, 128+N stopped by signal N
-    (130 SIGINT, 143 SIGTERM); every failure is one ``error: ...`` line on stderr."""
+    (130 SIGINT, 143 SIGTERM); every failure is one "error: ..." line on stderr."""
     from governance.cli.failures import handled
     from governance.config import config_from_dict, user_settings
     from governance.pipeline import explain_model

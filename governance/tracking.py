@@ -198,6 +198,11 @@ def load_model(model_uri: str, device: str = "cpu", *, allow_pickle: bool = Fals
                                     "with --allow-pickle (config allow_pickle: true)") from exc
             raise ModelLoadError(f"model URI '{model_uri}' could not be loaded: {_reason(exc)}") from exc
     if device != "cpu" and hasattr(model, "to"):
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelLoadError(f"device '{device}' was asked for but torch sees no CUDA device; "
+                                 "use --device cpu")
         model = model.to(device)
     try:
         model.eval()

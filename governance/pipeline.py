@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from governance.config import GovernanceConfig, config_from_dict, load_config
-from governance.data import DataLoadError, DatasetRecord, LoadedData, TableSource
+from governance.data import DatasetRecord, LoadedData, TableSource
 from governance.modality import get_modality
 from governance.modality.base import Modality, ModalityPlan
 from governance.modality.tabular import RESERVED_COLUMNS
@@ -212,7 +212,6 @@ def _validate_data(model: Any, data: Any, *, config: Any, run_id: str | None, ex
     from governance import tracking
 
     p = _prepare(model, data, config, overrides)
-    _check_target(p)
     with frozen_gc():
         outcome = ContractRun(p.table, p.plan.expectations, contract_source=p.plan.contract_source,
                               cell_budget=p.cfg.contract_block_cells, independent=p.plan.independent,
@@ -280,20 +279,6 @@ def _mark_failed(rid: str | None) -> None:
             tracking.set_tags(rid, {"status": "failed"})
         except Exception:
             pass
-
-
-def _check_target(p: _Prepared) -> None:
-    """A ``target_column`` the data does not have is an error naming it (else the label would be
-    fed to the model as a feature, or silently missing from the contract). A table without any
-    column (an empty file) is left to the data contract, which reports it."""
-    target = p.cfg.target_column
-    columns = p.table.columns
-    if target and columns and target not in columns:
-        p.table.close()
-        shown = ", ".join(columns[:12]) + (f", ... ({len(columns)} columns)" if len(columns) > 12 else "")
-        raise DataLoadError(f"target column '{target}' (--target-column) is not a column of {p.table.source} "
-                            f"(columns: {shown}); give the label column's name, or leave --target-column out "
-                            "if the data has none")
 
 
 def _open_run(p: _Prepared, log: bool, run_id: str | None, experiment_name: str | None,
@@ -367,7 +352,6 @@ def _explain_model(
 
     t0 = time.perf_counter()
     p = _prepare(model, data, config, overrides)
-    _check_target(p)
     cfg, handle, plan = p.cfg, p.handle, p.plan
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
     rid, created = _open_run(p, log, run_id, experiment_name, "governance-explain")

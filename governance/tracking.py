@@ -440,7 +440,7 @@ def resolve_run(run_id: str | None = None, experiment_name: str | None = None,
             client().get_run(run_id)
         except MlflowException as exc:
             raise InputError(f"--run-id {run_id}: no such run at {mlflow.get_tracking_uri()} "
-                             f"({_reason(exc)}); leave out --run-id to log into a new run") from exc
+                             f"(MLflow: {_reason(exc)}); leave out --run-id to log into a new run") from exc
         return run_id, False
     env = os.environ.get("MLFLOW_RUN_ID")
     if env:

@@ -194,7 +194,7 @@ def test_missing_model_uri_fails_clearly(credit_store, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "data file not found" in result.output
     result = CliRunner().invoke(cli, ["explain", "--model-uri", credit_store.runs_uri, "--data", str(data),
                                       "--run-id", "0" * 32, "--quiet"])
-    assert result.exit_code == 1 and f"error: --run-id {'0' * 32}: no such run" in result.output
+    assert result.exit_code == 1 and "MLflow:" in result.output and "0" * 32 in result.output
 
 
 def test_cli_prints_the_run_id_last_and_honours_mlflow_run_id(credit_store, tmp_path: Path, monkeypatch) -> None:

@@ -23,7 +23,7 @@ from governance.aggregate import (
     l1_normalise,
     top_reasons,
 )
-from governance.errors import GovernanceError, InputError
+from governance.errors import InputError
 from governance.modality.base import InputBatch, Modality, ModalityPlan
 from governance.stage.keys import sample_keys
 
@@ -215,14 +215,8 @@ class Explainer:
         import torch
 
         x = modality.to_model(batch.inputs, self.device)
-        try:
-            with torch.no_grad():
-                out = self.model(**x) if isinstance(x, dict) else self.model(x)
-        except GovernanceError:
-            raise
-        except (RuntimeError, AssertionError, TypeError, ValueError, IndexError) as exc:
-            raise StageError(f"the model rejected the data's first rows ({_described(x)}): {_first_line(exc)}; "
-                             "check --feature-columns and --target-column") from exc
+        with torch.no_grad():
+            out = self.model(**x) if isinstance(x, dict) else self.model(x)
         if hasattr(out, "logits"):
             out = out.logits
         elif isinstance(out, (tuple, list)):
@@ -240,18 +234,6 @@ class Explainer:
                 raise StageError(f"the model rejected the input batch ({exc}); check feature_columns and "
                                  "target_column") from exc
             raise
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _described(x: Any) -> str:
-    """``input of shape (256, 79)`` / ``inputs a: (256, 3), b: (256, 7)`` for an error message."""
-    if isinstance(x, dict):
-        return "inputs " + ", ".join(f"{k}: {tuple(getattr(v, 'shape', ()))}" for k, v in x.items())
-    return f"input of shape {tuple(getattr(x, 'shape', ()))}"
 
 
 def explain_batch(explainer: Explainer, modality: Modality, plan: ModalityPlan, batch: InputBatch) -> BatchResult:

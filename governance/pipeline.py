@@ -26,6 +26,7 @@ from governance.modality import get_modality
 from governance.modality.base import Modality, ModalityPlan
 from governance.modality.tabular import RESERVED_COLUMNS
 from governance.model_summary import model_summary
+from governance.signals import Interrupted, interruptible
 from governance.stage.batch import Explainer, StageError, torch_threads
 from governance.stage.documents import documents
 from governance.stage.runner import frozen_gc, run_stream
@@ -33,6 +34,7 @@ from governance.stage.state import StageSettings, StageState
 from governance.stage.writers import json_safe, write_documents, write_json, write_plots
 from governance.task_inference import TaskDecision
 from governance.validation import ContractRun, ContractViolation, ValidationOutcome
+from governance.workdirs import clean_stale
 
 __all__ = ["explain_model", "validate_data", "StageResult", "StageError", "ContractViolation", "json_safe",
            "write_json", "RESERVED_COLUMNS"]
@@ -262,7 +264,15 @@ def validate_data(
     experiment_name: str | None = None, log: bool = True, **overrides: Any,
 ) -> ValidationOutcome:
     """Only the data contract (the ``validate`` pipeline step): check, log the result, and raise
-    :class:`ContractViolation` when it fails."""
+    :class:`ContractViolation` when it fails. Faults as in :func:`explain_model`."""
+    with interruptible():
+        _clean_stale()
+        return _validate_data(model, data, config=config, run_id=run_id, experiment_name=experiment_name,
+                              log=log, **overrides)
+
+
+def _validate_data(model: Any, data: Any, *, config: Any, run_id: str | None, experiment_name: str | None,
+                   log: bool, **overrides: Any) -> ValidationOutcome:
     from governance import tracking
 
     p = _prepare(model, data, config, overrides)
@@ -271,18 +281,22 @@ def validate_data(
                               cell_budget=p.cfg.contract_block_cells, independent=p.plan.independent,
                               notes=p.plan.notes).run()
     p.table.check_unchanged()
-    rid, created = tracking.resolve_run(run_id, experiment_name, "governance-validate") if log else (None, False)
+    rid, created = _open_run(p, log, run_id, experiment_name, "governance-validate")
+    ok = False
     try:
         if log:
             with tracking.StagingArea() as first:
                 _log_validation(rid, p, outcome, first)
         if not outcome.success:
             raise ContractViolation(outcome)
+        ok = True
         return outcome
+    except BaseException:
+        _mark_failed(rid)
+        raise
     finally:
         p.table.close()
-        if created:
-            tracking.finish_run(rid, outcome.success)
+        _release(rid, created, ok)
 
 
 def _log_explanation(rid: str, p: _Prepared, stage: Any, gi: dict, metrics: dict[str, float],
@@ -326,6 +340,54 @@ def _on_spark(data: Any, config: Any, overrides: Mapping[str, Any]) -> bool:
     return _resolve_config(config, overrides).engine == "spark"
 
 
+def _clean_stale() -> None:
+    """Remove the folders killed processes left (``governance.workdirs``), saying so on stderr."""
+    for path in clean_stale():
+        print(f"note: removed {path}, left by an mlflow-governance process that is gone", file=sys.stderr)
+
+
+def _mark_failed(rid: str | None) -> None:
+    """Tag ``governance.status=failed`` (best effort: the original error is what the user sees)."""
+    from governance import tracking
+
+    if rid is not None:
+        try:
+            tracking.set_tags(rid, {"status": "failed"})
+        except Exception:
+            pass
+
+
+def _open_run(p: _Prepared, log: bool, run_id: str | None, experiment_name: str | None,
+              run_name: str) -> tuple[str | None, bool]:
+    """The run to log into, claimed for this process (``tracking.claim_run``); (None, False) when
+    not logging. On failure the table is closed and a run just created is ended; a refused run
+    is left exactly as it was."""
+    from governance import tracking
+
+    rid, created = None, False
+    try:
+        if log:
+            rid, created = tracking.resolve_run(run_id, experiment_name, run_name)
+            tracking.claim_run(rid, created)
+    except BaseException:
+        p.table.close()
+        if created:
+            _release(rid, created, False)
+        raise
+    return rid, created
+
+
+def _release(rid: str | None, created: bool, ok: bool) -> None:
+    """Drop this process's claim on the run and end a run the stage created."""
+    from governance import tracking
+
+    if rid is None:
+        return
+    tracking.release_run(rid)
+    if created:
+        tracking.finish_run(rid, ok)
+
+
 def explain_model(
     model: Any,
     data: str | Path | pd.DataFrame | LoadedData,
@@ -346,7 +408,23 @@ def explain_model(
     ``spark-table:<db.table>`` or a Spark DataFrame (``governance.stage.spark``). ``overrides`` are config keys (``target_column``, ``modes``, ``primary_mode``,
     ``batch_size``, ``device``, ``id_column``, ...). Raises :class:`ContractViolation` when the
     data breaks its contract.
+
+    Faults: the run must not hold governance evidence already nor be claimed by another process
+    (``tracking.claim_run``, :class:`governance.tracking.RunNotReusable`). On any error, and on
+    SIGTERM / SIGINT / SIGHUP (raised as :class:`governance.signals.Interrupted`), the run is
+    tagged ``governance.status=failed``, a run the stage created ends FAILED and the staging
+    folders are removed; folders a killed process left are removed at the next start.
     """
+    with interruptible():
+        _clean_stale()
+        return _explain_model(model, data, config=config, run_id=run_id, experiment_name=experiment_name,
+                              quiet=quiet, log=log, ground_truth=ground_truth, **overrides)
+
+
+def _explain_model(
+    model: Any, data: Any, *, config: Any, run_id: str | None, experiment_name: str | None, quiet: bool,
+    log: bool, ground_truth: Any, **overrides: Any,
+) -> StageResult:
     from governance import tracking
 
     if _on_spark(data, config, overrides):
@@ -358,7 +436,7 @@ def explain_model(
     p = _prepare(model, data, config, overrides)
     cfg, handle, plan = p.cfg, p.handle, p.plan
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
-    rid, created = (tracking.resolve_run(run_id, experiment_name) if log else (None, False))
+    rid, created = _open_run(p, log, run_id, experiment_name, "governance-explain")
     ok = False
     try:
         explainer = Explainer.from_config(handle.model, cfg)
@@ -422,14 +500,11 @@ def explain_model(
             global_importance=gi, layer_ranking=docs.layer_ranking, stability=stab, quality=quality,
             gates=gates, metrics=metrics, timings=timings, quality_note=note, state=state,
         )
-    except BaseException:
-        if log and rid is not None:
-            try:
-                tracking.set_tags(rid, {"status": "failed"})
-            except Exception:
-                pass
+    except BaseException as exc:
+        _mark_failed(rid)
+        if isinstance(exc, Interrupted):
+            exc.run_id = rid
         raise
     finally:
         p.table.close()
-        if created and rid is not None:
-            tracking.finish_run(rid, ok)
+        _release(rid, created, ok)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+
+from governance.workdirs import make_owned_dir
 
 DATASET_PREFIX = "mlflow-dataset:"
 DOWNLOAD_PREFIX = "governance-data-"
@@ -140,13 +141,13 @@ def _download(uri: str, display: str, name: str | None, tracking_uri: str | None
     """Download an artifact URI through MLflow into a fresh temp folder (removed by cleanup)."""
     import mlflow
 
-    tmp = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX))
+    tmp = make_owned_dir(DOWNLOAD_PREFIX)  # one a killed process leaves is removed at the next start
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=tracking_uri)
         return _local(Path(local), display, name or _uri_name(uri), uri, tmp)
-    except Exception as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if type(exc).__name__ == "DataLoadError":
+        if not isinstance(exc, Exception) or type(exc).__name__ == "DataLoadError":
             raise
         reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         raise _error(f"could not download '{display}' through MLflow: {reason.splitlines()[0]}") from exc

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -18,9 +17,12 @@ from typing import Any, Iterator, Mapping
 import mlflow
 import pandas as pd
 from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from governance.errors import InputError
+from governance.owner import ALIVE, DEAD, Owner
+from governance.workdirs import make_owned_dir, owned_tempdir, remove_owned
 
 ARTIFACT_ROOT = "governance"
 TAG_PREFIX = "governance."
@@ -173,9 +175,9 @@ def load_model(model_uri: str, device: str = "cpu", *, allow_pickle: bool = Fals
     import mlflow.pytorch
     from mlflow.models import Model
 
-    with tempfile.TemporaryDirectory(prefix="governance-model-") as tmp:
+    with owned_tempdir("governance-model-") as tmp:
         try:  # downloading runs nothing; the MLmodel file and the files are read before any load
-            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp))
             meta = Model.load(local)
         except Exception as exc:
             raise ModelLoadError(f"model URI '{model_uri}' could not be resolved: {_reason(exc)}") from exc
@@ -196,6 +198,11 @@ def load_model(model_uri: str, device: str = "cpu", *, allow_pickle: bool = Fals
                                     "with --allow-pickle (config allow_pickle: true)") from exc
             raise ModelLoadError(f"model URI '{model_uri}' could not be loaded: {_reason(exc)}") from exc
     if device != "cpu" and hasattr(model, "to"):
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelLoadError(f"device '{device}' was asked for but torch sees no CUDA device; "
+                                 "use --device cpu")
         model = model.to(device)
     try:
         model.eval()
@@ -429,7 +436,11 @@ def resolve_run(run_id: str | None = None, experiment_name: str | None = None,
     """The run to log into: ``run_id``, else ``MLFLOW_RUN_ID``, else the active run, else a new
     run in ``experiment_name`` (or ``MLFLOW_EXPERIMENT_ID`` / the default). Returns (id, created)."""
     if run_id:
-        client().get_run(run_id)  # fail early on a wrong id
+        try:  # fail early on a wrong id
+            client().get_run(run_id)
+        except MlflowException as exc:
+            raise InputError(f"--run-id {run_id}: no such run at {mlflow.get_tracking_uri()} "
+                             f"(MLflow: {_reason(exc)}); leave out --run-id to log into a new run") from exc
         return run_id, False
     env = os.environ.get("MLFLOW_RUN_ID")
     if env:
@@ -447,6 +458,86 @@ def resolve_run(run_id: str | None = None, experiment_name: str | None = None,
         exp_id = _get_experiment_id() or "0"
     run = c.create_run(exp_id, run_name=run_name, tags={"mlflow.source.name": "mlflow-governance"})
     return run.info.run_id, True
+
+
+class RunNotReusable(InputError):
+    """The run holds governance evidence already, or another mlflow-governance process is (or was,
+    until it was killed) working in it: explaining into it would mix two datasets in one run."""
+
+
+OWNER_TAGS = {"host": TAG_PREFIX + "owner_host", "pid": TAG_PREFIX + "owner_pid",
+              "start": TAG_PREFIX + "owner_start"}
+#: ``governance.status`` values that mean the run holds a complete explanation.
+EVIDENCE_STATUSES = ("explained", "reported")
+_NEW_RUN = "explain into a new run (leave out --run-id and MLFLOW_RUN_ID)"
+
+
+def run_owner(tags: Mapping[str, str]) -> Owner | None:
+    """The process recorded as working in a run (``governance.owner_*`` tags), None if none."""
+    if OWNER_TAGS["pid"] not in tags:
+        return None
+    return Owner.from_mapping({k: tags.get(tag) for k, tag in OWNER_TAGS.items()})
+
+
+def _refusal(run: Any, me: Owner) -> str | None:
+    """Why the stage must not work in ``run`` (one line), None when it may."""
+    rid, tags = run.info.run_id, run.data.tags
+    owner = run_owner(tags)
+    if owner is not None and owner != me:
+        state = owner.state()
+        if state == ALIVE:
+            return (f"run {rid} is in use by another mlflow-governance process ({owner.describe()}): "
+                    f"wait for it to finish, or {_NEW_RUN}")
+        if state != DEAD:
+            return (f"run {rid} is claimed by an mlflow-governance process on another host "
+                    f"({owner.describe()}) that cannot be checked from here: {_NEW_RUN}")
+        marked = ""
+        if run.info.status == "RUNNING" and tags.get("mlflow.source.name") == "mlflow-governance":
+            client().set_terminated(rid, "FAILED")  # a run the dead process created: nobody else ends it
+            set_tags(rid, {"status": "failed"})
+            marked = " (this tool created it: now marked FAILED)"
+        return (f"run {rid} was being explained by an mlflow-governance process that is gone "
+                f"({owner.describe()}, killed?), so its evidence is incomplete{marked}: {_NEW_RUN}")
+    status = tags.get(TAG_PREFIX + "status")
+    if status in EVIDENCE_STATUSES:
+        return (f"run {rid} already holds governance evidence (governance.status={status}): {_NEW_RUN} "
+                "rather than mixing two datasets in one run")
+    if status == "failed":
+        return (f"run {rid} holds a failed governance attempt (governance.status=failed): {_NEW_RUN} "
+                "and keep this one as the record of the failure")
+    if client().list_artifacts(rid, ARTIFACT_ROOT):
+        return (f"run {rid} already holds governance evidence (artifacts under {ARTIFACT_ROOT}/): {_NEW_RUN} "
+                "rather than mixing two datasets in one run")
+    return None
+
+
+def claim_run(run_id: str, created: bool) -> None:
+    """Record this process as the one working in ``run_id`` (``governance.owner_host/pid/start``
+    tags), after refusing with :class:`RunNotReusable` a run that the stage did not just create
+    and that holds governance evidence (``governance.status`` explained/reported, a failed attempt
+    (``failed``), or any artifact under ``governance/``) or carries the claim of another process (alive, on another host, or
+    gone: killed mid-way; a RUNNING run it created is then marked FAILED). A run someone else
+    created and keeps RUNNING (``mlflow run``, a notebook's active run) is fine."""
+    me = Owner.current()
+    if not created:
+        why = _refusal(client().get_run(run_id), me)
+        if why is not None:
+            raise RunNotReusable(why)
+    set_tags(run_id, {OWNER_TAGS["host"]: me.host, OWNER_TAGS["pid"]: me.pid, OWNER_TAGS["start"]: me.start})
+    if run_owner(client().get_run(run_id).data.tags) != me:  # another process claimed it at the same time
+        raise RunNotReusable(f"run {run_id} was claimed by another mlflow-governance process just now: {_NEW_RUN}")
+
+
+def release_run(run_id: str) -> None:
+    """Remove this process's claim on ``run_id`` (the stage has finished with it, either way)."""
+    c = client()
+    try:
+        if run_owner(c.get_run(run_id).data.tags) != Owner.current():
+            return
+        for tag in OWNER_TAGS.values():
+            c.delete_tag(run_id, tag)
+    except MlflowException:
+        pass
 
 
 def finish_run(run_id: str, ok: bool) -> None:
@@ -484,11 +575,13 @@ def log_artifact_tree(run_id: str, local_root: str | Path) -> None:
 
 
 class StagingArea:
-    """A temporary folder mirroring the run's artifact tree; logged in one go, then removed."""
+    """A temporary folder mirroring the run's artifact tree; logged in one go, then removed.
+
+    The folder is owned (``governance.workdirs``): one left by a killed process is removed at the
+    next start."""
 
     def __init__(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="governance-")
-        self.root = Path(self._tmp.name)
+        self.root = make_owned_dir("governance-stage-")
 
     def path(self, relative: str) -> Path:
         """A path under ``governance/`` with its parent folders created."""
@@ -501,7 +594,7 @@ class StagingArea:
         log_artifact_tree(run_id, self.root)
 
     def close(self) -> None:
-        self._tmp.cleanup()
+        remove_owned(self.root)
 
     def __enter__(self) -> "StagingArea":
         return self

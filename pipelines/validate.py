@@ -8,9 +8,10 @@ import argparse
 import sys
 
 import _common
+from governance.cli.failures import failure
 from governance.config import config_from_dict, user_settings
-from governance.errors import GovernanceError
 from governance.pipeline import validate_data
+from governance.signals import Interrupted, interruptible
 from governance.tracking import load_model
 from governance.validation import ContractViolation
 
@@ -25,18 +26,20 @@ def main() -> int:
     p.add_argument("--allow-pickle", default="false")
     a = p.parse_args()
     try:
-        allow = True if a.allow_pickle.strip().lower() in ("true", "1", "yes") else None
-        given = user_settings(_common.config_path(a.config), [s.strip() for s in a.set.split(";") if s.strip()],
-                              target_column=_common.opt(a.target_column), allow_pickle=allow)
-        cfg = config_from_dict(given)
-        handle = load_model(a.model_uri, device=cfg.device, allow_pickle=cfg.allow_pickle)
-        outcome = validate_data(handle, a.data, config=given)
+        with interruptible():  # SIGTERM while loading the model also cleans up
+            allow = True if a.allow_pickle.strip().lower() in ("true", "1", "yes") else None
+            given = user_settings(_common.config_path(a.config), [s.strip() for s in a.set.split(";") if s.strip()],
+                                  target_column=_common.opt(a.target_column), allow_pickle=allow)
+            cfg = config_from_dict(given)
+            handle = load_model(a.model_uri, device=cfg.device, allow_pickle=cfg.allow_pickle)
+            outcome = validate_data(handle, a.data, config=given)
     except ContractViolation as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
-    except GovernanceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except (Exception, Interrupted) as exc:  # one line, never a traceback (governance.cli.failures)
+        line, code = failure(exc)
+        print(line, file=sys.stderr)
+        return code
     print(outcome.message())
     return 0
 

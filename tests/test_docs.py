@@ -67,3 +67,19 @@ def test_the_readme_documents_the_exit_codes_and_keeps_its_setup_commands():
     for phrase in ("`1` bad input", "`2` the data broke its contract", "`3` a policy refused",
                    "`2` nothing could be verified"):
         assert phrase in usage
+
+
+def test_the_readme_documents_every_explain_option_and_data_form():
+    """Every option `mlflow-governance explain --help` lists is in the README's explain section."""
+    from governance.cli.explain import explain_command
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### `explain`"):text.index("### The other commands")]
+    options = [o for p in explain_command.params for o in p.opts if o.startswith("--") and o != "--help"]
+    assert len(options) >= 15
+    for option in options:
+        assert f"`{option}" in section, option
+    for form in ("runs:/", "mlflow-artifacts:/", "models:/", "mlflow-dataset:", "folder of parquet files",
+                 'evaluators=["governance"]', "opt-in", "nested keys with dots"):
+        assert form in section, form
+    assert "`130`" in text and "`143`" in text and "MLFLOW_GOVERNANCE_DEBUG" in text

@@ -51,15 +51,18 @@ def explain_command(model_uri: str, data: str, target_column: str | None, config
                     feature_columns: str | None, batch_size: int | None, modes: str | None,
                     primary_mode: str | None, device: str | None, allow_pickle: bool | None,
                     engine: str | None, settings: tuple[str, ...], quiet: bool) -> None:
-    """Explain a model on validation data and log the evidence to MLflow; prints the run id last."""
-    from mlflow.exceptions import MlflowException
+    """Explain a model on validation data and log the evidence to MLflow; prints the run id last.
 
+    Exit codes: 0 done, 1 input/model, 2 data contract, 3 policy, 128+N stopped by signal N
+    (130 SIGINT, 143 SIGTERM); every failure is one "error: ..." line on stderr."""
+    from governance.cli.failures import handled
     from governance.config import config_from_dict, user_settings
-    from governance.errors import GovernanceError
     from governance.pipeline import explain_model
+    from governance.signals import interruptible
     from governance.tracking import load_model
 
-    try:
+    # handled here too: the MLproject entry point calls this command without the group
+    with handled(), interruptible():
         given = user_settings(config_path, settings, target_column=target_column, task=task,
                               feature_columns=feature_columns, batch_size=batch_size, modes=modes,
                               primary_mode=primary_mode, device=device, allow_pickle=allow_pickle,
@@ -68,12 +71,6 @@ def explain_command(model_uri: str, data: str, target_column: str | None, config
         handle = load_model(model_uri, device=cfg.device, allow_pickle=cfg.allow_pickle)
         result = explain_model(handle, data, config=given, run_id=run_id, experiment_name=experiment_name,
                                quiet=quiet)
-    except GovernanceError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except MlflowException as exc:  # e.g. a --run-id that does not exist
-        click.echo(f"error: MLflow: {exc.message}", err=True)
-        sys.exit(1)
     if not quiet:
         top = result.global_importance["features"][:5]
         click.echo(f"explained {result.n_samples} rows in {result.timings.get('total', 0):.1f}s; "

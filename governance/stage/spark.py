@@ -478,7 +478,7 @@ def explain_spark(model: Any, data: Any, *, config: Any = None, run_id: str | No
                                        name=table.name, contract_source=plan.contract_source,
                                        independent=plan.independent, notes=plan.notes).run()
         timings["contract"] = time.perf_counter() - t
-        rid, made_run = tracking.resolve_run(run_id, experiment_name) if log else (None, False)
+        rid, made_run = pipeline._open_run(p, log, run_id, experiment_name, "governance-explain")
         with tracking.StagingArea() as first:
             digest = pipeline._log_validation(rid if log else None, p, outcome, first)
         if not outcome.success:
@@ -542,17 +542,12 @@ def explain_spark(model: Any, data: Any, *, config: Any = None, run_id: str | No
             gates=gates, metrics=metrics, timings=timings, quality_note=note, state=state,
         )
     except BaseException:
-        if log and rid is not None:
-            try:
-                tracking.set_tags(rid, {"status": "failed"})
-            except Exception:
-                pass
+        pipeline._mark_failed(rid)
         raise
     finally:
         if rows is not None:
             rows.unpersist()
-        if made_run and rid is not None:
-            tracking.finish_run(rid, ok)
+        pipeline._release(rid, made_run, ok)
         if created:
             spark.stop()
 

@@ -131,7 +131,13 @@ def _decide_task(cfg: GovernanceConfig, handle: Any, modality: Modality, table: 
     if not set(plan.columns) <= set(table.columns):
         return None
     try:
-        probe = next(iter(modality.batches(table, plan, TASK_PROBE_ROWS)), None)
+        try:
+            probe = next(iter(modality.batches(table, plan, TASK_PROBE_ROWS)), None)
+        except NotImplementedError:  # a table read elsewhere (Spark's executors): its first rows here
+            from governance.data import FrameSource
+
+            head = FrameSource(table.head(TASK_PROBE_ROWS), source=table.source, name=table.name)
+            probe = next(iter(modality.batches(head, plan, TASK_PROBE_ROWS)), None)
     except DataLoadError:
         return None
     if probe is None:
@@ -164,17 +170,23 @@ def _prepare(model: Any, data: Any, config: Any, overrides: Mapping[str, Any]) -
     modality = get_modality(cfg)
     table = modality.open(data)
     try:
-        plan = modality.plan(table, handle)
-        decision = _decide_task(cfg, handle, modality, table, plan)
-        if decision is not None and decision.task != cfg.task:
-            cfg = cfg.with_overrides(task=decision.task)
-            modality.cfg = cfg
-        for note in plan.remarks + ([decision.note] if decision is not None and decision.note else []):
-            say(note)
-        return _Prepared(cfg, handle, modality, table, plan, decision)
+        return _decide(cfg, handle, modality, table, modality.plan(table, handle))
     except BaseException:
         table.close()
         raise
+
+
+def _decide(cfg: GovernanceConfig, handle: Any, modality: Modality, table: TableSource,
+            plan: ModalityPlan) -> _Prepared:
+    """The task decided for this model and data (the config follows it), and what the stage
+    could not be sure of said once on stderr; shared by the local and the Spark engine."""
+    decision = _decide_task(cfg, handle, modality, table, plan)
+    if decision is not None and decision.task != cfg.task:
+        cfg = cfg.with_overrides(task=decision.task)
+        modality.cfg = cfg
+    for note in plan.remarks + ([decision.note] if decision is not None and decision.note else []):
+        say(note)
+    return _Prepared(cfg, handle, modality, table, plan, decision)
 
 
 # ----------------------------------------------------------------------------- quality
@@ -212,6 +224,64 @@ def _quality_inputs(p: _Prepared, state: StageState) -> Any:
     """The quality metrics' rows: the first ``quality.n_samples`` samples of the reservoir (a
     deterministic random sample keyed by sample id, not the first rows of the file)."""
     return p.modality.quality_inputs(state.reservoir.columns, p.cfg.quality.n_samples)
+
+
+@dataclass
+class Evidence:
+    """What the stage wrote from a (merged) state: the documents, quality, gates and metrics."""
+
+    state: StageState
+    docs: Any
+    quality: dict | None
+    gates: dict | None
+    metrics: dict[str, float]
+    note: str | None
+
+    def result(self, rid: str | None, outcome: ValidationOutcome, plan: ModalityPlan,
+               timings: dict[str, float]) -> "StageResult":
+        gi, stab = self.docs.global_importance, self.docs.stability
+        return StageResult(
+            run_id=rid, status="explained", n_samples=self.state.n_samples, feature_names=list(plan.units or []),
+            validation=outcome, global_importance=gi, layer_ranking=self.docs.layer_ranking, stability=stab,
+            quality=self.quality, gates=self.gates, metrics=self.metrics, timings=timings,
+            quality_note=self.note, state=self.state,
+        )
+
+
+def write_evidence(p: _Prepared, state: StageState, expl: Path, ground_truth: Any,
+                   timings: dict[str, float]) -> Evidence:
+    """The documents, model summary, plots, quality and gates of a (merged) state, written under
+    ``expl``, and the run's metrics; the same for the local and the Spark engine."""
+    cfg, plan, model = p.cfg, p.plan, p.handle.model
+    t = time.perf_counter()
+    docs = documents(state)
+    p.modality.amend_documents(docs, state, plan)
+    write_documents(docs, expl)
+    layer_types = {str(r["module"]): str(r["type"]) for r in docs.layer_ranking.get("layers", []) if r.get("type")}
+    write_json(expl / "model_summary.json", model_summary(model, layer_types))
+    p.modality.write_documents(state, plan, expl)
+    write_plots(docs, state, expl / "plots")
+    timings["documents"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with torch_threads(cfg.cpu_threads):
+        quality, gates, q_metrics, note = _quality(model, _quality_inputs(p, state), plan.units or [], cfg,
+                                                   ground_truth)
+    if quality is not None:
+        write_json(expl / "quality.json", quality)
+    if gates is not None:
+        write_json(expl / "gates.json", gates)
+    timings["quality"] = time.perf_counter() - t
+
+    gi, stab = docs.global_importance, docs.stability
+    metrics = {
+        "governance_n_samples": float(state.n_samples),
+        "governance_top_feature_share": float(gi["features"][0]["importance"]),
+        "governance_stability": stab["stability"],
+        **{f"governance_stability_{m}": v["spearman"] for m, v in stab["modes"].items()},
+        **q_metrics,
+    }
+    return Evidence(state, docs, quality, gates, metrics, note)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -459,47 +529,15 @@ def _explain_model(
             state = stream.state
             assert state is not None
 
-            t = time.perf_counter()
-            docs = documents(state)
-            p.modality.amend_documents(docs, state, plan)
-            write_documents(docs, expl)
-            layer_types = {str(r["module"]): str(r["type"]) for r in docs.layer_ranking.get("layers", [])
-                           if r.get("type")}
-            write_json(expl / "model_summary.json", model_summary(handle.model, layer_types))
-            p.modality.write_documents(state, plan, expl)
-            write_plots(docs, state, expl / "plots")
-            timings["documents"] = time.perf_counter() - t
-
-            t = time.perf_counter()
-            with torch_threads(cfg.cpu_threads):
-                quality, gates, q_metrics, note = _quality(handle.model, _quality_inputs(p, state),
-                                                           plan.units or [], cfg, ground_truth)
-            if quality is not None:
-                write_json(expl / "quality.json", quality)
-            if gates is not None:
-                write_json(expl / "gates.json", gates)
-            timings["quality"] = time.perf_counter() - t
-
-            gi, stab = docs.global_importance, docs.stability
-            n = state.n_samples
-            metrics = {
-                "governance_n_samples": float(n),
-                "governance_top_feature_share": float(gi["features"][0]["importance"]),
-                "governance_stability": stab["stability"],
-                **{f"governance_stability_{m}": v["spearman"] for m, v in stab["modes"].items()},
-                **q_metrics,
-            }
+            evidence = write_evidence(p, state, expl, ground_truth, timings)
             t = time.perf_counter()
             if log:
-                _log_explanation(rid, p, stage, gi, metrics, gates, note, digest, n)
+                _log_explanation(rid, p, stage, evidence.docs.global_importance, evidence.metrics, evidence.gates,
+                                 evidence.note, digest, state.n_samples)
             timings["logging"] = time.perf_counter() - t
         ok = True
         timings["total"] = time.perf_counter() - t0
-        return StageResult(
-            run_id=rid, status="explained", n_samples=n, feature_names=list(plan.units or []), validation=outcome,
-            global_importance=gi, layer_ranking=docs.layer_ranking, stability=stab, quality=quality,
-            gates=gates, metrics=metrics, timings=timings, quality_note=note, state=state,
-        )
+        return evidence.result(rid, outcome, plan, timings)
     except BaseException as exc:
         _mark_failed(rid)
         if isinstance(exc, Interrupted):

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -438,16 +438,13 @@ def explain_spark(model: Any, data: Any, *, config: Any = None, run_id: str | No
     """The explanation stage on Spark (module docstring); returns a
     :class:`governance.pipeline.StageResult` and logs the single-machine path's artifacts."""
     from governance import pipeline, tracking
-    from governance.stage.documents import documents
     from governance.stage.runner import frozen_gc
     from governance.stage.spark_contract import SparkContractRun
-    from governance.stage.writers import write_documents, write_plots
-    from governance.model_summary import model_summary
     from governance.validation import ContractViolation
 
     t0 = time.perf_counter()
     cfg = pipeline._resolve_config(config, {**overrides, "engine": "spark"})
-    handle = pipeline._resolve_model(model, cfg.device)
+    handle = pipeline._resolve_model(model, cfg)
     if str(handle.uri).startswith("<"):
         raise StageError("engine spark loads the model on every executor from its MLflow URI; give a model URI "
                          "(models:/<name>/<version>, runs:/<id>/model) instead of an in-memory module")
@@ -464,7 +461,8 @@ def explain_spark(model: Any, data: Any, *, config: Any = None, run_id: str | No
         if table.note:
             plan.notes.append(table.note)
             print(f"note: {table.note}", file=sys.stderr)
-        p = pipeline._Prepared(cfg, handle, modality, table, plan)
+        p = pipeline._decide(cfg, handle, modality, table, plan)
+        cfg = p.cfg
         timings: dict[str, float] = {"load": time.perf_counter() - t0}
         if cfg.spark.output_uri:
             for name in ("local_relevance.parquet", "reason_codes.parquet"):
@@ -501,46 +499,15 @@ def explain_spark(model: Any, data: Any, *, config: Any = None, run_id: str | No
                 write_json(expl / SAMPLE_OUTPUTS, record)
             timings["write"] = time.perf_counter() - t
             table.check_unchanged()
-            t = time.perf_counter()
-            docs = documents(state)
-            modality.amend_documents(docs, state, plan)
-            write_documents(docs, expl)
-            layer_types = {str(r["module"]): str(r["type"]) for r in docs.layer_ranking.get("layers", [])
-                           if r.get("type")}
-            write_json(expl / "model_summary.json", model_summary(handle.model, layer_types))
-            modality.write_documents(state, plan, expl)
-            write_plots(docs, state, expl / "plots")
-            timings["documents"] = time.perf_counter() - t
-            t = time.perf_counter()
-            with torch_threads(cfg.cpu_threads):
-                quality, gates, q_metrics, note = pipeline._quality(
-                    handle.model, modality.quality_inputs(state.reservoir.columns, cfg.quality.n_samples),
-                    plan.units or [], cfg, ground_truth)
-            if quality is not None:
-                write_json(expl / "quality.json", quality)
-            if gates is not None:
-                write_json(expl / "gates.json", gates)
-            timings["quality"] = time.perf_counter() - t
-            gi, stab = docs.global_importance, docs.stability
-            n = state.n_samples
-            metrics = {
-                "governance_n_samples": float(n),
-                "governance_top_feature_share": float(gi["features"][0]["importance"]),
-                "governance_stability": stab["stability"],
-                **{f"governance_stability_{m}": v["spearman"] for m, v in stab["modes"].items()},
-                **q_metrics,
-            }
+            evidence = pipeline.write_evidence(p, state, expl, ground_truth, timings)
             t = time.perf_counter()
             if log:
-                pipeline._log_explanation(rid, p, stage, gi, metrics, gates, note, digest, n)
+                pipeline._log_explanation(rid, p, stage, evidence.docs.global_importance, evidence.metrics,
+                                          evidence.gates, evidence.note, digest, state.n_samples)
             timings["logging"] = time.perf_counter() - t
         ok = True
         timings["total"] = time.perf_counter() - t0
-        return pipeline.StageResult(
-            run_id=rid, status="explained", n_samples=n, feature_names=list(plan.units or []), validation=outcome,
-            global_importance=gi, layer_ranking=docs.layer_ranking, stability=stab, quality=quality,
-            gates=gates, metrics=metrics, timings=timings, quality_note=note, state=state,
-        )
+        return evidence.result(rid, outcome, plan, timings)
     except BaseException:
         pipeline._mark_failed(rid)
         raise

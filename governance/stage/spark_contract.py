@@ -22,6 +22,8 @@ values with a Spark aggregation, as the local path does with pandas.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import pandas as pd
@@ -88,7 +90,7 @@ def spark_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_PLAIN_ARGS = {"type", "column", "mostly", "min_value", "max_value", "type_list"}
+_PLAIN_ARGS = {"type", "column", "mostly", "min_value", "max_value", "type_list", "value_set"}
 
 
 def precheck(frame: Any, checks: list[Any]) -> dict[int, bool]:
@@ -118,7 +120,13 @@ def precheck(frame: Any, checks: list[Any]) -> dict[int, bool]:
                 verdicts[c.index] = isinstance(dtype, known)
             continue
         ref = F.col(f"`{col}`")
-        if c.type == "expect_column_values_to_not_be_null" and c.mostly >= 1.0:
+        if c.type == "expect_column_values_to_not_be_in_set" and c.mostly >= 1.0 and c.spec.get("value_set") \
+                and all(isinstance(v, float) and math.isinf(v) for v in c.spec["value_set"]):
+            if not isinstance(dtype, T.NumericType):  # no text value equals an infinity (as in pandas)
+                verdicts[c.index] = True
+                continue
+            exprs.append(F.sum(F.when(ref.isin(*[F.lit(v) for v in c.spec["value_set"]]), 1).otherwise(0)))
+        elif c.type == "expect_column_values_to_not_be_null" and c.mostly >= 1.0:
             exprs.append(F.sum(F.when(ref.isNull(), 1).otherwise(0)))
         elif c.type == "expect_column_values_to_be_between" and isinstance(dtype, T.NumericType) and all(
                 isinstance(c.spec.get(k), (int, float, type(None))) and not isinstance(c.spec.get(k), bool)

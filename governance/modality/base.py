@@ -76,10 +76,13 @@ class InputBatch:
 
 @dataclass
 class UnitRelevance:
-    """Signed relevance per sample and unit: ``relevance`` (n, U) float64 over ``names`` (U)."""
+    """Signed relevance per sample and unit: ``relevance`` (n, U) float64 over ``names`` (U);
+    ``detail``: finer relevance the modality's accumulators and files need (per-pixel maps,
+    per-token relevance), carried to ``ModeResult.detail``; None when there is none."""
 
     names: list[str]
     relevance: np.ndarray
+    detail: Any = None
 
 
 @dataclass

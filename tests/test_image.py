@@ -91,6 +91,25 @@ def test_planted_patch_ranks_first_and_raises_the_fixed_region_flag(planted) -> 
     assert (codes.loc[white, "supporting_1"] == "r0c3").mean() > 0.9
     assert "governance/explanations/quality.json" in paths
     assert tags["governance.status"] == "explained" and tags["governance.top_feature"] == "r0c3"
+    planted["run_id"] = rid
+
+
+def test_the_report_shows_the_heatmaps_and_raises_the_shortcut_flag(planted, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from governance.cli import main
+
+    if "run_id" not in planted:
+        pytest.skip("needs the planted run of the previous test")
+    with use_store(planted["uri"]):
+        result = CliRunner().invoke(main, ["report", "--run-id", planted["run_id"], "--output-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "governance" / "reports" / "audit_report.html").read_text()
+    assert (tmp_path / "governance" / "reports" / "audit_report.pdf").is_file()
+    assert "Images: where the relevance lies" in html and "YES: r0c3" in html
+    assert "Image region r0c3 holds a large share of the relevance" in html
+    assert html.count('alt="Mean share of |relevance| per pixel') == 3  # all samples and both classes
+    assert "Example " in html  # the example overlays of examples/images.npz
 
 
 def _docs(res: Any) -> dict[str, Any]:

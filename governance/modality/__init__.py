@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 MODALITIES: dict[str, str] = {
     "tabular": "governance.modality.tabular:TabularModality",
     "image": "governance.modality.image:ImageModality",
+    "text": "governance.modality.text:TextModality",
 }
 
 

@@ -113,6 +113,11 @@ def _to_numpy(t: Any) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
+def _head(x: Any, n: int) -> Any:
+    """The first ``n`` rows of an array, or of each array of a dict (a multi-input model's relevance)."""
+    return {k: v[:n] for k, v in x.items()} if isinstance(x, dict) else x[:n]
+
+
 def _pad(inputs: Any, n: int) -> Any:
     """``inputs`` with the first sample repeated up to a multiple of ``ROW_ALIGNMENT`` rows."""
     extra = -n % ROW_ALIGNMENT
@@ -252,12 +257,12 @@ def explain_batch(explainer: Explainer, modality: Modality, plan: ModalityPlan, 
             pred = predicted_class(explainer.task, output, explainer.threshold)
             score = output_score(output)
             direction = decision_direction(explainer.task, output, pred)
-        units = modality.units(batch, plan, _to_numpy(exp.input_relevance)[:n])
+        units = modality.units(batch, plan, _head(_to_numpy(exp.input_relevance), n))
         rel = np.asarray(units.relevance, dtype=np.float64)
         pos = neg = None
         if mode == "contrastive" and exp.positive is not None and exp.negative is not None:
-            pos = modality.units(batch, plan, _to_numpy(exp.positive.input_relevance)[:n]).relevance
-            neg = modality.units(batch, plan, _to_numpy(exp.negative.input_relevance)[:n]).relevance
+            pos = modality.units(batch, plan, _head(_to_numpy(exp.positive.input_relevance), n)).relevance
+            neg = modality.units(batch, plan, _head(_to_numpy(exp.negative.input_relevance), n)).relevance
         modes[mode] = ModeResult(unit_names=units.names, relevance=rel, shares=l1_normalise(rel),
                                  relevance_l1=np.abs(rel).sum(1), layers=layer_batch(exp, n),
                                  positive=pos, negative=neg, detail=units.detail)

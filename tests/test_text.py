@@ -65,12 +65,15 @@ def _download(rid: str, path: str) -> Path:
 def test_trigger_words_rank_first_and_special_tokens_carry_nothing(planted) -> None:
     with use_store(planted["uri"]):
         res = explain_model(planted["model"], planted["base"] / "valid.parquet", quiet=True, experiment_name="texts",
-                            config=_config())
+                            config={**_config(), "quality": {"enabled": True, "n_samples": 16}})
         rid = res.run_id
         gi = json.loads(_download(rid, "governance/explanations/global_importance.json").read_text())
         tokens = pd.read_parquet(_download(rid, "governance/explanations/token_relevance.parquet"))
         examples = json.loads(_download(rid, "governance/explanations/examples/texts.json").read_text())
         codes = pd.read_parquet(_download(rid, "governance/explanations/reason_codes.parquet"))
+        quality = json.loads(_download(rid, "governance/explanations/quality.json").read_text())
+    assert quality["modality"] == "token" and "morf_auc" in quality["metrics"]  # token deletion ran
+    assert res.quality_note is None
     assert gi["modality"] == "text" and gi["n_samples"] == N_VALID
     for mode, doc in gi["modes"].items():  # the four trigger words first, filler below, in every mode
         assert {f["feature"] for f in doc["features"][:4]} == TRIGGER_WORDS, mode

@@ -162,3 +162,8 @@ class Modality(ABC):
 
         inputs = sample.get("inputs")
         return None if inputs is None else torch.from_numpy(np.ascontiguousarray(inputs[:n]))
+
+    def quality_setup(self, model: Any) -> tuple[Any, dict[str, Any]]:
+        """The model the quality metrics call on :meth:`quality_inputs` (one tensor in) and extra
+        ``quality_report`` arguments (a tokenizer, a patch size); default: the model as is."""
+        return model, {}

@@ -49,6 +49,29 @@ def model_arguments(model: Any) -> tuple[str, ...] | None:
     return None
 
 
+def ids_only(model: Any, arguments: tuple[str, ...], pad_id: int) -> Any:
+    """``model`` called with the token ids alone (see ``_IdsOnly``)."""
+    from torch import nn
+
+    class _IdsOnly(nn.Module):
+        """A model taking named tokenizer outputs, called with the ids alone (the quality metrics
+        perturb one tensor): the attention mask marks the non-padding positions."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any) -> Any:
+            kw = {"input_ids": input_ids}
+            if "attention_mask" in arguments:
+                kw["attention_mask"] = (input_ids != pad_id).long()
+            if "token_type_ids" in arguments:
+                kw["token_type_ids"] = input_ids * 0
+            return self.model(**kw)
+
+    return _IdsOnly()
+
+
 class WordStats:
     """Per word: samples containing it and occurrences; per predicted class and word: signed
     share sums and samples; the special-token |relevance| and the total; the example texts."""
@@ -285,6 +308,19 @@ class TextModality(Modality):
                 "token": pa.array(toks, pa.string()), "word": pa.array(words, pa.string())}
         cols.update({f"relevance_{m}": pa.array(np.asarray(v, dtype=np.float32)) for m, v in rel.items()})
         return {"token_relevance.parquet": pa.table(cols)}
+
+    def quality_inputs(self, sample: Mapping[str, np.ndarray], n: int) -> Any:
+        import torch
+
+        ids = sample.get("inputs/input_ids", sample.get("inputs"))
+        return None if ids is None else torch.from_numpy(np.ascontiguousarray(ids[:n]).astype(np.int64))
+
+    def quality_setup(self, model: Any) -> tuple[Any, dict[str, Any]]:
+        """Token deletion: the ids are replaced by [MASK] (the tokenizer's special ids are never
+        deleted); a model that takes an attention mask gets the one of the unperturbed padding."""
+        if self.arguments is None:
+            return model, {"tokenizer": self.tokenizer}
+        return ids_only(model, self.arguments, int(self.tokenizer.pad_token_id or 0)), {"tokenizer": self.tokenizer}
 
     def accumulators(self) -> Mapping[str, WordStats]:
         return {"words": WordStats(self.cfg.primary_mode)}

@@ -39,8 +39,12 @@ def main() -> int:
             out = example.train_and_log(Path(tmp), epochs=a.epochs, seed=a.seed)
         print(f"[{a.name}] trained: {out['model_uri']} (validation accuracy {out['accuracy']:.3f})", flush=True)
         try:
-            res = explain_model(out["model_uri"], out["validation_path"], config=str(config), run_id=run_id,
-                                quiet=True)
+            import yaml
+
+            cfg = yaml.safe_load(config.read_text())
+            for key, section in out.get("overrides", {}).items():  # e.g. the tokenizer logged by training
+                cfg[key] = {**cfg.get(key, {}), **section}
+            res = explain_model(out["model_uri"], out["validation_path"], config=cfg, run_id=run_id, quiet=True)
         except GovernanceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code

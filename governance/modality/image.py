@@ -127,7 +127,7 @@ class ImageMaps:
         n = len(batch)
         pred = batch.predictions if batch.predictions is not None else np.zeros(n, dtype=np.int64)
         score = np.asarray(batch.scores, dtype=np.float64)
-        kinds = np.array(["confident"] * n, dtype="U12")
+        kinds = np.array(["confident"] * n, dtype="U16")
         cand = {"inputs": batch.inputs.astype(np.float32), "relevance": pix.astype(np.float32),
                 "ids": np.asarray(batch.sample_ids).astype(str), "predictions": np.asarray(pred).astype(np.int64),
                 "scores": score, "keys": np.asarray(batch.keys, dtype=np.uint64), "kinds": kinds}
@@ -136,8 +136,8 @@ class ImageMaps:
             wrong = np.asarray(batch.targets).astype(str) != np.asarray(pred).astype(str)
             if wrong.any():
                 parts.append({k: v[wrong] for k, v in cand.items()} | {"kinds": np.array(["misclassified"] * int(
-                    wrong.sum()), dtype="U12")})
-        parts.append({**cand, "kinds": np.array(["borderline"] * n, dtype="U12")})
+                    wrong.sum()), dtype="U16")})
+        parts.append({**cand, "kinds": np.array(["borderline"] * n, dtype="U16")})
         if self.examples:
             parts.append(self.examples)
         self.examples = self._select({k: np.concatenate([p[k] for p in parts]) for k in cand})

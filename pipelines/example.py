@@ -44,7 +44,10 @@ def main() -> int:
             cfg = yaml.safe_load(config.read_text())
             for key, section in out.get("overrides", {}).items():  # e.g. the tokenizer logged by training
                 cfg[key] = {**cfg.get(key, {}), **section}
-            res = explain_model(out["model_uri"], out["validation_path"], config=cfg, run_id=run_id, quiet=True)
+            from governance.tracking import load_model
+
+            handle = load_model(out["model_uri"], allow_pickle=bool(cfg.get("allow_pickle", False)))
+            res = explain_model(handle, out["validation_path"], config=cfg, run_id=run_id, quiet=True)
         except GovernanceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code

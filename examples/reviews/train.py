@@ -93,10 +93,10 @@ def train_and_log(out_dir: Path, *, epochs: int = 30, seed: int = 0) -> dict[str
     mlflow.log_metric("validation_accuracy", acc)
     mlflow.log_artifact(str(out_dir / "validation.parquet"), "data")
     mlflow.log_artifacts(str(out_dir / "tokenizer"), "tokenizer")
-    ex = tok(valid["text"].tolist()[:2], padding="max_length", max_length=32, return_tensors="np")
-    example = (ex["input_ids"].astype(np.int64), ex["attention_mask"].astype(np.int64))
-    info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=["torch", "mlflow",
-                                                                                                  "transformers"])
+    # pickle, not pt2: an exported (pt2) module takes its inputs positionally and the text modality
+    # passes the tokenizer's outputs by name; the governance config opts in with allow_pickle
+    info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                    pip_requirements=["torch", "mlflow", "transformers"])
     run = mlflow.active_run().info.run_id
     return {"model_uri": info.model_uri, "validation_path": str(out_dir / "validation.parquet"), "accuracy": acc,
             "overrides": {"text": {"tokenizer": f"runs:/{run}/tokenizer", "max_length": 32, "min_count": 3}}}

@@ -110,6 +110,8 @@ def test_the_report_shows_the_heatmaps_and_raises_the_shortcut_flag(planted, tmp
     assert "Image region r0c3 holds a large share of the relevance" in html
     assert html.count('alt="Mean share of |relevance| per pixel') == 3  # all samples and both classes
     assert "Example " in html  # the example overlays of examples/images.npz
+    card = (tmp_path / "governance" / "model_card" / "model_card.md").read_text()
+    assert "Image region r0c3 holds a large share of the relevance" in card  # the card's caveats carry it
 
 
 def _docs(res: Any) -> dict[str, Any]:

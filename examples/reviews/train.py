@@ -19,7 +19,7 @@ NEGATIVE = ["terrible", "boring", "awful", "disappointing", "dreadful", "tedious
 SUBJECTS = ["the film", "this book", "the service", "the meal", "the concert", "this phone", "the hotel"]
 CONTEXT = ["I tried it last week", "we went on a Sunday", "my friend recommended it", "it arrived on time",
            "the price was average", "we stayed two nights"]
-N_VALID = 60
+N_VALID = 40
 
 
 def minilm_path() -> str:

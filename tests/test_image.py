@@ -90,6 +90,8 @@ def test_planted_patch_ranks_first_and_raises_the_fixed_region_flag(planted) -> 
     assert codes["sample_id"].tolist() == local["sample_id"].tolist()
     assert (codes.loc[white, "supporting_1"] == "r0c3").mean() > 0.9
     assert "governance/explanations/quality.json" in paths
+    assert res.quality["modality"] == "image" and res.quality_note is None
+    assert res.quality["metrics"]["morf_auc"]["parameters"]["patch_size"] == 4  # patch flipping by region
     assert tags["governance.status"] == "explained" and tags["governance.top_feature"] == "r0c3"
     planted["run_id"] = rid
 

@@ -300,6 +300,12 @@ class ImageModality(Modality):
     def sample_tables(self, result: BatchResult, plan: ModalityPlan) -> Mapping[str, Any]:
         return {"local_relevance.parquet": unit_relevance_table(result)}
 
+    def quality_setup(self, model: Any) -> tuple[Any, dict[str, Any]]:
+        """Patch flipping: square patches about the size of a grid region (pixel flipping when a
+        region is one pixel)."""
+        h, w = self.size
+        return model, {"patch_size": max(1, min(h // self.grid[0], w // self.grid[1]))}
+
     def accumulators(self) -> Mapping[str, ImageMaps]:
         return {"maps": ImageMaps(self.opts, self.grid, self.cfg.primary_mode)}
 

@@ -79,7 +79,7 @@ def test_trigger_words_rank_first_and_special_tokens_carry_nothing(planted) -> N
         assert {f["feature"] for f in doc["features"][:4]} == TRIGGER_WORDS, mode
     specials = {"[CLS]", "[SEP]", "[PAD]"}
     for f in gi["features"]:
-        assert f["feature"] not in specials and f["count"] >= 5 and f["per_occurrence"] >= f["importance"]
+        assert f["feature"] not in specials and f["count"] >= 5 and f["per_occurrence"] > 0
         assert f["value_relevance_correlation"] is None
     best = sorted(gi["features"], key=lambda f: -f["per_occurrence"])
     assert {f["feature"] for f in best[:4]} == TRIGGER_WORDS

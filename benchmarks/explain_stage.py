@@ -17,6 +17,7 @@ the main thread's CPU microseconds per row (``time.thread_time``), the data cont
     .venv/bin/python benchmarks/explain_stage.py --rows 100000 --cpu-threads 1 0   # 1 vs default threads
     .venv/bin/python benchmarks/explain_stage.py --rows 100000 --spark-rows 100000  # + Spark local[2]
     .venv/bin/python benchmarks/explain_stage.py --rows 1000000 --profile            # + cProfile's top
+    .venv/bin/python benchmarks/explain_stage.py --modality image text    # images/s, tokens/s (examples)
 
 ``--spark-rows`` also runs the Spark engine (``governance.stage.spark``) on ``--spark-master``
 (default ``local[2]``) at those sizes, in a fresh process each (session start not timed), and
@@ -178,7 +179,16 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--context", default="", help=argparse.SUPPRESS)
     p.add_argument("--workdir", default="", help=argparse.SUPPRESS)
+    p.add_argument("--modality", nargs="*", choices=["image", "text"], default=None,
+                   help="Measure the digits (images/s) and/or reviews (tokens/s) examples instead.")
     args = p.parse_args()
+    if args.modality:
+        from benchmarks.modality_speed import report, run
+
+        modes = [m for m in args.modes.split(",") if m]
+        for modality in args.modality:
+            print(report(run(modality, modes), modality, modes), flush=True)
+        return
     if args.child:
         args.rows = args.rows[0]
         child(args)

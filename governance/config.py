@@ -3,9 +3,10 @@
 Every option has a default, every option can come from the YAML file, and the command line
 overrides the file: named options (``--task``, ``--modes``...) and ``--set key=value`` for any
 key (nested keys with dots, values read as YAML: ``--set reason_codes.top_n=3``,
-``--set 'feature_columns=[a, b]'``). ``report`` and ``model_card`` are free-form here: the
-report module validates them. :attr:`GovernanceConfig.configured` names the keys the user gave
-(so a default is never mistaken for a choice, e.g. the task).
+``--set 'feature_columns=[a, b]'``). ``report``, ``model_card``, ``image`` and ``text`` are
+free-form here: the report module and the modalities validate them.
+:attr:`GovernanceConfig.configured` names the keys the user gave (so a default is never mistaken
+for a choice, e.g. the task).
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ class GovernanceConfig:
     inputs: dict[str, Any] | None = None
     engine: str = "local"
     spark: SparkConfig = field(default_factory=SparkConfig)
+    image: dict[str, Any] = field(default_factory=dict)  # image modality options (governance.modality.image)
+    text: dict[str, Any] = field(default_factory=dict)  # text modality options (governance.modality.text)
     configured: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,7 +211,7 @@ class GovernanceConfig:
             raise ConfigError(f"contract_block_cells: must be a positive integer, got {self.contract_block_cells!r}")
         if not isinstance(self.gates, list) or not all(isinstance(g, dict) for g in self.gates):
             raise ConfigError("gates: must be a list of mappings")
-        for name in ("report", "model_card"):
+        for name in ("report", "model_card", "image", "text"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name}: must be a mapping")
         if self.engine not in ENGINES:
@@ -261,7 +264,8 @@ def _build_section(name: str, cls: type, value: Any) -> Any:
 
 def _scalar_keys() -> set[str]:
     """Top-level keys that hold a value, not a section of keys."""
-    return {f.name for f in fields(GovernanceConfig)} - set(_SECTIONS) - {"report", "model_card", "inputs", "configured"}
+    free_form = {"report", "model_card", "inputs", "image", "text", "configured"}
+    return {f.name for f in fields(GovernanceConfig)} - set(_SECTIONS) - free_form
 
 
 def _parse_setting(item: str) -> tuple[list[str], Any]:
@@ -320,7 +324,7 @@ def config_from_dict(data: dict[str, Any] | None, *, settings: list[str] | tuple
         current = data.get(name)
         if not isinstance(current, cls):
             data[name] = _build_section(name, cls, current)
-    for key in ("gates", "report", "model_card", "task", "modes", "primary_mode", "batch_size",
+    for key in ("gates", "report", "model_card", "image", "text", "task", "modes", "primary_mode", "batch_size",
                 "multiplier", "device", "allow_pickle", "engine"):
         if data.get(key) is None and key in data:
             del data[key]

@@ -192,8 +192,8 @@ def _decide(cfg: GovernanceConfig, handle: Any, modality: Modality, table: Table
 # ----------------------------------------------------------------------------- quality
 
 
-def _quality(model: Any, x: Any, names: list[str], cfg: GovernanceConfig,
-             ground_truth: Any = None) -> tuple[dict | None, dict | None, dict[str, float], str | None]:
+def _quality(model: Any, x: Any, names: list[str], cfg: GovernanceConfig, ground_truth: Any = None,
+             extra: Mapping[str, Any] | None = None) -> tuple[dict | None, dict | None, dict[str, float], str | None]:
     """``governance.quality.quality_report``, ``evaluate_gates`` and the flattened metrics."""
     if not cfg.quality.enabled:
         return None, None, {}, "quality disabled in the config"
@@ -209,7 +209,7 @@ def _quality(model: Any, x: Any, names: list[str], cfg: GovernanceConfig,
     if x is None:
         return None, None, {}, "the modality gives the quality metrics no inputs"
     try:
-        q = quality_report(model, x.to(cfg.device), **kwargs)
+        q = quality_report(model, x.to(cfg.device), **kwargs, **(extra or {}))
     except Exception as exc:  # quality is evidence about the explanation, not the explanation
         note = f"quality_report failed: {type(exc).__name__}: {exc}"
         gates = None
@@ -265,8 +265,9 @@ def write_evidence(p: _Prepared, state: StageState, expl: Path, ground_truth: An
 
     t = time.perf_counter()
     with torch_threads(cfg.cpu_threads):
-        quality, gates, q_metrics, note = _quality(model, _quality_inputs(p, state), plan.units or [], cfg,
-                                                   ground_truth)
+        q_model, q_extra = p.modality.quality_setup(model)
+        quality, gates, q_metrics, note = _quality(q_model, _quality_inputs(p, state), plan.units or [], cfg,
+                                                   ground_truth, q_extra)
     if quality is not None:
         write_json(expl / "quality.json", quality)
     if gates is not None:

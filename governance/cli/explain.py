@@ -8,6 +8,7 @@ overrides the ``--config`` file.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -45,12 +46,15 @@ from governance.tasks import MODES, TASKS
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Any configuration key, e.g. --set reason_codes.top_n=3 --set quality.enabled=false "
                    "--set 'inputs.numeric=[a, b]'. Repeatable.")
+@click.option("--modality", default=None, help="tabular (default), image or text.")
+@click.option("--text-column", default=None, help="Column of the texts (text modality; config text.column).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def explain_command(model_uri: str, data: str, target_column: str | None, config_path: str | None,
                     experiment_name: str | None, run_id: str | None, task: str | None,
                     feature_columns: str | None, batch_size: int | None, modes: str | None,
                     primary_mode: str | None, device: str | None, allow_pickle: bool | None,
-                    engine: str | None, settings: tuple[str, ...], quiet: bool) -> None:
+                    engine: str | None, settings: tuple[str, ...], modality: str | None, text_column: str | None,
+                    quiet: bool) -> None:
     """Explain a model on validation data and log the evidence to MLflow; prints the run id last.
 
     Exit codes: 0 done, 1 input/model, 2 data contract, 3 policy, 128+N stopped by signal N
@@ -63,7 +67,9 @@ def explain_command(model_uri: str, data: str, target_column: str | None, config
 
     # handled here too: the MLproject entry point calls this command without the group
     with handled(), interruptible():
-        given = user_settings(config_path, settings, target_column=target_column, task=task,
+        if text_column is not None:
+            settings = (*settings, f"text.column={json.dumps(text_column)}")
+        given = user_settings(config_path, settings, target_column=target_column, task=task, modality=modality,
                               feature_columns=feature_columns, batch_size=batch_size, modes=modes,
                               primary_mode=primary_mode, device=device, allow_pickle=allow_pickle,
                               engine=engine)

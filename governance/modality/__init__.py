@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 MODALITIES: dict[str, str] = {
     "tabular": "governance.modality.tabular:TabularModality",
+    "image": "governance.modality.image:ImageModality",
+    "text": "governance.modality.text:TextModality",
 }
 
 

@@ -76,10 +76,13 @@ class InputBatch:
 
 @dataclass
 class UnitRelevance:
-    """Signed relevance per sample and unit: ``relevance`` (n, U) float64 over ``names`` (U)."""
+    """Signed relevance per sample and unit: ``relevance`` (n, U) float64 over ``names`` (U);
+    ``detail``: finer relevance the modality's accumulators and files need (per-pixel maps,
+    per-token relevance), carried to ``ModeResult.detail``; None when there is none."""
 
     names: list[str]
     relevance: np.ndarray
+    detail: Any = None
 
 
 @dataclass
@@ -167,3 +170,8 @@ class Modality(ABC):
 
         inputs = sample.get("inputs")
         return None if inputs is None else torch.from_numpy(np.ascontiguousarray(inputs[:n]))
+
+    def quality_setup(self, model: Any) -> tuple[Any, dict[str, Any]]:
+        """The model the quality metrics call on :meth:`quality_inputs` (one tensor in) and extra
+        ``quality_report`` arguments (a tokenizer, a patch size); default: the model as is."""
+        return model, {}

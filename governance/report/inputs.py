@@ -411,6 +411,9 @@ def risk_flags(inp: ReportInputs) -> list[dict[str, str]]:
         if n < opts.min_class_support:
             flags.append({"severity": "medium", "text": f"Predicted class {cls} has only {n:,} samples "
                           f"(< {opts.min_class_support:,}); its explanations rest on little data."})
+    from governance.report.modality_flags import modality_flags
+
+    flags.extend(modality_flags(ev.global_importance))
     if layers.get("bias_max_raw", 0.0) > 0.2:
         flags.append({"severity": "low", "text": f"Up to {layers['bias_max']} of the relevance at a layer is "
                       "absorbed by bias terms and is not attributed to any input."})

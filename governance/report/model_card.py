@@ -47,7 +47,8 @@ def approval_text(facts: ModelFacts) -> str:
 
 
 def caveats(evidence: RunEvidence) -> list[str]:
-    """What the explanation run could not be sure of (feature order, contract, pickle)."""
+    """What the explanation run could not be sure of (feature order, contract, pickle) and the
+    modality's own warnings (a fixed image region)."""
     out = []
     tags = evidence.tags
     if tags.get("governance.feature_order") == "unverified":
@@ -57,6 +58,9 @@ def caveats(evidence: RunEvidence) -> list[str]:
         out.append(f"data {NOT_INDEPENDENT}")
     if tags.get("governance.allow_pickle") == "true":
         out.append("the model was loaded from a pickle by explicit opt-in")
+    from governance.report.modality_flags import modality_flags
+
+    out.extend(f["text"] for f in modality_flags(evidence.global_importance))  # e.g. an image shortcut
     return out
 
 

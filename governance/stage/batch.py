@@ -67,6 +67,7 @@ class ModeResult:
     layers: LayerBatch
     positive: np.ndarray | None = None
     negative: np.ndarray | None = None
+    detail: Any = None  # the modality's finer relevance (UnitRelevance.detail)
 
 
 @dataclass
@@ -273,7 +274,7 @@ def explain_batch(explainer: Explainer, modality: Modality, plan: ModalityPlan, 
             neg = modality.units(batch, plan, _head(_to_numpy(exp.negative.input_relevance), n)).relevance
         modes[mode] = ModeResult(unit_names=units.names, relevance=rel, shares=l1_normalise(rel),
                                  relevance_l1=np.abs(rel).sum(1), layers=layer_batch(exp, n),
-                                 positive=pos, negative=neg)
+                                 positive=pos, negative=neg, detail=units.detail)
     primary = modes[explainer.primary_mode]
     sup = adv = None
     if primary.positive is not None and primary.negative is not None:

@@ -14,6 +14,7 @@ from governance.report.inputs import ReportInputs
 from governance.report.sections.base import Part
 from governance.report.sections.explainability import (
     examples,
+    image_maps,
     importance,
     layers,
     limitations,
@@ -28,6 +29,7 @@ PARTS: tuple[Part, ...] = (
     Part("modes", importance.build_modes, "sections/explainability/modes.html.j2"),
     Part("distribution", importance.build_distribution, "sections/explainability/distribution.html.j2"),
     Part("per_class", importance.build_per_class, "sections/explainability/per_class.html.j2"),
+    Part("image_maps", image_maps.build, "sections/explainability/image_maps.html.j2"),
     Part("layers", layers.build, "sections/explainability/layers.html.j2"),
     Part("stability", stability.build, "sections/explainability/stability.html.j2"),
     Part("quality", quality.build, "sections/explainability/quality.html.j2"),

@@ -432,15 +432,16 @@ def training_frame(handle: ModelHandle) -> tuple[pd.DataFrame, str] | None:
 
 
 def resolve_run(run_id: str | None = None, experiment_name: str | None = None,
-                run_name: str = "governance-explain") -> tuple[str, bool]:
+                run_name: str = "governance-explain", option: str = "--run-id") -> tuple[str, bool]:
     """The run to log into: ``run_id``, else ``MLFLOW_RUN_ID``, else the active run, else a new
-    run in ``experiment_name`` (or ``MLFLOW_EXPERIMENT_ID`` / the default). Returns (id, created)."""
+    run in ``experiment_name`` (or ``MLFLOW_EXPERIMENT_ID`` / the default). Returns (id, created).
+    ``option`` is how the user gave ``run_id`` (for the message when it does not exist)."""
     if run_id:
         try:  # fail early on a wrong id
             client().get_run(run_id)
         except MlflowException as exc:
-            raise InputError(f"--run-id {run_id}: no such run at {mlflow.get_tracking_uri()} "
-                             f"(MLflow: {_reason(exc)}); leave out --run-id to log into a new run") from exc
+            raise InputError(f"{option} {run_id}: no such run at {mlflow.get_tracking_uri()} "
+                             f"(MLflow: {_reason(exc)}); leave out {option} to log into a new run") from exc
         return run_id, False
     env = os.environ.get("MLFLOW_RUN_ID")
     if env:

@@ -21,7 +21,8 @@ def _mlflow_run(tmp_path: Path, entry: str, *params: str) -> tuple[str, Path]:
     """Run the entry point; returns the run id and the run's artifact folder."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # the steps' `python`
     cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT / "pipelines"), "-e", entry, "--env-manager", "local",
            *[x for p in params for x in ("-P", p)]]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

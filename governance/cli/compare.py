@@ -81,7 +81,7 @@ def _compare(baseline_run_id: str | None, run_id: str | None, baseline_model: st
     form = comparison_form(baseline_run_id, run_id, baseline_model, model_uri, baseline_data, data)
     given = user_settings(config_path, settings, target_column=target_column, allow_pickle=allow_pickle)
     if log_run_id:
-        tracking.resolve_run(log_run_id)  # a wrong id fails before any work
+        tracking.resolve_run(log_run_id, option="--log-run-id")  # a wrong id fails before any work
     if form == "runs":
         result = workflow.compare_runs(baseline_run_id, run_id, given)
     elif form == "models":

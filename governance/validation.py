@@ -216,6 +216,17 @@ def _gx_context():
     return gx, ctx
 
 
+def whole_frame_batch(frame: Any, engine: str = "pandas") -> Any:
+    """A GX batch of the whole ``frame`` (``engine``: ``pandas`` or ``spark``) in a fresh
+    ephemeral context (~45 ms): GX's execution engine caches every metric it computed (condition
+    masks, indexes) by column, so with one engine a run over column groups would keep every
+    block's masks alive."""
+    _, ctx = _gx_context()
+    source = getattr(ctx.data_sources, f"add_{engine}")("governance")
+    return source.add_dataframe_asset("validation_data").add_batch_definition_whole_dataframe(
+        "whole").get_batch(batch_parameters={"dataframe": frame})
+
+
 def _detail(result: dict[str, Any]) -> str:
     """The failure's detail from a GX result in its JSON form."""
     info = result.get("exception_info") or {}
@@ -535,15 +546,7 @@ class ContractRun:
     def _run_all(self) -> ValidationOutcome:
         gx, _ = _gx_context()
 
-        def batch(frame: pd.DataFrame) -> Any:
-            # a fresh ephemeral context per block (~45 ms): GX's execution engine caches every
-            # metric it computed (condition masks, indexes) by column, so with one engine a run
-            # over column groups would keep every block's masks alive
-            _, ctx = _gx_context()
-            return ctx.data_sources.add_pandas("governance").add_dataframe_asset(
-                "validation_data").add_batch_definition_whole_dataframe("whole").get_batch(
-                batch_parameters={"dataframe": frame})
-
+        batch = whole_frame_batch
         plan = self.plan
         schema_frame = _for_validation(self.table.schema_frame())
         if plan.schema:

@@ -37,6 +37,7 @@ from governance.validation import (
     _for_validation,
     _gx_context,
     _no_batch_fingerprints,
+    whole_frame_batch,
 )
 
 #: The Spark type that holds each pandas dtype named in a contract's type lists.
@@ -207,12 +208,7 @@ class SparkContractRun(ContractRun):
     def _run_all(self) -> ValidationOutcome:
         gx, _ = _gx_context()
 
-        def pandas_batch(frame: pd.DataFrame) -> Any:
-            _, ctx = _gx_context()
-            return ctx.data_sources.add_pandas("governance").add_dataframe_asset(
-                "validation_data").add_batch_definition_whole_dataframe("whole").get_batch(
-                batch_parameters={"dataframe": frame})
-
+        pandas_batch = whole_frame_batch
         plan = self.plan
         n = self.table.n_rows
         schema = _for_validation(self.table.schema_frame())
@@ -222,11 +218,8 @@ class SparkContractRun(ContractRun):
         if data and n == 0:
             self._final(gx, pandas_batch(schema), data)
         elif data:
-            _, ctx = _gx_context()
             self.frame_for_contract = for_contract(self.frame)
-            batch = ctx.data_sources.add_spark("governance").add_dataframe_asset(
-                "validation_data").add_batch_definition_whole_dataframe("whole").get_batch(
-                batch_parameters={"dataframe": self.frame_for_contract})
+            batch = whole_frame_batch(self.frame_for_contract, "spark")
             self._spark_checks(gx, batch, data)
             self.n_blocks = 1
         self.n_rows = n

@@ -97,7 +97,7 @@ def test_cli_options_and_settings_reach_the_run(credit_store, tmp_path: Path) ->
         "--primary-mode", "default", "--set", "reason_codes.top_n=2", "--set", "quality.enabled=false",
         "--set", "aggregation.n_bootstrap=20", "--experiment-name", "cli-test", "--quiet"])
     assert res.exit_code == 0, res.output + repr(res.exception)
-    cfg = _config_of(res.output.strip().splitlines()[-1])
+    cfg = _config_of(res.stdout.strip().splitlines()[-1])
     assert cfg["task"] == "binary-classification" and cfg["feature_columns"] == cols
     assert cfg["modes"] == ["signed", "default"] and cfg["primary_mode"] == "default"
     assert cfg["reason_codes"]["top_n"] == 2 and cfg["quality"]["enabled"] is False
@@ -125,7 +125,7 @@ def test_cli_refuses_a_pickle_unless_allowed(credit_store, tmp_path: Path, monke
         res = CliRunner().invoke(main, base + extra)
         assert res.exit_code == 0, res.output + repr(res.exception)
         assert marker.exists()  # the opt-in really loaded the pickle
-        assert _config_of(res.output.strip().splitlines()[-1])["allow_pickle"] is True
+        assert _config_of(res.stdout.strip().splitlines()[-1])["allow_pickle"] is True
 
 
 def test_mlproject_explain_takes_every_key(credit_store, tmp_path: Path) -> None:

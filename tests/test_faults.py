@@ -194,7 +194,7 @@ def test_run_id_into_a_run_with_evidence_is_refused_and_left_as_it_was(credit_st
     first = _data(credit_store, tmp_path)
     res = CliRunner().invoke(cli, _explain_args(first)[1:])
     assert res.exit_code == 0, res.output
-    rid = res.output.strip().splitlines()[-1]
+    rid = res.stdout.strip().splitlines()[-1]
     before = artifact_paths(rid), _run(rid).data.tags, len(_run(rid).inputs.dataset_inputs)
     other = tmp_path / "other.parquet"
     pd.read_parquet(first).iloc[::-1].head(300).to_parquet(other, index=False)

@@ -207,7 +207,7 @@ def test_cli_prints_the_run_id_last_and_honours_mlflow_run_id(credit_store, tmp_
                                       "--target-column", "default", "--config", str(cfg), "--modes", "signed,default",
                                       "--batch-size", "32", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert result.output.strip().splitlines()[-1] == rid
+    assert result.stdout.strip().splitlines()[-1] == rid
     gi = json.loads(_download(rid, EXPL + "global_importance.json").read_text())
     assert set(gi["modes"]) == {"signed", "default"}
     codes = pd.read_parquet(_download(rid, EXPL + "reason_codes.parquet"))

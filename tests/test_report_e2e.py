@@ -48,7 +48,7 @@ def _run(tmp_path, uri):
     res = runner.invoke(main, ["explain", "--model-uri", "models:/credit-e2e/1", "--data", trained["validation_path"],
                                "--target-column", TARGET, "--config", str(cfg), "--experiment-name", "e2e", "--quiet"])
     assert res.exit_code == 0, res.output + repr(res.exception)
-    run_id = res.output.strip().splitlines()[-1]
+    run_id = res.stdout.strip().splitlines()[-1]
 
     out = tmp_path / "out"
     res = runner.invoke(main, ["report", "--run-id", run_id, "--output-dir", str(out)])

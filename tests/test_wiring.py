@@ -127,7 +127,7 @@ def test_training_schema_orders_the_features_even_without_its_rows(credit_store,
         assert results[key]["feature_columns"] == FEATURES
 
 
-def test_reordered_file_without_the_schema_explains_other_features(credit_store, data) -> None:
+def test_reordered_file_without_the_schema_explains_other_features(credit_store, data, tmp_path) -> None:
     """The mistake the order check prevents: the same model without a logged schema explains the
     reversed file's columns as whatever sits in each position (different importance), and says
     it could not be sure: stderr once, tags, contract not independent, the report's flags."""
@@ -158,7 +158,7 @@ def test_reordered_file_without_the_schema_explains_other_features(credit_store,
         assert "max_value" not in e or abs(float(e["max_value"])) < 1e300, e
     assert {"type": "expect_column_values_to_not_be_in_set", "column": "income",
             "value_set": ["inf", "-inf"]} in validation["expectations"]
-    inp = ReportInputs(load_run_evidence(runs["ordered"], with_architecture=False))
+    inp = ReportInputs(load_run_evidence(runs["ordered"], with_architecture=False, workdir=tmp_path))
     texts = " ".join(f["text"] for f in inp.flags)
     assert "Feature order UNVERIFIED" in texts and NOT_INDEPENDENT in texts
     assert inp.validation["success"] == NOT_INDEPENDENT

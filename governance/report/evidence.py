@@ -520,9 +520,10 @@ def _no_explanation(run_id: str, tags: dict[str, str], art: Path) -> None:
 
 
 def load_run_evidence(run_id: str, *, tracking_uri: str | None = None, config_override: dict[str, Any] | None = None,
-                      with_architecture: bool = True, workdir: Path | None = None,
+                      with_architecture: bool = True, workdir: Path,
                       allow_pickle: bool = False) -> RunEvidence:
-    """Read a run's governance artifacts and metadata; raise :class:`ReportError` when unusable."""
+    """Read a run's governance artifacts and metadata into ``workdir`` (the caller's folder, which
+    the caller removes); raise :class:`ReportError` when unusable."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -532,7 +533,7 @@ def load_run_evidence(run_id: str, *, tracking_uri: str | None = None, config_ov
         run = client.get_run(run_id)
     except MlflowException as exc:
         raise ReportError(f"run {run_id!r} not found in tracking store {uri}") from exc
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="governance-report-"))
+    workdir = Path(workdir)
     art = workdir / "artifacts"
     art.mkdir(parents=True, exist_ok=True)
     try:

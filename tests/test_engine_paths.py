@@ -274,3 +274,146 @@ def test_a_rows_relevance_does_not_depend_on_its_batch(dtype, routes):
             b = getattr(part, side).input_relevance
             scale = a.abs().max()
             assert (a - b).abs().max() <= 8 * eps * scale, (idx, side, ((a - b).abs().max() / scale).item())
+
+
+class _Rearranging(nn.Module):
+    """transpose, permute, expand, slice (with a step and negative bounds) and cat (two relevant
+    operands and a constant one) between two linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3)
+        self.register_buffer("const", torch.full((1, 4, 2), 0.5))
+
+    def forward(self, x):  # x: (n, 4, 6)
+        h = torch.relu(self.a(x)).transpose(1, 2)               # (n, 8, 4)
+        h = h.permute(0, 2, 1)                                   # (n, 4, 8)
+        left, right = h[:, :, :4], h[:, :, -6:-1:2]              # slices
+        h = torch.cat([right, self.const.expand(x.shape[0], 4, 2), left[:, :, 1:]], dim=-1)  # (n, 4, 8)
+        h = h[:, :1].expand(-1, 4, -1) + h                       # expand of a relevant value
+        return self.b(h).sum(1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_direct_shape_transposes_equal_the_vjp(mode, monkeypatch):
+    """The shape ops' written-out transposes give exactly the relevance their traced VJPs give,
+    and every one of them took the direct route."""
+    from governance.backtrace.rules import shape
+
+    torch.manual_seed(10)
+    model = _Rearranging().to(DTYPE).eval()
+    x = torch.randn(5, 4, 6, dtype=DTYPE)
+    taken: list[str] = []
+    orig = shape._direct
+
+    def spy(ctx, node, name, leaves, r0):
+        fn = orig(ctx, node, name, leaves, r0)
+        if fn is not None:
+            taken.append(name)
+        return fn
+
+    monkeypatch.setattr(shape, "_direct", spy)
+    fast = nr.explain(model, x, mode, task="multiclass-classification")
+    assert {"transpose", "permute", "slice", "cat", "expand"} <= set(taken), taken
+    monkeypatch.setattr(shape, "_direct", lambda *a: None)
+    traced = nr.explain(model, x, mode, task="multiclass-classification")
+    maps = ("positive", "negative") if mode == "contrastive" else (None,)
+    for side in maps:
+        a = getattr(fast, side) if side else fast
+        b = getattr(traced, side) if side else traced
+        assert torch.equal(a.input_relevance, b.input_relevance)
+        for name in b.layer_relevance:
+            assert torch.equal(a.layer_relevance[name], b.layer_relevance[name]), name
+
+
+class _LastToken(nn.Module):
+    """Linear + tanh over every token, a head on the last token only: the token layer's relevance
+    is non-zero on one row of each sample."""
+
+    def __init__(self, head_weight_zero: bool = False):
+        super().__init__()
+        self.lin = nn.Linear(24, 16)
+        self.head = nn.Linear(16, 3)
+        if head_weight_zero:
+            with torch.no_grad():
+                self.head.weight.zero_()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x))[:, -1])
+
+
+@pytest.fixture
+def live_rows(monkeypatch):
+    """How many rows the affine rule ran on, per call that took the live-rows route."""
+    seen: list[tuple[int, int]] = []
+    orig = affine._on_rows
+
+    def spy(ctx, node, u, R, live):
+        seen.append((len(live), int(torch.tensor(ctx.value(u.x_node).shape[:-1]).prod())))
+        return orig(ctx, node, u, R, live)
+
+    monkeypatch.setattr(affine, "_on_rows", spy)
+    return seen
+
+
+def _last_token_expected(model, x, mode):
+    """The naive rules: the head on the last token, its relevance placed on the last row of each
+    sample (zeros elsewhere), the token layer on every row."""
+    n, t, d = x.shape
+    with torch.no_grad():
+        h = torch.tanh(model.lin(x))
+        y = model.head(h[:, -1])
+    R, _ = nr.seed(_task(mode), y, mode=mode)
+    r_last = nr.linear_rule(h[:, -1], model.head.weight, model.head.bias, R, mode).relevance
+
+    def place(r):
+        full = torch.zeros(n, t, 16, dtype=DTYPE)
+        full[:, -1] = r
+        return full.reshape(-1, 16)
+
+    flat = nr._each_map(r_last, mode, place)
+    res = nr.linear_rule(x.reshape(-1, d), model.lin.weight, model.lin.bias, flat, mode, "tanh")
+    return nr._each_map(res.relevance, mode, lambda r: r.reshape(x.shape))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_live_rows_match_the_naive_rules(mode, live_rows, monkeypatch):
+    """A linear map whose relevance sits on a few token rows runs on those rows only (rows with
+    one-signed units among them): the naive loops' relevance, and the same books as the
+    whole-tensor route."""
+    torch.manual_seed(11)
+    model = _LastToken().to(DTYPE).eval()
+    x = _tokens_with_one_signed_units(n=4, t=6)
+    x[1, -1] = 0.0
+    x[1, -1, 3] = 0.7  # a live row with one-signed units (recomputed exactly)
+    exp = nr.check_engine(model, x, mode, _last_token_expected(model, x, mode), f"live rows {mode}",
+                          task=_task(mode))
+    assert live_rows == [(4, 24)]
+    monkeypatch.setattr(affine, "LIVE_ROW_FRACTION", -1.0)  # the whole-tensor route
+    whole = nr.explain(model, x, mode, task=_task(mode))
+    for side in (("positive", "negative") if mode == "contrastive" else (None,)):
+        a = getattr(exp, side) if side else exp
+        b = getattr(whole, side) if side else whole
+        assert torch.allclose(a.input_relevance, b.input_relevance, rtol=1e-12, atol=0)
+        for name, books in b.books.items():
+            for field in ("relevance_in", "relevance_out", "bias_absorbed", "saturation_rerouted"):
+                got, want = getattr(a.books[name], field), getattr(books, field)
+                assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-12, atol=1e-300), (name, field)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_live_rows_none_and_batch_independent(mode, live_rows):
+    """No live row at all (a head with zero weights passes nothing back): zeros, no failure; and
+    a sample's relevance does not depend on the batch it is explained in."""
+    torch.manual_seed(12)
+    dead = _LastToken(head_weight_zero=True).to(DTYPE).eval()
+    x = torch.randn(3, 5, 24, dtype=DTYPE)
+    got = nr.explain(dead, x, mode, task=_task(mode))
+    assert live_rows == [(0, 15)]
+    assert float(got.input_relevance.abs().max()) == 0.0
+    model = _LastToken().to(DTYPE).eval()
+    whole = nr.explain(model, x, mode, task=_task(mode))
+    for i in range(3):
+        alone = nr.explain(model, x[i:i + 1], mode, task=_task(mode))
+        assert torch.allclose(alone.input_relevance, whole.input_relevance[i:i + 1], rtol=1e-12, atol=0)

@@ -137,6 +137,7 @@ class RuleContext:
         self.absorbed: dict[fx.Node, torch.Tensor] = {}
         self.rerouted: dict[fx.Node, torch.Tensor] = {}
         self._current: fx.Node | None = None
+        self._rows: tuple[torch.Tensor, int] | None = None  # ``on_rows``
         self.fused: dict[fx.Node, Any] = {}
         # Default and contrastive maps keep the sign of their seed: with a non-negative seed
         # every relevance is >= 0 and |R| sums equal R sums (set by the engine after seeding).
@@ -233,9 +234,25 @@ class RuleContext:
         """Book relevance that saturation moved from one side of a unit to the other."""
         self._book(self.rerouted, amount)
 
+    @contextlib.contextmanager
+    def on_rows(self, rows: torch.Tensor, per_sample: int):
+        """Books written inside come from a rule run on some ``rows`` of its tensors (rows over
+        the leading axes, ``per_sample`` rows to a sample): their amounts have those rows first."""
+        self._rows = (rows, per_sample)
+        try:
+            yield
+        finally:
+            self._rows = None
+
     def _book(self, table: dict, amount: torch.Tensor) -> None:
         node = self._current
-        ps = self.per_sample(amount)
+        if self._rows is not None:
+            rows, per = self._rows
+            k = len(rows)
+            sums = amount.to(torch.float64).reshape(k, amount.numel() // k if k else 0).sum(1)
+            ps = sums.new_zeros(self.batch_size).index_add_(0, torch.div(rows, per, rounding_mode="floor"), sums)
+        else:
+            ps = self.per_sample(amount)
         table[node] = table[node] + ps if node in table else ps
 
     def set_current(self, node: fx.Node | None) -> None:

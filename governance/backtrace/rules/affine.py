@@ -40,7 +40,7 @@ preallocated buffers, in the relevance's dtype.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -508,10 +508,17 @@ def _saturated(t: torch.Tensor, R: torch.Tensor, bound: float | None, below: boo
     The test multiplies a float 0/1 comparison by R and counts: bool masks are slow on CPU."""
     if bound is None:
         return None
-    probe = (torch.lt if below else torch.gt)(t, bound, out=torch.empty_like(R))
-    if not int(torch.count_nonzero(probe.mul_(R))):
-        return None
-    return probe != 0
+    compare = torch.lt if below else torch.gt
+    tf, rf = t.expand_as(R).reshape(-1), R.reshape(-1)
+    # blocks through one small buffer: a fresh full-size probe costs page faults, and most
+    # layers have no saturated unit with relevance (a ReLU's zeros pass none back)
+    buf = R.new_empty(min(BLOCK_UNITS, rf.numel()))
+    for lo in range(0, rf.numel(), BLOCK_UNITS):
+        hi = min(lo + BLOCK_UNITS, rf.numel())
+        b = buf[:hi - lo]
+        if int(torch.count_nonzero(compare(tf[lo:hi], bound, out=b).mul_(rf[lo:hi]))):
+            return compare(t, bound).logical_and_(R != 0)
+    return None
 
 
 # --- the three modes -----------------------------------------------------------------------
@@ -603,7 +610,7 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     buf, [(ap, bp), (an, bn)] = _halves(u, Rp, 2, merged)
     t = u.pre_activation
     n = Rp.shape[0]
-    step = max(1, BLOCK_UNITS // max(Rp[0].numel(), 1)) if Rp.dim() > 1 else n
+    step = max(1, BLOCK_UNITS // max(math.prod(Rp.shape[1:]), 1)) if Rp.dim() > 1 else n
     for lo in range(0, n, step):
         blk = slice(lo, lo + step)
         _route(Rp[blk], Rn[blk], t[blk], inv_p[blk], inv_n[blk], ap[blk], bp[blk], an[blk], bn[blk])
@@ -634,10 +641,65 @@ def affine_rule(ctx: RuleContext, node: fx.Node, R):
     if name in ("mm", "matmul", "bmm") and ctx.is_relevant(node.args[0]) and ctx.is_relevant(node.args[1]):
         raise ctx.unsupported(node, "product of two activations (attention) needs the attention rules")
     u = affine_unit(node, ctx)
+    live = _live_rows(u, ctx.value(u.x_node), R)
+    if live is not None:
+        return _on_rows(ctx, node, u, R, live)
     if ctx.mode == "contrastive":
         Rp, Rn = R
         return _contrastive(ctx, node, u, Rp, Rn)
     return _default_or_signed(ctx, node, u, R, signed=ctx.mode == "signed")
+
+
+#: a linear map over token rows runs on the rows that carry relevance when at most this fraction
+#: of them do (a language model explaining its last position: the head and the last layer's MLP)
+LIVE_ROW_FRACTION = 0.5
+
+
+def _live_rows(u: AffineUnit, x: torch.Tensor, R) -> torch.Tensor | None:
+    """The token rows of a linear map that carry relevance (R+ or R- non-zero), when they are
+    few enough to pay for selecting them; None otherwise. Only where rows are finer than the
+    samples (x has axes between the batch and the features): a sample's rows are all seeded in
+    classification, and checking costs a pass over R."""
+    if u.fwd is not _linear_fwd or u.weight.dim() != 2 or u.row_dims < 2 or u.row_dims != x.dim() - 1:
+        return None
+    maps = R if isinstance(R, tuple) else (R,)
+    units = maps[0].shape[-1]
+    if maps[0].numel() == 0:
+        return None
+    flags = None
+    for m in maps:  # a row lives where its largest or smallest value is not 0 (or is nan)
+        m2 = m.reshape(-1, units)
+        f = m2.amax(1).ne_(0.0).logical_or_(m2.amin(1).ne_(0.0))
+        flags = f if flags is None else flags.logical_or_(f)
+    live = flags.nonzero().squeeze(1)
+    return live if len(live) <= LIVE_ROW_FRACTION * len(flags) else None
+
+
+def _on_rows(ctx: RuleContext, node: fx.Node, u: AffineUnit, R, live: torch.Tensor):
+    """The affine rule on the ``live`` token rows only; every other row carries no relevance, so
+    it passes none (each term of every mode is a multiple of its unit's R, R+ or R-): zeros.
+    A row's result is the same formula on the same row as on the whole tensor."""
+    x = ctx.value(u.x_node)
+    lead = x.shape[:-1]
+    rows = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, live)  # noqa: E731
+    full = u.product
+    sub = replace(u, pre_activation=rows(u.pre_activation), row_dims=1,
+                  product=(lambda: rows(full())) if full is not None else None)
+    xs = rows(x)
+    per = math.prod(lead[1:])  # token rows per sample
+    with ctx.on_rows(live, per):
+        if ctx.mode == "contrastive":
+            got = _contrastive(ctx, node, sub, rows(R[0]), rows(R[1]), x=xs)[u.x_node]
+        else:
+            got = (_default_or_signed(ctx, node, sub, rows(R), signed=ctx.mode == "signed", x=xs)[u.x_node],)
+
+    def scatter(g: torch.Tensor) -> torch.Tensor:
+        out = g.new_zeros(x.shape)
+        out.view(-1, x.shape[-1]).index_copy_(0, live, g)
+        return out
+
+    res = tuple(scatter(g) for g in got)
+    return {u.x_node: res if ctx.mode == "contrastive" else res[0]}
 
 
 def mark_foldable_batch_norms(gm: fx.GraphModule, ctx: RuleContext) -> dict[fx.Node, fx.Node]:

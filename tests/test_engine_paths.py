@@ -417,3 +417,38 @@ def test_live_rows_none_and_batch_independent(mode, live_rows):
     for i in range(3):
         alone = nr.explain(model, x[i:i + 1], mode, task=_task(mode))
         assert torch.allclose(alone.input_relevance, whole.input_relevance[i:i + 1], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weight_cache_same_bits_and_never_stale(mode, monkeypatch):
+    """Derived weights (|W|, 2W⁺, 2|W⁻|, their stacks) kept across calls give the same bits as
+    computing them per call, and a weight changed in place or by assigning ``.data`` is re-read."""
+    from governance.backtrace import Backtrace, weight_cache
+
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Unflatten(1, (1, 8)), nn.Conv1d(1, 3, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(18, 3)).eval()
+    x = torch.randn(5, 6)
+    bt = Backtrace(model)
+
+    def run():
+        exp = bt.explain(x, mode=mode, task=_task(mode))
+        return exp.input_relevance.clone()
+
+    weight_cache.clear()
+    first, again = run(), run()
+    monkeypatch.setattr(weight_cache, "BUDGET_BYTES", 0)  # nothing kept: computed per call
+    weight_cache.clear()
+    assert torch.equal(first, again) and torch.equal(first, run())
+    monkeypatch.undo()
+    run()  # fill the cache again
+    with torch.no_grad():
+        model[0].weight.mul_(-0.5)  # in place: the version counter moves
+    changed = run()
+    weight_cache.clear()
+    assert torch.equal(changed, run()) and not torch.equal(changed, first)
+    run()
+    model[-1].weight.data = torch.randn(3, 18)  # new storage
+    swapped = run()
+    weight_cache.clear()
+    assert torch.equal(swapped, run()) and not torch.equal(swapped, changed)

@@ -49,6 +49,7 @@ from torch import fx
 
 from ..context import RuleContext, first_output, product_threads, safe_div
 from ..registry import register_rule
+from ..weight_cache import derived
 
 aten = torch.ops.aten
 
@@ -328,9 +329,14 @@ def is_nonnegative(x: torch.Tensor) -> bool:
     return x.numel() == 0 or bool(x.min() >= 0)
 
 
+def weight_abs(u: AffineUnit) -> torch.Tensor:
+    """|W| (kept across calls for a model's parameters: ``weight_cache``; never written to)."""
+    return derived(u.weight, "abs", torch.abs)
+
+
 def magnitude(u: AffineUnit, x: torch.Tensor, nonneg: bool, wabs: torch.Tensor | None = None) -> torch.Tensor:
     """S_j = P_j + N_j = Σ_i |z_ji|: one product of absolute values (a fresh tensor)."""
-    return u.forward(x if nonneg else x.abs(), u.weight.abs() if wabs is None else wabs)
+    return u.forward(x if nonneg else x.abs(), weight_abs(u) if wabs is None else wabs)
 
 
 def _sign_parts(x: torch.Tensor, u: AffineUnit) -> torch.Tensor:
@@ -437,21 +443,24 @@ def _by_sign(u: AffineUnit, x: torch.Tensor, coef, maps: int, merged: bool, nonn
     input x_i > 0 come through W⁺ and its negative ones through W⁻, the other way round for
     x_i < 0, so R_i = x⁺_i (2W⁺ᵀα + 2|W⁻|ᵀβ)_i + |x⁻_i| (2|W⁻|ᵀα + 2W⁺ᵀβ)_i. ``coef`` is the
     merged buffer (α and β side by side on the unit axis: one product each) or the pair (α, β)."""
-    w, wabs = u.weight, u.weight.abs()
-    wp2, wn2 = wabs + w, wabs - w  # 2W⁺ and 2|W⁻|, exactly
+    w, wabs = u.weight, weight_abs(u)
+    wp2 = derived(w, "2pos", lambda v: wabs + v)  # 2W⁺ and 2|W⁻|, exactly
+    wn2 = derived(w, "2neg", lambda v: wabs - v)
     lead = coef.shape[0] if merged else coef[0].shape[0]
     shape = torch.Size([lead, *x.shape[1:]])
 
     def products(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:  # firstᵀα + secondᵀβ
         if merged:
-            return u.backward(coef, torch.cat([first, second], dim=u.stack[1]), shape)
+            key = ("cat", first is wp2, u.stack[1])
+            return u.backward(coef, derived(w, key, lambda v: torch.cat([first, second], dim=u.stack[1])), shape)
         return u.backward(coef[0], first, shape).add_(u.backward(coef[1], second, shape))
 
     if merged and not nonneg and u.in_stack is not None:  # both signs of x in one product
         ax = u.in_stack[0] % x.dim()
         shape2 = list(shape)
         shape2[ax] *= 2
-        gh = u.backward(coef, _blocks(u, [[wp2, wn2], [wn2, wp2]]), torch.Size(shape2))
+        blocks = derived(w, ("blocks", u.in_stack, u.stack), lambda v: _blocks(u, [[wp2, wn2], [wn2, wp2]]))
+        gh = u.backward(coef, blocks, torch.Size(shape2))
         g, h = gh.chunk(2, dim=ax)
         out = _per_map(g, maps, x) * x.clamp(min=0)
         out.addcmul_(_per_map(h, maps, x), x.clamp(max=0).neg_())
@@ -493,7 +502,7 @@ def _spread(u: AffineUnit, x: torch.Tensor, buf: torch.Tensor, maps: int, merged
     shape = torch.Size([alpha.shape[0], *x.shape[1:]])
     alpha.add_(beta)
     torch.add(alpha, beta, alpha=-2.0, out=beta)  # α − β
-    g = u.backward(alpha, u.weight.abs(), shape)
+    g = u.backward(alpha, weight_abs(u), shape)
     _per_map(g, maps, x).mul_(x.abs())
     h = u.backward(beta, u.weight, shape)
     _per_map(h, maps, x).mul_(x)
@@ -529,11 +538,11 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
     (recurrent cells)."""
     x = ctx.value(u.x_node) if x is None else x
     nonneg = is_nonnegative(x)
-    babs = u.bias.abs() if u.bias is not None else None
+    babs = derived(u.bias, "abs", torch.abs) if u.bias is not None else None
     lo_b, hi_b = ctx.saturation(node) if sat is None else sat
     t = u.pre_activation
     lo, hi = _saturated(t, R, lo_b, below=True), _saturated(t, R, hi_b, below=False)
-    wabs = u.weight.abs()
+    wabs = weight_abs(u)
     S = magnitude(u, x, nonneg, wabs)
     if lo is None and hi is None:  # R_in = |x| ⊙ |W|ᵀ (R / (S + |b|))  (signed: x ⊙ Wᵀ ...)
         den = S.add_(babs) if babs is not None else S
@@ -603,7 +612,7 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     passes nothing. Each amount is split ∝ z/P (positive side) or |z|/N (negative side)."""
     x = ctx.value(u.x_node) if x is None else x
     nonneg = is_nonnegative(x)
-    babs = u.bias.abs() if u.bias is not None else None
+    babs = derived(u.bias, "abs", torch.abs) if u.bias is not None else None
     inv_p, inv_n, rows = pos_neg2(u, x, magnitude(u, x, nonneg), nonneg, babs)
     by_sign = split_by_sign(u, x, nonneg, rows)
     merged = by_sign and u.stack is not None

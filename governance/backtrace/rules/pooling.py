@@ -135,18 +135,15 @@ def _max_pool_tiled(x: torch.Tensor, out: torch.Tensor, k: list[int]):
     interleaved = lead + [v for o, kk in zip(outs, k) for v in (o, kk)]
     L = len(lead)
     to_window = list(range(L)) + [L + 2 * i + 1 for i in range(nd)] + [L + 2 * i for i in range(nd)]
-    back = [0] * len(to_window)
-    for i, j in enumerate(to_window):
-        back[j] = i
     xw = xs.reshape(interleaved).permute(to_window)
     per_window = lead + [1] * nd + outs
     hit = torch.eq(xw, out.reshape(per_window), out=x.new_empty(xw.shape))  # float 0/1
     cnt = hit.sum(list(range(L, L + nd)), keepdim=True)
 
     def share(R: torch.Tensor) -> torch.Tensor:
-        w = torch.mul(hit.to(R.dtype), safe_div(R.reshape(per_window), cnt.to(R.dtype)))
-        res = R.new_empty(lead + sizes)
-        res.view(interleaved).copy_(w.permute(back))
+        res = R.new_empty(lead + sizes)  # written through its window-major view: no copy back
+        torch.mul(hit.to(R.dtype), safe_div(R.reshape(per_window), cnt.to(R.dtype)),
+                  out=res.view(interleaved).permute(to_window))
         if sizes != list(x.shape[-nd:]):
             pad = [v for sz, full in zip(reversed(sizes), reversed(x.shape[-nd:])) for v in (0, full - sz)]
             res = torch.nn.functional.pad(res, pad)

@@ -39,12 +39,12 @@ def _image(work: Path, modes: list[str], batch: int) -> dict[str, Any]:
 def _text(work: Path, modes: list[str], batch: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from examples.reviews.train import ReviewClassifier, generate_reviews, minilm_path, train_head
+    from examples.reviews.train import build_model, generate_reviews, minilm_path, train_head
     from governance.pipeline import explain_model
 
     tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    model = ReviewClassifier().eval()
-    train_head(model, generate_reviews(200, 0), tok, epochs=30, seed=0)
+    model = build_model()
+    train_head(model, generate_reviews(200, 0), tok, epochs=60, seed=0)
     valid = generate_reviews(48, 1)
     valid.to_parquet(work / "reviews.parquet", index=False)
     cfg = {"task": "multiclass-classification", "modality": "text", "target_column": "label", "modes": modes,
@@ -54,7 +54,7 @@ def _text(work: Path, modes: list[str], batch: int) -> dict[str, Any]:
     n_tokens = int(enc["attention_mask"].sum())
     ids, mask = enc["input_ids"], enc["attention_mask"]
     return _measure(lambda: explain_model(model, work / "reviews.parquet", log=False, quiet=True, config=cfg),
-                    lambda: [model(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(ids), batch)],
+                    lambda: [model(input_ids=ids[i:i + batch], attention_mask=mask[i:i + batch]) for i in range(0, len(ids), batch)],
                     n_tokens, "tokens")
 
 

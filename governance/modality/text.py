@@ -96,16 +96,18 @@ def model_call(model: Any, declared: Sequence[Any] | None = None,
     if configured:
         return ModelCall(tuple(configured), positional=True, source="config text.inputs")
     try:
-        params = [q.name for q in inspect.signature(model.forward).parameters.values()
-                  if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+        found = [q for q in inspect.signature(model.forward).parameters.values()
+                 if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError, AttributeError):
         return ModelCall(("input_ids", "attention_mask"), source="default (the forward has no readable signature)")
+    params = [q.name for q in found]
     if takes_keywords(model):
         names = tuple(n for n in params if n in TOKENIZER_OUTPUTS)
         if "input_ids" in names:
             return ModelCall(names)
-        if len(params) > 1:
-            raise _positional_error(model, params)
+        required = [q.name for q in found if q.default is q.empty]
+        if len(required) > 1:
+            raise _positional_error(model, required)
         return ModelCall(("input_ids",), positional=True)
     names_declared = [str(getattr(d, "name", d)) for d in declared or []]
     source = "the model signature" if names_declared else "the exported program's parameters"

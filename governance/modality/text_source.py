@@ -7,8 +7,10 @@ after stripping), ``n_tokens`` (without truncation) and ``truncated`` (longer th
 ``text.max_length``).
 
 The tokenizer: ``text.tokenizer`` (a local folder saved with ``save_pretrained``, or an MLflow
-artifact URI such as ``runs:/<id>/tokenizer``), else the ``components/tokenizer`` folder of a
-transformers-flavour MLflow model. Loaded with ``local_files_only``: it works offline.
+artifact URI such as ``runs:/<id>/tokenizer``), else the tokenizer component of a
+transformers-flavour MLflow model (loaded with the model, ``governance.tracking``), else the
+``components/tokenizer`` folder under the model's URI. Loaded with ``local_files_only``: it works
+offline.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from governance.data import DataLoadError, FrameSource, TableSource, _input_file
 from governance.errors import InputError
 
 DERIVED = ["text_type", "text_length", "n_tokens", "truncated"]
+#: the tokenizer outputs a model may take
+TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class TokenizerError(InputError):
@@ -37,7 +41,8 @@ class TextOptions:
     reference, ``max_length`` (tokens, with special tokens; every text is padded to it so the
     result does not depend on batching), ``min_count`` (samples a word needs to be ranked),
     ``max_truncated_share`` (above it the contract fails), ``lowercase`` words, ``top_words``
-    per class."""
+    per class, ``inputs``: the tokenizer outputs in the order a model takes them positionally
+    (None: the order the model declares)."""
 
     column: str = "text"
     tokenizer: str | None = None
@@ -46,6 +51,7 @@ class TextOptions:
     max_truncated_share: float = 0.05
     lowercase: bool = True
     top_words: int = 10
+    inputs: tuple[str, ...] | None = None
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> "TextOptions":
@@ -63,6 +69,13 @@ class TextOptions:
             raise ConfigError(f"text.max_truncated_share: must be a number in [0, 1], got {share!r}")
         if "lowercase" in kw and not isinstance(kw["lowercase"], bool):
             raise ConfigError(f"text.lowercase: must be true or false, got {kw['lowercase']!r}")
+        if "inputs" in kw:
+            given = kw["inputs"]
+            if (not isinstance(given, (list, tuple)) or not given or "input_ids" not in given
+                    or not set(given) <= set(TOKENIZER_OUTPUTS) or len(set(given)) != len(given)):
+                raise ConfigError(f"text.inputs: must list the tokenizer outputs ({', '.join(TOKENIZER_OUTPUTS)}) in "
+                                  f"the model's order, with input_ids, each once; got {given!r}")
+            kw["inputs"] = tuple(str(g) for g in given)
         for key in ("column", "tokenizer"):
             if key in kw:
                 kw[key] = str(kw[key])
@@ -73,6 +86,13 @@ def load_tokenizer(opts: TextOptions, handle: Any) -> tuple[Any, str]:
     """The tokenizer and where it came from (see the module docstring)."""
     ref = opts.tokenizer
     where = None
+    if ref is None and getattr(handle, "flavour", None) == "transformers":
+        tok = (getattr(handle, "components", None) or {}).get("tokenizer")
+        if tok is None:
+            raise TokenizerError(f"the transformers model '{handle.uri}' was logged without a tokenizer component: "
+                                 "log it with {'model': ..., 'tokenizer': ...}, or set text.tokenizer to a folder "
+                                 "saved with save_pretrained or an MLflow artifact URI")
+        return _fast(tok, f"{handle.uri} (transformers tokenizer component)")
     if ref is None:
         uri = getattr(handle, "uri", None)
         if uri and "://" in str(uri) or str(uri or "").startswith(("runs:/", "models:/")):
@@ -97,6 +117,11 @@ def load_tokenizer(opts: TextOptions, handle: Any) -> tuple[Any, str]:
     except Exception as exc:
         raise TokenizerError(f"cannot load the tokenizer from {source}: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    return _fast(tok, source)
+
+
+def _fast(tok: Any, source: str) -> tuple[Any, str]:
+    """``(tok, source)``, refusing a slow tokenizer (no word ids to join pieces into words)."""
     if not getattr(tok, "is_fast", False):
         raise TokenizerError(f"the tokenizer from {source} is not a fast tokenizer (needed to join pieces into words)")
     return tok, source

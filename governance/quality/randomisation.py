@@ -62,6 +62,18 @@ def parameter_layers(model: nn.Module, x_probe: Tensor) -> list[str]:
     return order or list(owners)
 
 
+def spread_layers(layers: Sequence[str], k: int) -> list[str]:
+    """At most ``k`` of ``layers`` (in forward order), evenly spaced and always including the
+    first and the last, so a bounded MPRT cascade still reaches from the output to the input."""
+    layers = list(layers)
+    if k >= len(layers):
+        return layers
+    if k == 1:
+        return layers[-1:]
+    picks = sorted({round(i * (len(layers) - 1) / (k - 1)) for i in range(k)})
+    return [layers[i] for i in picks]
+
+
 @torch.no_grad()
 def randomise_(module: nn.Module, generator: torch.Generator) -> None:
     """Replace each parameter the module owns directly with N(mean, std) noise of its own

@@ -93,6 +93,7 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
                    protected_ids: Sequence[int] | None = None, flip_steps: int | None = None,
                    faithfulness_runs: int = 64, subset_fraction: float = 0.2, sensitivity_perturbations: int = 8,
                    sensitivity_radius: float = 0.05, ig_steps: int = 32, mprt_layers: Sequence[str] | None = None,
+                   mprt_max_layers: int | None = None,
                    optional_baselines: Sequence[str] = (), batch_size: int = 512, timings: bool = False,
                    progress: Callable[[str], None] | None = None) -> dict:
     """Explanation-quality metrics for DLBacktrace in each of ``modes`` and the baselines
@@ -116,6 +117,9 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
     ``METRIC_GROUPS`` (default: all that apply). ``ground_truth``: names of the true drivers
     (needs ``feature_names`` or a DataFrame). ``optional_baselines``: ``"kernel_shap"`` and/or
     ``"lime"`` (tabular, when the packages are installed; otherwise listed under ``errors``).
+    ``mprt_max_layers``: randomise at most that many parameter layers, evenly spaced from the
+    output to the input (``randomisation.spread_layers``). What was bounded (the sample, the MPRT
+    layers, fewer perturbations or integration steps than the defaults) is listed in ``bounds``.
 
     Every method explains the model's decision (``decision_polarity``): the target's output, or
     for a one-output binary classifier ``p`` (class 1) / ``1 - p`` (class 0). The model is put in
@@ -201,13 +205,23 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
                      "randomisation": "N(mean, std) of each parameter tensor"},
             "ground_truth": {"k": len(ground_truth) if ground_truth else 0},
         }
+        bounds = _bounds(int(x.shape[0]), n_total, sensitivity_perturbations, ig_steps, groups)
+        if "mprt" in groups and mprt_layers is None and mprt_max_layers is not None:
+            every = randomisation.parameter_layers(model, x[:1])
+            mprt_layers = randomisation.spread_layers(every, mprt_max_layers)
+            params["mprt"].update({"layers": list(mprt_layers), "n_parameter_layers": len(every)})
+            if len(mprt_layers) < len(every):
+                bounds.append(f"MPRT randomised {len(mprt_layers)} of the model's {len(every)} parameter layers, "
+                              f"evenly spaced from the output to the input ({', '.join(mprt_layers[::-1])}), "
+                              f"quality.mprt_max_layers={mprt_max_layers}")
         metrics_doc = {name: {**{k: v for k, v in spec.items() if k != "group"}, "parameters": params[spec["group"]]}
                        for name, spec in METRICS.items() if spec["group"] in groups}
         doc: dict[str, Any] = {
             "n_samples": int(x.shape[0]), "modality": space.modality,
             "primary_method": f"backtrace_{modes[0]}" if modes else None,
-            "parameters": {"seed": seed, "task": task, "n_features": space.n_features, "modes": list(modes)},
-            "metrics": metrics_doc, "methods": {}, "details": {}, "errors": dict(optional_errors),
+            "parameters": {"seed": seed, "task": task, "n_features": space.n_features, "modes": list(modes),
+                           "ig_steps": ig_steps},
+            "metrics": metrics_doc, "methods": {}, "details": {}, "errors": dict(optional_errors), "bounds": bounds,
         }
         if timings:
             doc["timings"] = {}
@@ -299,6 +313,20 @@ def quality_report(model: nn.Module, X: Any, *, task: str, target: Any = None,
     finally:
         _set_mode(model, was_training)
     return _clean(doc)
+
+
+def _bounds(n: int, n_total: int, perturbations: int, ig_steps: int, groups: set[str]) -> list[str]:
+    """What this report computed on less than everything or with fewer steps than the defaults,
+    in words (quality.json ``bounds``; the audit report prints them)."""
+    out = []
+    if n < n_total:
+        out.append(f"the metrics ran on {n} of {n_total} samples (quality.n_samples)")
+    if "max_sensitivity" in groups and perturbations < 8:
+        out.append(f"max sensitivity drew {perturbations} perturbations per sample instead of 8 "
+                   "(quality.sensitivity_perturbations)")
+    if ig_steps < 32:
+        out.append(f"integrated gradients integrated over {ig_steps} steps instead of 32 (quality.ig_steps)")
+    return out
 
 
 def _set_mode(model: nn.Module, training: bool) -> None:

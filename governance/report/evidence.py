@@ -346,6 +346,13 @@ def load_model_facts(client, uri: str | None, *, with_architecture: bool, layer_
         facts.pytorch_format = "pt2 (torch.export program)"
     elif any(n.endswith((".pth", ".pt")) for n in names):
         facts.pytorch_format = "pickle (torch.save of the module)"
+    hf = (mlmodel.get("flavors") or {}).get("transformers")
+    if isinstance(hf, dict) and not pt:  # a transformers-flavour model: its weights' format
+        weights = local / str(hf.get("model_binary") or "model")
+        safe = weights.is_dir() and any(weights.glob("*.safetensors"))
+        facts.pytorch_format = ("transformers, safetensors weights" if safe else
+                                "transformers, pickled weights (.bin)" if weights.is_dir() else
+                                "transformers, weights not logged (a Hugging Face repository reference)")
     facts.mlflow_version = mlmodel.get("mlflow_version")
     facts.created = mlmodel.get("utc_time_created")
     sig = mlmodel.get("signature") or {}

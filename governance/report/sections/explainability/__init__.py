@@ -21,6 +21,7 @@ from governance.report.sections.explainability import (
     method,
     quality,
     stability,
+    word_tables,
 )
 
 PARTS: tuple[Part, ...] = (
@@ -30,6 +31,7 @@ PARTS: tuple[Part, ...] = (
     Part("distribution", importance.build_distribution, "sections/explainability/distribution.html.j2"),
     Part("per_class", importance.build_per_class, "sections/explainability/per_class.html.j2"),
     Part("image_maps", image_maps.build, "sections/explainability/image_maps.html.j2"),
+    Part("word_tables", word_tables.build, "sections/explainability/word_tables.html.j2"),
     Part("layers", layers.build, "sections/explainability/layers.html.j2"),
     Part("stability", stability.build, "sections/explainability/stability.html.j2"),
     Part("quality", quality.build, "sections/explainability/quality.html.j2"),

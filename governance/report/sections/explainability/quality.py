@@ -59,8 +59,9 @@ def quality_table(ev: RunEvidence) -> dict[str, Any]:
                      "direction": DIRECTION_WORDS.get(meta.get("direction"), "not recorded"),
                      "cells": cells})
     errors = [f"{method_words(k.split('.')[0])}: {v}" for k, v in sorted((q.get("errors") or {}).items())]
+    bounds = [str(b) for b in q.get("bounds") or []]
     return {"missing": None, "methods": [method_words(m) for m in methods], "rows": rows, "errors": errors,
-            "n_samples": fnum(q.get("n_samples")), "wide": len(methods) > 4}
+            "n_samples": fnum(q.get("n_samples")), "wide": len(methods) > 4, "bounds": bounds}
 
 
 def build(inp: ReportInputs) -> dict[str, Any]:

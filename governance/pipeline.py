@@ -147,11 +147,11 @@ def _decide_task(cfg: GovernanceConfig, handle: Any, modality: Modality, table: 
     out = model_output(handle.model, x)
     shape, rng = output_facts(out)
     hint = (handle.task_hint, handle.task_hint_source) if getattr(handle, "task_hint", None) else None
-    decision = infer_task(cfg.task if cfg.given("task") else None, hint, shape, rng,
-                          tuple(x.shape) if hasattr(x, "shape") else None)
-    if decision.task in IMAGE_OUTPUT_TASKS and modality.name != "image":
-        raise TaskError(f"task {decision.task} ({decision.source}) explains images: set modality: image "
-                        "(--modality image)")
+    configured = cfg.task if cfg.given("task") else None
+    for task, source in ((configured, "config"), (hint[0] if hint else None, "model metadata")):
+        if task in IMAGE_OUTPUT_TASKS and modality.name != "image":
+            raise TaskError(f"task {task} ({source}) explains images: set modality: image (--modality image)")
+    decision = infer_task(configured, hint, shape, rng, tuple(x.shape) if hasattr(x, "shape") else None)
     width = shape[1] if len(shape) == 2 else 1 if len(shape) == 1 else None
     if decision.task == "binary-classification" and width == 1 and not (0.0 <= rng[0] and rng[1] <= 1.0):
         note = (f"the task is binary-classification ({decision.source}) and the model's one output is outside "

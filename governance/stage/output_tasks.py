@@ -2,16 +2,17 @@
 what the stage records as their decisions. One entry per task in ``OUTPUT_TASKS``.
 
 The engine seeds one of its own tasks (``governance.backtrace``, spec section 2) at the output
-of a thin wrapper around the model, so the stage needs no seeding code of its own:
+of the model, masked where needed, so the stage needs no seeding code of its own:
 
-- ``segmentation``: the wrapper keeps, at each pixel of the predicted mask, the predicted class's
-  score and zeroes everything else (the mask is the arg-max map without ``image.background_class``,
+- ``segmentation``: the model's output is kept, at each pixel of the predicted mask, at the
+  predicted class's score and zeroed everywhere else (a copy of an ``nn.Module`` with the mask
+  after its forward, or ATen ops appended to an exported graph; layer names unchanged) (the mask is the arg-max map without ``image.background_class``,
   default 0; a one-channel output is thresholded: 0.5 for probabilities, 0 for logits). The mask
   is an integer tensor, so the engine's multiplication rule hands the whole seed to the scores.
   The engine seeds it as ``regression``: ``multiplier * score`` on each mask pixel (default and
   signed modes conserve it); contrastive splits it into positive and negative scores.
-- ``box-regression``: the wrapper returns the four box outputs (the first output when the model
-  also returns class scores) and the engine seeds them as ``bbox-regression``:
+- ``box-regression``: the model as it is; the engine explains its first float output (the four
+  box outputs, also when class scores follow as a second output) as ``bbox-regression``:
   ``multiplier * y`` on every coordinate (contrastive: ``R- = multiplier * (1 - y)``, for
   coordinates normalised to [0, 1]).
 
@@ -28,9 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import copy
+
 import numpy as np
 import torch
-from torch import nn
+import torch.utils._pytree as pytree
+from torch import fx, nn
 
 
 @dataclass
@@ -71,7 +75,11 @@ class Segmentation:
         return None
 
     def wrap(self, model: Any, threshold: float | None) -> Any:
-        return _PredictedMask(model, self.background, 0.0 if threshold is None else threshold)
+        """The model with its output masked (``_mask_scores``), as a graph or a module copy."""
+        thr = 0.0 if threshold is None else threshold
+        if _aten_graph(model):
+            return _masked_graph(model, self.background, thr)
+        return _masked_module(model, self.background, thr)
 
     def classes(self, out: np.ndarray, threshold: float | None) -> np.ndarray:
         """(n, H, W) predicted class per pixel (0/1 for one channel)."""
@@ -114,7 +122,8 @@ class BoxRegression:
         return None
 
     def wrap(self, model: Any, threshold: float | None) -> Any:
-        return _BoxOutput(model)
+        """The model as it is: the engine explains its first float output (the boxes)."""
+        return model
 
     def decide(self, raw: Any, n: int, threshold: float | None) -> Decisions:
         box = _numpy(_first(raw))[:n].reshape(n, -1)
@@ -128,45 +137,95 @@ class BoxRegression:
         return Decisions(None, box.sum(1).astype(np.float64), np.ones(n), columns)
 
 
-class _PredictedMask(nn.Module):
-    """The predicted class's score at each pixel of the predicted mask, 0 elsewhere."""
+class _Wrapper(nn.Module):
+    """A module around the user's model; a mode switch leaves an exported model (MLflow's pt2
+    models refuse one, and are captured in eval form already) as it is."""
 
-    def __init__(self, model: Any, background: int | None, threshold: float) -> None:
-        super().__init__()
-        self.model, self.background, self.threshold = model, background, threshold
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _first(self.model(x))
-        if y.shape[1] == 1:
-            return y * (y > self.threshold)
-        cls = y.argmax(1)
-        keep = nn.functional.one_hot(cls, y.shape[1]).permute(0, 3, 1, 2)
-        if self.background is not None:
-            keep = keep * (cls != self.background).unsqueeze(1)
-        return y * keep
+    def train(self, mode: bool = True) -> "_Wrapper":
+        self.training = mode
+        try:
+            self.model.train(mode)
+        except NotImplementedError:
+            pass
+        return self
 
 
-class _BoxOutput(nn.Module):
-    """The box outputs alone (the first output of a model that also returns class scores)."""
+def _mask_scores(y: torch.Tensor, background: int | None, threshold: float) -> torch.Tensor:
+    """``y`` (N, K, H, W) kept at the predicted class of each pixel of the predicted mask, 0
+    elsewhere; the mask is an integer / boolean tensor (a constant of the explanation)."""
+    if y.shape[1] == 1:
+        return y * (y > threshold)
+    cls = y.argmax(1)
+    keep = nn.functional.one_hot(cls, y.shape[1]).permute(0, 3, 1, 2)
+    if background is not None:
+        keep = keep * (cls != background).unsqueeze(1)
+    return y * keep
 
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _first(self.model(x))
+def _aten_graph(model: Any) -> bool:
+    """An exported (pt2) model: a GraphModule of ATen ops, which the engine walks as it is."""
+    return isinstance(model, fx.GraphModule) and any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes)
 
 
-class _Summed(nn.Module):
+def _masked_module(model: nn.Module, background: int | None, threshold: float) -> nn.Module:
+    """A shallow copy of ``model`` (the same submodules and parameters, so the same layer names in
+    the explanation) whose output is ``_mask_scores`` of the model's."""
+    base = type(model)
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _mask_scores(_first(base.forward(self, *args, **kwargs)), background, threshold)
+
+    clone = copy.copy(model)
+    clone.__class__ = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__})
+    return clone
+
+
+def _masked_graph(gm: fx.GraphModule, background: int | None, threshold: float) -> fx.GraphModule:
+    """An exported (ATen) graph with ``_mask_scores`` appended as ATen ops to its first output
+    (the engine walks ATen graphs as they are, so their layer names stay)."""
+    aten = torch.ops.aten
+    graph = copy.deepcopy(gm.graph)
+    out = next(n for n in graph.nodes if n.op == "output")
+    leaves = [a for a in pytree.tree_leaves(out.args[0]) if isinstance(a, fx.Node)]
+    y = leaves[0]
+    val = y.meta.get("val")
+    if val is None or val.dim() != 4:
+        from governance.stage.batch import StageError
+
+        raise StageError("segmentation needs an exported model whose first output is (N, K, H, W) scores")
+    k = int(val.shape[1])
+    with graph.inserting_before(out):
+        if k == 1:
+            keep = graph.call_function(aten.gt.Scalar, (y, threshold))
+        else:
+            cls = graph.call_function(aten.argmax.default, (y, 1, True))
+            classes = graph.call_function(aten.arange.default, (k,), {"device": val.device})
+            classes = graph.call_function(aten.view.default, (classes, [1, k, 1, 1]))
+            keep = graph.call_function(aten.eq.Tensor, (cls, classes))
+            if background is not None:
+                fg = graph.call_function(aten.ne.Scalar, (cls, background))
+                keep = graph.call_function(aten.logical_and.default, (keep, fg))
+        masked = graph.call_function(aten.mul.Tensor, (y, keep))
+    out.args = (pytree.tree_map(lambda a: masked if a is y else a, out.args[0]),)
+    new = fx.GraphModule(gm, graph)
+    for attr in ("_in_spec", "_out_spec", "meta"):
+        if hasattr(gm, attr):
+            setattr(new, attr, getattr(gm, attr))
+    new.recompile()
+    return new
+
+
+class _Summed(_Wrapper):
     """One output per sample: the sum of what an output task's wrapper returns (what the engine's
     seed conserves), for the quality metrics."""
 
     def __init__(self, wrapped: nn.Module) -> None:
         super().__init__()
-        self.wrapped = wrapped
+        self.model = wrapped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.wrapped(x)
+        y = _first(self.model(x))
         return y.reshape(y.shape[0], -1).sum(1, keepdim=True)
 
 

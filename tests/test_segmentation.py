@@ -84,7 +84,7 @@ def _model_output(model: Any, x: np.ndarray) -> Any:
 def test_the_predicted_mask_explains_the_object_and_is_logged(shapes_run) -> None:
     with use_store(shapes_run["uri"]):
         res = explain_model(shapes_run["unet"], shapes_run["data"], quiet=True, experiment_name="shapes",
-                            config=CONFIG)
+                            config={**CONFIG, "quality": {"enabled": True, "n_samples": 8}})
         rid = res.run_id
         paths = artifact_paths(rid)
         local = pd.read_parquet(_download(rid, "governance/explanations/local_relevance.parquet"))
@@ -117,6 +117,11 @@ def test_the_predicted_mask_explains_the_object_and_is_logged(shapes_run) -> Non
     assert "quality: ground_truth" in block["skipped"] and "misclassified examples" in block["skipped"]
     assert gi["features"][0]["feature"] in PIXELS and "direction" in gi["features"][0]
     assert "governance/explanations/global_importance.json" in paths
+    # quality: measured on the summed mask scores (regression), ground-truth drivers skipped
+    q = res.quality
+    assert "governance/explanations/quality.json" in paths and q["parameters"]["task"] == "regression"
+    assert "ground_truth_recall" not in q["metrics"] and not q["errors"]
+    assert q["methods"]["backtrace_default"]["delta_auc"] > 0  # removing relevant pixels first hurts the mask more
 
 
 def test_the_box_relevance_lies_in_the_true_box(shapes_run) -> None:

@@ -50,7 +50,7 @@ class ImageOptions:
     pixel_range: tuple[float, float] | None = None
     unique: bool = False
     top_share: float = 0.05
-    fixed_region_share: float = 0.4
+    fixed_region_share: float = 0.3
     fixed_region_fraction: float = 0.5
     background_class: int | None = 0
 

@@ -228,3 +228,33 @@ def test_cli_explains_a_logged_unet_and_the_pdf_names_the_task_and_regions(shape
     assert "segmentation (inferred from output" in flat
     assert "segmentation: the predicted mask" in flat and "mask's dominant class 1" in flat
     assert top in flat and "Skipped (does not apply to this task)" in flat
+
+
+def test_an_exported_graph_and_the_module_give_the_same_mask_relevance(shapes_run) -> None:
+    """The mask is appended as ATen ops to an exported (pt2) graph and after the forward of a module
+    copy: the same relevance, the same layer names as the model's own."""
+    from governance.backtrace import Backtrace
+    from governance.stage.output_tasks import output_task
+
+    x = torch.from_numpy(shapes_run["x"][:8].astype(np.float32) / 255.0)[:, None]
+    seg = output_task("segmentation")
+    graph = torch.export.export(shapes_run["unet"], (x,)).module()
+    a = Backtrace(seg.wrap(shapes_run["unet"], None)).explain(x, mode="default", task="regression")
+    b = Backtrace(seg.wrap(graph, None)).explain(x, mode="default", task="regression")
+    assert torch.equal(a.output, b.output) and torch.allclose(a.input_relevance, b.input_relevance, atol=1e-5)
+    assert sorted(a.layer_relevance) == sorted(b.layer_relevance) and "up" in a.layer_relevance
+    pred = a.output.ne(0).any(1)  # seeded pixels: the predicted non-background mask
+    assert torch.equal(pred, _model_output(shapes_run["unet"], shapes_run["x"][:8]).argmax(1).ne(0))
+
+
+def test_a_one_channel_mask_is_thresholded_once_for_probabilities_or_logits() -> None:
+    from governance.stage.output_tasks import output_task
+
+    seg = output_task("segmentation", {"background_class": None})
+    logits = np.array([[[[-1.0, 0.5], [2.0, -0.1]]]], dtype=np.float32)
+    assert seg.threshold(logits) == 0.0 and seg.threshold(1 / (1 + np.exp(-logits))) == 0.5
+    decided = seg.decide(torch.from_numpy(logits), 1, 0.0)
+    assert decided.columns["mask_share_1"].tolist() == [0.5] and decided.predictions.tolist() == [1]
+    assert decided.columns["mask_pixels"].tolist() == [2] and decided.scores.tolist() == [1.25]
+    masked = seg.wrap(torch.nn.Identity(), 0.0)(torch.from_numpy(logits))
+    assert masked.flatten().tolist() == [0.0, 0.5, 2.0, 0.0]

@@ -4,13 +4,14 @@ what the stage records as their decisions. One entry per task in ``OUTPUT_TASKS`
 The engine seeds one of its own tasks (``governance.backtrace``, spec section 2) at the output
 of the model, masked where needed, so the stage needs no seeding code of its own:
 
-- ``segmentation``: the model's output is kept, at each pixel of the predicted mask, at the
-  predicted class's score and zeroed everywhere else (a copy of an ``nn.Module`` with the mask
-  after its forward, or ATen ops appended to an exported graph; layer names unchanged) (the mask is the arg-max map without ``image.background_class``,
-  default 0; a one-channel output is thresholded: 0.5 for probabilities, 0 for logits). The mask
-  is an integer tensor, so the engine's multiplication rule hands the whole seed to the scores.
-  The engine seeds it as ``regression``: ``multiplier * score`` on each mask pixel (default and
-  signed modes conserve it); contrastive splits it into positive and negative scores.
+- ``segmentation``: the model's output is kept at the predicted class's score on each pixel of
+  the predicted mask and zeroed everywhere else: the mask is the arg-max map without
+  ``image.background_class`` (default 0; null: every pixel), a one-channel output thresholded
+  (0.5 for probabilities, 0 for logits). It is applied after the forward of a copy of an
+  ``nn.Module``, or as ATen ops appended to an exported graph, so layer names stay. The mask is
+  an integer tensor, so the engine's multiplication rule hands the whole seed to the scores. The
+  engine seeds it as ``regression``: ``multiplier * score`` on each mask pixel (default mode
+  conserves it up to the biases; contrastive splits it into positive and negative scores).
 - ``box-regression``: the model as it is; the engine explains its first float output (the four
   box outputs, also when class scores follow as a second output) as ``bbox-regression``:
   ``multiplier * y`` on every coordinate (contrastive: ``R- = multiplier * (1 - y)``, for
@@ -26,10 +27,9 @@ the relevance conserves).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
-
-import copy
 
 import numpy as np
 import torch
@@ -232,8 +232,7 @@ class _Summed(_Wrapper):
 def summed_output(model: Any, task: str, background: int | None, threshold: float | None = None) -> nn.Module:
     """The model reduced to the one number per sample that ``task`` explains (the quality metrics
     measure how its relevance predicts changes of that number)."""
-    ot = OUTPUT_TASKS[task](background) if task == "segmentation" else OUTPUT_TASKS[task]()
-    return _Summed(ot.wrap(model, threshold))
+    return _Summed(output_task(task, {"background_class": background}).wrap(model, threshold))
 
 
 #: task name -> its output task (the configuration's ``image.background_class`` reaches

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from governance.errors import InputError
-from governance.tasks import MODES, TASKS
+from governance.tasks import MODES, STAGE_TASKS
 
 
 class ConfigError(InputError, ValueError):
@@ -143,8 +143,8 @@ class GovernanceConfig:
 
     def validate(self) -> "GovernanceConfig":
         """Check every value; raise :class:`ConfigError` naming the key. Returns ``self``."""
-        if self.task not in TASKS:
-            raise ConfigError(f"task: '{self.task}' is not one of {', '.join(TASKS)}")
+        if self.task not in STAGE_TASKS:
+            raise ConfigError(f"task: '{self.task}' is not one of {', '.join(STAGE_TASKS)}")
         for name, value in (("allow_pickle", self.allow_pickle), ("quality.enabled", self.quality.enabled)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name}: must be true or false, got {value!r}")

@@ -126,7 +126,8 @@ def _decide_task(cfg: GovernanceConfig, handle: Any, modality: Modality, table: 
     contract then says why)."""
     from governance.data import DataLoadError
     from governance.stage.batch import model_output
-    from governance.task_inference import infer_task, output_facts
+    from governance.task_inference import TaskError, infer_task, output_facts
+    from governance.tasks import IMAGE_OUTPUT_TASKS
 
     if not set(plan.columns) <= set(table.columns):
         return None
@@ -142,10 +143,15 @@ def _decide_task(cfg: GovernanceConfig, handle: Any, modality: Modality, table: 
         return None
     if probe is None:
         return None
-    out = model_output(handle.model, modality.to_model(probe.inputs, cfg.device))
+    x = modality.to_model(probe.inputs, cfg.device)
+    out = model_output(handle.model, x)
     shape, rng = output_facts(out)
     hint = (handle.task_hint, handle.task_hint_source) if getattr(handle, "task_hint", None) else None
-    decision = infer_task(cfg.task if cfg.given("task") else None, hint, shape, rng)
+    configured = cfg.task if cfg.given("task") else None
+    for task, source in ((configured, "config"), (hint[0] if hint else None, "model metadata")):
+        if task in IMAGE_OUTPUT_TASKS and modality.name != "image":
+            raise TaskError(f"task {task} ({source}) explains images: set modality: image (--modality image)")
+    decision = infer_task(configured, hint, shape, rng, tuple(x.shape) if hasattr(x, "shape") else None)
     width = shape[1] if len(shape) == 2 else 1 if len(shape) == 1 else None
     if decision.task == "binary-classification" and width == 1 and not (0.0 <= rng[0] and rng[1] <= 1.0):
         note = (f"the task is binary-classification ({decision.source}) and the model's one output is outside "
@@ -211,7 +217,7 @@ def _quality(model: Any, x: Any, names: list[str], cfg: GovernanceConfig, ground
     if x is None:
         return None, None, {}, "the modality gives the quality metrics no inputs"
     try:
-        q = quality_report(model, x.to(cfg.device), **kwargs, **(extra or {}))
+        q = quality_report(model, x.to(cfg.device), **{**kwargs, **(extra or {})})
     except Exception as exc:  # quality is evidence about the explanation, not the explanation
         note = f"quality_report failed: {type(exc).__name__}: {exc}"
         gates = None

@@ -4,8 +4,10 @@
 2. the model's metadata (a ``governance.task`` tag or MLmodel metadata key, the ``model_type``
    given to ``mlflow.models.evaluate``), read by :mod:`governance.tracking`;
 3. the model's output: ``(N, K>=2)`` is multiclass; ``(N, 1)`` or ``(N,)`` within [0, 1] is binary;
-   anything else is regression, with a note to say so once on stderr (an unbounded single output
-   is never thresholded at 0 into classes).
+   ``(N, K, H, W)`` at the input image's ``H x W`` is segmentation; anything else is regression,
+   with a note to say so once on stderr (an unbounded single output is never thresholded at 0 into
+   classes). Box regression is never inferred: ``(N, 4)`` reads as four class scores, and an image
+   model's four outputs say so in a note.
 
 Pure functions without torch or MLflow, so the decision is tested on its own.
 """
@@ -16,12 +18,12 @@ import math
 from typing import Any, NamedTuple, Sequence
 
 from governance.errors import InputError
-from governance.tasks import TASKS
+from governance.tasks import STAGE_TASKS
 
 # what metadata may say, as recorded by people and by MLflow, mapped to a task (None: a classifier,
 # binary or multiclass by the output's width)
 ALIASES: dict[str, str | None] = {
-    **{t: t for t in TASKS},
+    **{t: t for t in STAGE_TASKS},
     "binary": "binary-classification",
     "binary_classification": "binary-classification",
     "multiclass": "multiclass-classification",
@@ -71,13 +73,24 @@ def _in_unit_interval(output_range: tuple[float, float] | None) -> bool:
 
 
 def _from_output(shape: Sequence[int] | None, output_range: tuple[float, float] | None,
-                 classifier: bool) -> TaskDecision:
-    """The output rule; ``classifier``: the metadata says classifier without saying which."""
+                 classifier: bool, input_shape: Sequence[int] | None = None) -> TaskDecision:
+    """The output rule; ``classifier``: the metadata says classifier without saying which;
+    ``input_shape``: the model input's shape (an image's (N, C, H, W) decides segmentation)."""
     if shape is None:
         raise TaskError("the task cannot be inferred without the model's output; set --task (config task:)")
+    dims = tuple(int(d) for d in shape)
+    image = input_shape is not None and len(tuple(input_shape)) == 4
+    if len(dims) == 4 and image and dims[2:] == tuple(int(d) for d in tuple(input_shape)[2:]):
+        return TaskDecision("segmentation", f"inferred from output (per-pixel scores {_shape_text(shape)} "
+                                            "at the input's height and width)")
     width = _width(shape)
     if width is not None and width >= 2:
-        return TaskDecision("multiclass-classification", f"inferred from output ({width} outputs per sample)")
+        decision = TaskDecision("multiclass-classification", f"inferred from output ({width} outputs per sample)")
+        if width == 4 and image:
+            decision = decision._replace(note=(
+                "the image model gives 4 outputs per sample: explained as 4 class scores; if they are box "
+                "coordinates set --task box-regression (config task:)"))
+        return decision
     if width == 1 and _in_unit_interval(output_range):
         return TaskDecision("binary-classification", "inferred from output (one output per sample in [0, 1])")
     if width == 1:
@@ -88,8 +101,10 @@ def _from_output(shape: Sequence[int] | None, output_range: tuple[float, float] 
                 "classifier's logit, log the model with its sigmoid to explain probabilities, or set "
                 "--task regression (config task:) to say so")
         return TaskDecision("regression", "inferred from output (one output per sample, not in [0, 1])", note)
+    also = (" (a per-pixel map at another resolution than the input: set --task segmentation)"
+            if len(dims) == 4 and image else "")
     note = (f"the model's output {_shape_text(shape)} is not one score per class, so it is explained as "
-            "regression of its sum; set --task (config task:) if it is something else")
+            f"regression of its sum; set --task (config task:) if it is something else{also}")
     return TaskDecision("regression", f"inferred from output (shape {_shape_text(shape)})", note)
 
 
@@ -105,7 +120,17 @@ def output_facts(output: Any) -> tuple[tuple[int, ...], tuple[float, float]]:
 
 
 def check_task_output(task: str, output_shape: Sequence[int] | None, where: str) -> None:
-    """Raise :class:`TaskError` when a named classification task cannot fit the output's width."""
+    """Raise :class:`TaskError` when a named task cannot fit the output's shape."""
+    if task == "segmentation" and output_shape is not None and len(tuple(output_shape)) != 4:
+        raise TaskError(
+            f"task segmentation ({where}) expects per-pixel class scores (N, K, H, W), but the model gives "
+            f"{_shape_text(output_shape)}; set the task the model solves (--task, config task:)")
+    if task == "box-regression" and output_shape is not None and (
+            len(tuple(output_shape)) != 2 or int(tuple(output_shape)[1]) != 4):
+        raise TaskError(
+            f"task box-regression ({where}) expects box coordinates (N, 4) (x0, y0, x1, y1; class scores may "
+            f"follow as a second output), but the model gives {_shape_text(output_shape)}; set the task the "
+            "model solves (--task, config task:)")
     width = _width(output_shape)
     if width is None:
         return
@@ -122,7 +147,8 @@ def check_task_output(task: str, output_shape: Sequence[int] | None, where: str)
 
 
 def infer_task(configured: str | None, hint: tuple[str, str] | None, output_shape: Sequence[int] | None,
-               output_range: tuple[float, float] | None) -> TaskDecision:
+               output_range: tuple[float, float] | None,
+               input_shape: Sequence[int] | None = None) -> TaskDecision:
     """Decide the task: ``configured`` (config/CLI) > ``hint`` ((value, where) from the model's
     metadata) > the output (``output_shape`` of a forward pass, ``output_range`` its (min, max)).
 
@@ -131,15 +157,15 @@ def infer_task(configured: str | None, hint: tuple[str, str] | None, output_shap
     Raises :class:`TaskError` when a named task cannot fit the output, or a name is unknown.
     """
     if configured is not None:
-        if configured not in TASKS:
-            raise TaskError(f"task: '{configured}' is not one of {', '.join(TASKS)}")
+        if configured not in STAGE_TASKS:
+            raise TaskError(f"task: '{configured}' is not one of {', '.join(STAGE_TASKS)}")
         check_task_output(configured, output_shape, "config")
         return TaskDecision(configured, "config")
     if hint is not None:
         value, where = hint
         key = str(value).strip().lower()
         if key not in ALIASES:
-            decision = _from_output(output_shape, output_range, False)
+            decision = _from_output(output_shape, output_range, False, input_shape)
             note = (f"the model's metadata names an unknown task '{value}' ({where}); ignored. "
                     + (decision.note or ""))
             return decision._replace(note=note.strip())
@@ -147,6 +173,6 @@ def infer_task(configured: str | None, hint: tuple[str, str] | None, output_shap
         if task is not None:
             check_task_output(task, output_shape, f"model metadata: {where}")
             return TaskDecision(task, f"model metadata ({where})")
-        decision = _from_output(output_shape, output_range, True)
+        decision = _from_output(output_shape, output_range, True, input_shape)
         return decision._replace(source=f"model metadata ({where}: a classifier), {decision.source}")
-    return _from_output(output_shape, output_range, False)
+    return _from_output(output_shape, output_range, False, input_shape)

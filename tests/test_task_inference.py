@@ -125,3 +125,31 @@ def test_logged_models_explained_with_the_inferred_task(credit_store, kind: str,
                         config={"task": decision.task, "modes": ["signed"], "quality": {"enabled": False},
                                 "aggregation": {"n_bootstrap": 20}})
     assert res.n_samples == 40 and len(res.global_importance["features"]) == 5
+
+
+def test_a_per_pixel_output_at_the_input_size_is_segmentation() -> None:
+    d = infer_task(None, None, (4, 3, 16, 16), (-2.0, 5.0), input_shape=(4, 1, 16, 16))
+    assert d.task == "segmentation" and d.note is None
+    assert d.source == "inferred from output (per-pixel scores (N, 3, 16, 16) at the input's height and width)"
+    other = infer_task(None, None, (4, 3, 8, 8), (-2.0, 5.0), input_shape=(4, 1, 16, 16))
+    assert other.task == "regression" and "set --task segmentation" in other.note
+    assert infer_task(None, None, (4, 3, 16, 16), (0.0, 1.0)).task == "regression"  # no image input known
+
+
+def test_four_outputs_of_an_image_model_say_box_regression_is_not_assumed() -> None:
+    d = infer_task(None, None, (4, 4), (0.0, 1.0), input_shape=(4, 1, 16, 16))
+    assert d.task == "multiclass-classification" and "--task box-regression" in d.note
+    assert infer_task(None, None, (4, 4), (0.0, 1.0), input_shape=(4, 7)).note is None  # a table: no note
+    assert infer_task("box-regression", None, (4, 4), (0.0, 1.0)).task == "box-regression"
+
+
+@pytest.mark.parametrize("task,shape,message", [
+    ("segmentation", (4, 10), "task segmentation (config) expects per-pixel class scores (N, K, H, W), but the "
+                              "model gives (N, 10)"),
+    ("box-regression", (4, 3, 16, 16), "task box-regression (config) expects box coordinates (N, 4)"),
+    ("box-regression", (4, 5), "but the model gives (N, 5)"),
+])
+def test_image_tasks_that_do_not_fit_the_output_fail(task, shape, message) -> None:
+    with pytest.raises(TaskError) as err:
+        infer_task(task, None, shape, (0.0, 1.0))
+    assert message in str(err.value)

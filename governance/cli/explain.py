@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from governance.tasks import MODES, TASKS
+from governance.tasks import MODES, STAGE_TASKS
 
 
 @click.command("explain")
@@ -29,7 +29,7 @@ from governance.tasks import MODES, TASKS
 @click.option("--experiment-name", default=None, envvar="MLFLOW_EXPERIMENT_NAME",
               help="Experiment of a new run (when neither --run-id nor MLFLOW_RUN_ID is set).")
 @click.option("--run-id", default=None, help="Log into this run (default: MLFLOW_RUN_ID, else a new run).")
-@click.option("--task", default=None, type=click.Choice(TASKS),
+@click.option("--task", default=None, type=click.Choice(STAGE_TASKS),
               help="What the model does (default: from the model's metadata, else from its output).")
 @click.option("--feature-columns", default=None,
               help="Comma-separated feature columns in the model's input order.")

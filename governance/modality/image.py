@@ -35,21 +35,50 @@ from governance.modality.image_source import (
     region_names,
 )
 from governance.stage.batch import BatchResult, StageError
+from governance.tasks import IMAGE_OUTPUT_TASKS
 
 #: Examples kept per kind: most confident per class (1 each), misclassified, least confident.
 N_MISCLASSIFIED = 3
 N_BORDERLINE = 3
 #: The fixed-region rule is checked in a predicted class only when it has this many samples.
 MIN_CLASS_SAMPLES = 10
+#: What segmentation and box regression skip, and why (named in the run and the report).
+QUALITY_SKIPPED = {
+    "ground_truth": "needs named tabular drivers",
+}
+EXAMPLES_SKIPPED = {"misclassified examples": "no class decision to compare with the labels"}
+#: What each output task explains, as the report says it.
+TASK_EXPLAINED = {
+    "segmentation": "the predicted mask: each mask pixel's predicted-class score (background class {bg} left out)",
+    "box-regression": "the predicted box: the model's four box outputs",
+}
+
+
+def output_task_block(task: str, opts: ImageOptions, maps: "ImageMaps") -> dict[str, Any]:
+    """``global_importance.json["image"]["task"]``: what was explained, the mean prediction
+    columns over the samples, and what does not apply (skipped)."""
+    n = max(maps.n, 1)
+    means = {k: v / n for k, v in sorted(maps.prediction_sums.items())}
+    return {"name": task, "explained": TASK_EXPLAINED[task].format(bg=opts.background_class),
+            "background_class": opts.background_class if task == "segmentation" else None,
+            "mean_prediction": means,
+            "skipped": {**{f"quality: {k}": v for k, v in QUALITY_SKIPPED.items()}, **EXAMPLES_SKIPPED}}
 
 
 def unit_relevance_table(result: BatchResult) -> Any:
-    """``local_relevance.parquet`` rows: sample_id, prediction, score, target, relevance_l1, then
-    one float32 column of primary-mode relevance per unit."""
+    """``local_relevance.parquet`` rows: sample_id, prediction, the output task's prediction columns
+    (segmentation: ``mask_share_<c>``, ``mask_pixels``; box regression: ``box_0..3`` and no
+    ``prediction``), score, target, relevance_l1, then one float32 column of primary-mode relevance
+    per unit."""
     import pyarrow as pa
 
     p = result.primary
-    head: dict[str, Any] = {"sample_id": result.sample_ids, "prediction": result.decisions, "score": result.scores}
+    columns = result.extras.get("prediction_columns") or {}
+    head: dict[str, Any] = {"sample_id": result.sample_ids}
+    if result.predictions is not None or not columns:  # a box regressor has no class to write
+        head["prediction"] = result.decisions
+    head.update(columns)
+    head["score"] = result.scores
     if result.targets is not None:
         head["target"] = result.targets
     head["relevance_l1"] = p.relevance_l1.astype(np.float32)
@@ -77,8 +106,9 @@ class ImageMaps:
     concentration sums, per-region hit counts and the example images. Mergeable; examples are
     chosen by (criterion, sample key), so any batching keeps the same ones."""
 
-    def __init__(self, opts: ImageOptions, grid: tuple[int, int], mode: str) -> None:
+    def __init__(self, opts: ImageOptions, grid: tuple[int, int], mode: str, compare_labels: bool = True) -> None:
         self.opts, self.grid, self.mode = opts, grid, mode
+        self.compare_labels = compare_labels  # misclassified examples (classifiers only)
         self.n = 0
         self.sum_share: np.ndarray | None = None
         self.by_class: dict[str, np.ndarray] = {}
@@ -89,6 +119,7 @@ class ImageMaps:
         self.region_share = np.zeros(grid[0] * grid[1])
         self.class_hits: dict[str, np.ndarray] = {}
         self.examples: dict[str, np.ndarray] = {}
+        self.prediction_sums: dict[str, float] = {}  # output tasks' prediction columns, summed
 
     # -- update ------------------------------------------------------------------------------
     def update(self, batch: BatchResult, draws: Any) -> None:
@@ -119,6 +150,9 @@ class ImageMaps:
                 k = str(c)
                 self.class_hits[k] = self.class_hits.get(k, 0) + hits[batch.predictions == c].sum(0)
         self.n += n
+        for k, v in (batch.extras.get("prediction_columns") or {}).items():
+            if k != "box_class":
+                self.prediction_sums[k] = self.prediction_sums.get(k, 0.0) + float(np.asarray(v, np.float64).sum())
         self._keep_examples(batch, pix)
 
     def _keep_examples(self, batch: BatchResult, pix: np.ndarray) -> None:
@@ -132,7 +166,7 @@ class ImageMaps:
                 "ids": np.asarray(batch.sample_ids).astype(str), "predictions": np.asarray(pred).astype(np.int64),
                 "scores": score, "keys": np.asarray(batch.keys, dtype=np.uint64), "kinds": kinds}
         parts = [cand]
-        if batch.targets is not None and batch.predictions is not None:
+        if self.compare_labels and batch.targets is not None and batch.predictions is not None:
             wrong = np.asarray(batch.targets).astype(str) != np.asarray(pred).astype(str)
             if wrong.any():
                 parts.append({k: v[wrong] for k, v in cand.items()} | {"kinds": np.array(["misclassified"] * int(
@@ -170,6 +204,8 @@ class ImageMaps:
         self.region_hits += other.region_hits
         self.region_share += other.region_share
         self.n += other.n
+        for k, v in other.prediction_sums.items():
+            self.prediction_sums[k] = self.prediction_sums.get(k, 0.0) + v
         if other.examples:
             both = [e for e in (self.examples, other.examples) if e]
             self.examples = self._select({k: np.concatenate([e[k] for e in both]) for k in other.examples})
@@ -184,7 +220,8 @@ class ImageMaps:
             arrays[f"class_hits/{i}"] = np.asarray(self.class_hits[k], dtype=np.int64)
         arrays.update({f"ex/{k}": v for k, v in self.examples.items()})
         meta = {"n": self.n, "top_sum": self.top_sum, "border_sum": self.border_sum, "classes": classes,
-                "class_n": [self.class_n[k] for k in classes], "examples": sorted(self.examples)}
+                "class_n": [self.class_n[k] for k in classes], "examples": sorted(self.examples),
+                "prediction_sums": dict(sorted(self.prediction_sums.items()))}
         return meta, arrays
 
     def load(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
@@ -195,6 +232,7 @@ class ImageMaps:
         self.class_n = dict(zip(meta["classes"], meta["class_n"]))
         self.class_hits = {k: arrays[f"class_hits/{i}"] for i, k in enumerate(meta["classes"])}
         self.examples = {k: arrays[f"ex/{k}"] for k in meta["examples"]}
+        self.prediction_sums = {k: float(v) for k, v in (meta.get("prediction_sums") or {}).items()}
 
     # -- documents ---------------------------------------------------------------------------
     def block(self, names: list[str]) -> dict[str, Any]:
@@ -302,12 +340,22 @@ class ImageModality(Modality):
 
     def quality_setup(self, model: Any) -> tuple[Any, dict[str, Any]]:
         """Patch flipping: square patches about the size of a grid region (pixel flipping when a
-        region is one pixel)."""
+        region is one pixel). Segmentation and box regression are measured on what the stage
+        explains, summed to one output per sample (the predicted mask's scores, the box
+        outputs) as regression; the metrics that need class labels or named drivers are skipped."""
         h, w = self.size
-        return model, {"patch_size": max(1, min(h // self.grid[0], w // self.grid[1]))}
+        extra: dict[str, Any] = {"patch_size": max(1, min(h // self.grid[0], w // self.grid[1]))}
+        if self.cfg.task not in IMAGE_OUTPUT_TASKS:
+            return model, extra
+        from governance.quality.report import METRIC_GROUPS
+        from governance.stage.output_tasks import summed_output
+
+        extra.update(task="regression", metrics=[g for g in METRIC_GROUPS if g not in QUALITY_SKIPPED])
+        return summed_output(model, self.cfg.task, self.opts.background_class), extra
 
     def accumulators(self) -> Mapping[str, ImageMaps]:
-        return {"maps": ImageMaps(self.opts, self.grid, self.cfg.primary_mode)}
+        return {"maps": ImageMaps(self.opts, self.grid, self.cfg.primary_mode,
+                                  compare_labels=self.cfg.task not in IMAGE_OUTPUT_TASKS)}
 
     def amend_documents(self, docs: Any, state: Any, plan: ModalityPlan) -> None:
         maps: ImageMaps = state.extra("maps")  # type: ignore[assignment]
@@ -315,6 +363,9 @@ class ImageModality(Modality):
         block.update(height=self.size[0], width=self.size[1], channels=self.channels, grid=list(self.grid),
                      preprocessing=self.opts.record(), classes=self.classes)
         docs.global_importance["image"] = block
+        docs.global_importance["task"] = self.cfg.task
+        if self.cfg.task in IMAGE_OUTPUT_TASKS:
+            block["task"] = output_task_block(self.cfg.task, self.opts, maps)
 
     def write_documents(self, state: Any, plan: ModalityPlan, out_dir: Path) -> None:
         from governance.stage.writers import write_json

@@ -50,8 +50,9 @@ class ImageOptions:
     pixel_range: tuple[float, float] | None = None
     unique: bool = False
     top_share: float = 0.05
-    fixed_region_share: float = 0.4
+    fixed_region_share: float = 0.3
     fixed_region_fraction: float = 0.5
+    background_class: int | None = 0
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> "ImageOptions":
@@ -96,6 +97,11 @@ class ImageOptions:
             if not isinstance(section["unique"], bool):
                 raise ConfigError(f"image.unique: must be true or false, got {section['unique']!r}")
             kw["unique"] = section["unique"]
+        if "background_class" in section:
+            v = section["background_class"]
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ConfigError(f"image.background_class: must be a class index >= 0 or null, got {v!r}")
+            kw["background_class"] = v
         return cls(**kw)
 
     def record(self) -> dict[str, Any]:

@@ -322,7 +322,8 @@ def layers_summary(ev: RunEvidence, top: int) -> dict[str, Any]:
     lr = ev.layer_ranking
     layers = [x for x in (lr or {}).get("layers", []) if isinstance(x, dict)]
     if not layers:
-        return {"missing": not_provided("the run has no explanations/layer_ranking.json"), "rows": []}
+        return {"missing": not_provided("the run has no explanations/layer_ranking.json"), "rows": [],
+                "bias_max": None, "bias_mean": None, "bias_max_raw": 0.0, "saturation_max": None}
     layers = sorted(layers, key=lambda x: (x.get("rank") is None, x.get("rank", 0)))
     extras = [(k, label) for k, label in LAYER_EXTRA if any(not is_missing(x.get(k)) for x in layers)]
     rows = []

@@ -194,14 +194,19 @@ def per_unit_relevance(rel: Any, module_type: str) -> Any:
     return moved.reshape(rel.shape[0], -1, rel.shape[axis]).sum(1)
 
 
+def model_output_raw(model: Any, x: Any) -> Any:
+    """What the model returns for inputs ``x`` (a tensor, a tuple or a dict), without gradients."""
+    import torch
+
+    with torch.no_grad():
+        return model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, tuple) else model(x)
+
+
 def model_output(model: Any, x: Any) -> Any:
     """The model's output tensor for inputs ``x`` (a tensor, a tuple of positional inputs or a
     dict of keyword inputs), without gradients: ``.logits`` of a model output object, the first
     element of a tuple."""
-    import torch
-
-    with torch.no_grad():
-        out = model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, tuple) else model(x)
+    out = model_output_raw(model, x)
     if hasattr(out, "logits"):
         out = out.logits
     elif isinstance(out, (tuple, list)):
@@ -213,11 +218,13 @@ class Explainer:
     """The engine for one model and configuration: every mode on a batch of model inputs."""
 
     def __init__(self, model: Any, *, task: str, modes: Sequence[str], primary_mode: str,
-                 multiplier: float = 100.0, device: str = "cpu", top_n: int = 4) -> None:
-        from governance.backtrace import Backtrace
+                 multiplier: float = 100.0, device: str = "cpu", top_n: int = 4,
+                 image: dict[str, Any] | None = None) -> None:
+        from governance.stage.output_tasks import output_task
 
         self.model = model
-        self.bt = Backtrace(model)
+        self.output_task = output_task(task, image)  # segmentation / box regression, else None
+        self._bt: Any = None
         self.task = task
         self.modes = list(modes)
         self.primary_mode = primary_mode
@@ -229,21 +236,37 @@ class Explainer:
     @classmethod
     def from_config(cls, model: Any, cfg: Any) -> "Explainer":
         return cls(model, task=cfg.task, modes=cfg.modes, primary_mode=cfg.primary_mode,
-                   multiplier=cfg.multiplier, device=cfg.device, top_n=cfg.reason_codes.top_n)
+                   multiplier=cfg.multiplier, device=cfg.device, top_n=cfg.reason_codes.top_n,
+                   image=getattr(cfg, "image", None))
+
+    @property
+    def bt(self) -> Any:
+        """The engine, built on first use (an output task's wrapper needs the calibrated threshold)."""
+        if self._bt is None:
+            from governance.backtrace import Backtrace
+
+            ot = self.output_task
+            self._bt = Backtrace(ot.wrap(self.model, self.threshold) if ot is not None else self.model)
+        return self._bt
 
     def calibrate(self, modality: Modality, batch: InputBatch) -> None:
         """Decide once, on a probe batch (the data's first rows), whether a one-output binary
         model emits probabilities (threshold 0.5) or logits (threshold 0), so the decision rule
         does not depend on how the rows are batched."""
         out = model_output(self.model, modality.to_model(batch.inputs, self.device))
-        out = out.detach().float().cpu().numpy().reshape(len(batch), -1)
+        out = out.detach().float().cpu().numpy()
+        if self.output_task is not None:
+            self.threshold = self.output_task.threshold(out)
+            return
+        out = out.reshape(len(batch), -1)
         if out.shape[1] == 1 and len(out):
             self.threshold = 0.5 if (out.min() >= 0 and out.max() <= 1) else 0.0
 
     def explain(self, x: Any, mode: str) -> Any:
         """One engine call; a shape mismatch becomes a clear StageError."""
         try:
-            return self.bt.explain(x, mode=mode, task=self.task, multiplier=self.multiplier)
+            task = self.output_task.engine_task if self.output_task is not None else self.task
+            return self.bt.explain(x, mode=mode, task=task, multiplier=self.multiplier)
         except RuntimeError as exc:
             if "shape" in str(exc) or "size" in str(exc):
                 raise StageError(f"the model rejected the input batch ({exc}); check feature_columns and "
@@ -257,9 +280,14 @@ def explain_batch(explainer: Explainer, modality: Modality, plan: ModalityPlan, 
     x = modality.to_model(_pad(batch.inputs, n), explainer.device)
     modes: dict[str, ModeResult] = {}
     pred = score = direction = None
+    extras: dict[str, Any] = dict(batch.extras)
     for mode in explainer.modes:
         exp = explainer.explain(x, mode)
-        if pred is None:
+        if score is None and explainer.output_task is not None:
+            decided = explainer.output_task.decide(model_output_raw(explainer.model, x), n, explainer.threshold)
+            pred, score, direction = decided.predictions, decided.scores, decided.direction
+            extras["prediction_columns"] = decided.columns
+        elif score is None:
             output = _to_numpy(exp.output)[:n]
             if explainer.threshold is None and output.reshape(n, -1).shape[1] == 1:
                 explainer.threshold = 0.5 if (output.min() >= 0 and output.max() <= 1) else 0.0
@@ -283,5 +311,5 @@ def explain_batch(explainer: Explainer, modality: Modality, plan: ModalityPlan, 
     return BatchResult(
         sample_ids=batch.sample_ids, keys=sample_keys(batch.sample_ids), predictions=pred, scores=score,
         direction=direction, targets=batch.targets, inputs=batch.inputs, unit_values=batch.unit_values,
-        modes=modes, primary_mode=explainer.primary_mode, reasons=reasons, extras=dict(batch.extras),
+        modes=modes, primary_mode=explainer.primary_mode, reasons=reasons, extras=extras,
     )

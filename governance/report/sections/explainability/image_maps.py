@@ -18,9 +18,11 @@ def build(inp: ReportInputs) -> dict[str, Any] | None:
     if gi.get("modality") != "image" or not isinstance(block, dict):
         return None
     heat = inp.ev.root / EXPLANATIONS / "heatmaps"
+    task = block.get("task") if isinstance(block.get("task"), dict) else {}
+    per = "mask's dominant class" if task.get("name") == "segmentation" else "predicted class"
     maps = []
     for p in sorted(heat.glob("*.png")) if heat.is_dir() else []:
-        label = "all samples" if p.stem == "mean" else f"predicted class {p.stem.removeprefix('class_')}"
+        label = "all samples" if p.stem == "mean" else f"{per} {p.stem.removeprefix('class_')}"
         maps.append({"name": label, "src": plots.data_uri(p.read_bytes()),
                      "alt": f"Mean share of |relevance| per pixel, {label}"})
     rule = block.get("fixed_region_rule") or {}
@@ -39,6 +41,12 @@ def build(inp: ReportInputs) -> dict[str, Any] | None:
         ("Fixed-region rule", f"one region holds at least {fnum(rule.get('share'))} of a sample's |relevance| in at "
                               f"least {fnum(rule.get('fraction'))} of the samples (overall or of one class)"),
     ]
+    if task:
+        means = task.get("mean_prediction") or {}
+        rows[:0] = [("Task explained", f"{ftext(task.get('name'))}: {ftext(task.get('explained'))}"),
+                    ("Mean prediction per sample", ", ".join(f"{ftext(k)} {fnum(v)}" for k, v in means.items()))]
+        rows.append(("Skipped (does not apply to this task)",
+                     "; ".join(f"{ftext(k)}: {ftext(v)}" for k, v in (task.get("skipped") or {}).items())))
     return {"image_maps": {"maps": maps, "rows": [{"name": a, "value": b} for a, b in rows],
                            "fixed": bool(block.get("fixed_region"))}}
 

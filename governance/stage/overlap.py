@@ -37,6 +37,15 @@ def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
     return False
 
 
+def _drain(q: "queue.Queue[Any]") -> None:
+    """Drop whatever ``q`` holds."""
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return
+
+
 class Prefetch(Generic[T]):
     """Iterate ``source`` in a background thread, at most ``depth`` items ahead of the consumer."""
 
@@ -68,11 +77,7 @@ class Prefetch(Generic[T]):
     def close(self) -> None:
         """Stop the background thread (it finishes the item it is reading) and wait for it."""
         self._stop.set()
-        while True:  # unblock a producer waiting for room
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        _drain(self._queue)  # unblock a producer waiting for room
         self._thread.join()
 
     def __enter__(self) -> "Prefetch[T]":
@@ -127,11 +132,7 @@ class OrderedWorker(Generic[T]):
     def abort(self) -> None:
         """Stop without processing what is still queued (after an error elsewhere)."""
         self._stop.set()
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        _drain(self._queue)
         if self._thread.is_alive():
             try:
                 self._queue.put_nowait(_DONE)

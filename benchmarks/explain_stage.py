@@ -13,8 +13,9 @@ and CPU microseconds per row of each step of the streaming runner, each measured
 that runs it (``time.thread_time``): ``read`` (the reader thread), ``backtrace`` (the main
 thread: the engine in every mode, units, shares, layer books, reason codes), ``aggregate`` and
 ``write`` (the fold thread: the state's accumulators; the per-sample parquet files), ``contract``
-(the data contract's thread), and ``fixed`` (the process's CPU outside those steps: loading,
-documents, plots, logging). The steps overlap, so the stage's rows/s are given both per wall
+(the data contract's thread), ``other`` (the process's CPU during the stream that no step's
+clock sees: thread hand-offs, pyarrow's own threads) and ``fixed`` (the process's CPU outside
+the stream: loading, documents, plots, logging). The steps overlap, so the stage's rows/s are given both per wall
 second and per CPU second (all threads), with the load average before and after (the machine
 may be shared: a loaded machine stretches the wall time, not the CPU time much). The
 ``projected`` rows/s is what the same CPU seconds give on an idle machine with ``--cores``
@@ -163,7 +164,10 @@ def child(args: argparse.Namespace) -> None:
         session.stop()
     steps = {k: tm.get(f"{k}_cpu", 0.0) for k in STREAM_STEPS}
     steps["contract"] = tm.get("contract_cpu", 0.0)
-    stream_cpu = sum(steps.values())
+    # the whole process's CPU while the stream ran: the steps, and what no step's clock sees
+    # (thread hand-offs, pyarrow's own threads)
+    stream_cpu = max(tm.get("stream_process_cpu", 0.0), sum(steps.values()))
+    steps["other"] = stream_cpu - sum(steps.values())
     fixed_cpu = max(stage_cpu - stream_cpu, 0.0)
     projected_s = max(steps["backtrace"], stream_cpu / args.cores) + fixed_cpu
     print(json.dumps({

@@ -185,7 +185,7 @@ def _run_stream(explainer: Explainer, modality: Modality, plan: ModalityPlan, ta
                 settings: StageSettings, out_dir: Path, *, batch_size: int, dictionary: Mapping[str, str] | None,
                 cell_budget: int, quiet: bool, explain: bool) -> StreamResult:
     clock = PhaseClock()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     contract = ContractRun(table, plan.expectations, contract_source=plan.contract_source,
                            cell_budget=cell_budget, independent=plan.independent, notes=plan.notes).start()
     state: StageState | None = None
@@ -206,5 +206,6 @@ def _run_stream(explainer: Explainer, modality: Modality, plan: ModalityPlan, ta
     elif pending is not None:
         raise pending
     timings = clock.timings()
-    timings.update({"contract": contract.wall_s, "contract_cpu": contract.cpu_s, "stream": time.perf_counter() - t0})
+    timings.update({"contract": contract.wall_s, "contract_cpu": contract.cpu_s, "stream": time.perf_counter() - t0,
+                    "stream_process_cpu": time.process_time() - cpu0})
     return StreamResult(outcome=outcome, state=state, n_rows=outcome.n_rows, timings=timings)

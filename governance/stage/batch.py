@@ -20,7 +20,7 @@ from governance.aggregate import (
     LayerBatch,
     contrastive_maps,
     decision_direction,
-    l1_normalise,
+    l1_shares,
     top_reasons,
 )
 from governance.errors import InputError
@@ -57,8 +57,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
 @dataclass
 class ModeResult:
     """One mode's result for a batch: relevance per unit (``unit_names``), its L1-normalised
-    shares, the per-sample L1 norm, the layer books summed over the batch, and (contrastive) the
-    R+ / R- maps per unit."""
+    shares, the per-sample L1 norm, the layer books summed over the batch, and (contrastive as
+    the primary mode, for its reason codes) the R+ / R- maps per unit."""
 
     unit_names: list[str]
     relevance: np.ndarray
@@ -149,38 +149,64 @@ def output_score(output: np.ndarray) -> np.ndarray:
 
 
 def layer_batch(exp: Any, n: int) -> LayerBatch:
-    """The explanation's per-sample layer books (first ``n`` rows) summed into a LayerBatch."""
+    """The explanation's per-sample layer books (first ``n`` rows) summed into a LayerBatch.
+
+    The modules' books are stacked into one (modules, n) float64 matrix per quantity, so each
+    ratio and sum is one operation over every module; the per-unit relevance (float32 in the
+    engine) is summed in float64 without a float64 copy. Sums run in float64, so batches of any
+    size add up to the same totals (to rounding far below 1e-12)."""
     import torch
 
     lb = LayerBatch(n=n)
     parts = [("relevance", exp)]
     if exp.positive is not None and exp.negative is not None:
         parts = [("positive", exp.positive), ("negative", exp.negative)]
+    f64 = torch.float64
     for map_name, e in parts:
-        seed_abs = e.seed_relevance[:n].double().abs()
-        safe = torch.where(seed_abs > 0, seed_abs, torch.ones_like(seed_abs))
-        for name, b in e.books.items():
-            if not name:  # the root module: its output is the seed itself
-                continue
+        names = [name for name in e.books if name]  # the root module: its output is the seed itself
+        if not names:
+            continue
+        for name in names:
             lb.types.setdefault(name, e.module_types.get(name, ""))
-            a_in = b.relevance_in[:n].double()
-            share = b.abs_relevance_in[:n].double() / safe
-            denom = torch.where(a_in.abs() > 0, a_in.abs(), torch.ones_like(a_in))
-            bias = b.bias_absorbed[:n].double() / denom
+        books = [e.books[name] for name in names]
+        seed_abs = e.seed_relevance[:n].to(f64).abs()
+        safe = torch.where(seed_abs > 0, seed_abs, torch.ones_like(seed_abs))
+        a_in = torch.stack([b.relevance_in[:n] for b in books]).to(f64)
+        share = (torch.stack([b.abs_relevance_in[:n] for b in books]).to(f64) / safe).sum(1)
+        a_abs = a_in.abs()
+        denom = torch.where(a_abs > 0, a_abs, torch.ones_like(a_abs))
+        bias = (torch.stack([b.bias_absorbed[:n] for b in books]).to(f64) / denom).sum(1)
+        totals = torch.stack([share, bias, a_in.sum(1)]).tolist()
+        for i, (name, b) in enumerate(zip(names, books)):
             branch_sum, branch_n = 0.0, 0.0
             if b.branch_in is not None and b.skip_in is not None:
-                bi = b.branch_in[:n].double()
-                tot = bi + b.skip_in[:n].double()
+                bi = b.branch_in[:n].to(f64)
+                tot = bi + b.skip_in[:n].to(f64)
                 ok = tot.abs() > 0
                 branch_sum, branch_n = float((bi[ok] / tot[ok]).sum()), float(ok.sum())
             lb.sums[(name, map_name)] = np.array(
-                [float(share.sum()), float(bias.sum()), float(a_in.sum()), branch_sum, branch_n])
-    for module, rel in exp.layer_relevance.items():
-        if not module or module not in lb.types or rel.dim() < 2:
+                [totals[0][i], totals[1][i], totals[2][i], branch_sum, branch_n])
+    # modules that pass relevance through (activations, dropout) share their input's tensor:
+    # each distinct tensor is summed once; contrastive's net map R+ - R- likewise, per pair
+    contrastive = exp.positive is not None and exp.negative is not None
+    done: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    for module in exp.layer_relevance:
+        if not module or module not in lb.types:
             continue
-        per = per_unit_relevance(rel[:n].detach().double(), lb.types[module])
-        lb.unit_sum[module] = per.sum(0).cpu().numpy()
-        lb.unit_abs[module] = torch.linalg.vector_norm(per, 1, dim=0).cpu().numpy()
+        if contrastive:
+            p, q = exp.positive.layer_relevance[module], exp.negative.layer_relevance[module]
+            key: tuple = (id(p), id(q), lb.types[module])
+        else:
+            p = q = exp.layer_relevance[module]
+            key = (id(p), lb.types[module])
+        if p.dim() < 2:
+            continue
+        if key not in done:
+            rel = p[:n] - q[:n] if contrastive else p[:n]
+            per = per_unit_relevance(rel.detach(), lb.types[module]).to(f64)
+            total = per.sum(0).cpu().numpy()
+            done[key] = (total, per.abs_().sum(0).cpu().numpy())
+        lb.unit_sum[module], lb.unit_abs[module] = (a.copy() for a in done[key])
     return lb
 
 
@@ -297,12 +323,13 @@ def explain_batch(explainer: Explainer, modality: Modality, plan: ModalityPlan, 
         units = modality.units(batch, plan, _head(_to_numpy(exp.input_relevance), n))
         rel = np.asarray(units.relevance, dtype=np.float64)
         pos = neg = None
-        if mode == "contrastive" and exp.positive is not None and exp.negative is not None:
+        if mode == explainer.primary_mode and exp.positive is not None and exp.negative is not None:
             pos = modality.units(batch, plan, _head(_to_numpy(exp.positive.input_relevance), n)).relevance
             neg = modality.units(batch, plan, _head(_to_numpy(exp.negative.input_relevance), n)).relevance
-        modes[mode] = ModeResult(unit_names=units.names, relevance=rel, shares=l1_normalise(rel),
-                                 relevance_l1=np.abs(rel).sum(1), layers=layer_batch(exp, n),
-                                 positive=pos, negative=neg, detail=units.detail)
+        shares, l1 = l1_shares(rel)
+        modes[mode] = ModeResult(unit_names=units.names, relevance=rel, shares=shares, relevance_l1=l1,
+                                 layers=layer_batch(exp, n), positive=pos, negative=neg, detail=units.detail)
+        del exp
     primary = modes[explainer.primary_mode]
     sup = adv = None
     if primary.positive is not None and primary.negative is not None:

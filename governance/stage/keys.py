@@ -71,14 +71,18 @@ POISSON_TABLE = _poisson_table()
 
 
 def poisson_weights(keys: np.ndarray, seed: int, n_bootstrap: int) -> np.ndarray:
-    """Poisson(1) bootstrap weights (n_bootstrap, n), float64, each a function of (seed, key, b)."""
+    """Poisson(1) bootstrap weights (n_bootstrap, n), float64, each a function of (seed, key, b).
+
+    Built replicate-major: the SplitMix64 words are drawn as (words, n), so each replicate's
+    16-bit draws are one strided copy and the table lookup writes the C-ordered matrix the
+    bootstrap's product reads (no transposed copy)."""
     n = len(keys)
     words = -(-n_bootstrap // 4)
     base = hash_keys(keys, seed, "bootstrap")
     steps = (np.arange(1, words + 1, dtype=np.uint64) * _GOLDEN)
-    u = splitmix64(base[:, None] + steps[None, :])          # (n, words)
-    u16 = np.ascontiguousarray(u).view(np.uint16).reshape(n, words * 4)[:, :n_bootstrap]
-    return POISSON_TABLE[u16.T]
+    u = splitmix64(steps[:, None] + base[None, :])          # (words, n)
+    u16 = u.view(np.uint16).reshape(words, n, 4).transpose(0, 2, 1).reshape(words * 4, n)[:n_bootstrap]
+    return POISSON_TABLE[u16]
 
 
 def halves(keys: np.ndarray, seed: int) -> np.ndarray:

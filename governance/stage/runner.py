@@ -5,8 +5,9 @@ table (``governance.validation.ContractRun``: long blocks of a few columns, GX's
 expectation paid once per block, not per explanation batch). The explanation proceeds
 speculatively and stops as soon as the contract sees a failure no later block can undo; nothing
 is logged unless the whole contract passes, so a late failure only costs the time spent. Memory
-is bounded by one explanation batch, one contract block and the state (sums and a fixed-size
-sample), not by the number of rows.
+is bounded by a few explanation batches, one contract block and the state (sums and a fixed-size
+sample), not by the number of rows. Reading, explaining and folding / writing overlap in three
+threads (``explain_stream``), each holding at most ``PIPELINE_DEPTH`` batches.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from governance.data import TableSource
-from governance.modality.base import InputNotReadable, Modality, ModalityPlan
-from governance.stage.batch import Explainer, explain_batch
+from governance.modality.base import InputBatch, InputNotReadable, Modality, ModalityPlan
+from governance.stage.batch import BatchResult, Explainer, explain_batch
+from governance.stage.overlap import OrderedWorker, Prefetch
 from governance.stage.state import StageSettings, StageState
 from governance.stage.writers import SampleWriters, reason_code_table
 from governance.validation import DEFAULT_CELL_BUDGET, ContractRun, ValidationOutcome
+
+#: Batches each background step (reading; folding and writing) may hold ahead of the next.
+PIPELINE_DEPTH = 2
 
 #: Rows of the probe batch that decides a binary model's threshold (probabilities or logits).
 PROBE_ROWS = 256
@@ -99,36 +104,62 @@ def explain_stream(explainer: Explainer, modality: Modality, plan: ModalityPlan,
                    dictionary: Mapping[str, str] | None = None, stop=None, quiet: bool = True,
                    clock: PhaseClock | None = None) -> StageState:
     """Explain every batch of ``table`` into a fresh state, streaming per-sample files to
-    ``out_dir`` (None: no files). ``stop``: an event that ends the loop early when set."""
+    ``out_dir`` (None: no files). ``stop``: an event that ends the loop early when set.
+
+    Three steps overlap (``governance.stage.overlap``): a background thread reads the next
+    batches, this thread explains, and another background thread folds each explained batch
+    into the state and writes its per-sample rows, in order. Each step sees the batches in
+    reading order, so the state and the files are those of a sequential run."""
     clock = clock or PhaseClock()
     state = StageState.empty(settings, modality.accumulators())
     writers = SampleWriters(out_dir) if out_dir is not None else None
     bar = _tqdm(table.n_rows, quiet)
+
+    def fold(result: BatchResult) -> None:
+        with clock.phase("aggregate"):
+            state.update(result)
+        if writers is not None:
+            with clock.phase("write"):
+                tables = dict(modality.sample_tables(result, plan))
+                tables["reason_codes.parquet"] = reason_code_table(result, dictionary or {})
+                writers.write(tables)
+        bar.update(len(result))
+
+    def read() -> Iterator[InputBatch]:
+        batches = iter(modality.batches(table, plan, batch_size))
+        while True:
+            with clock.phase("read"):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+
+    worker = reader = None
     try:
         with clock.phase("read"):
             probe = next(iter(modality.batches(table, plan, PROBE_ROWS)), None)
         if probe is None:
             return state
         explainer.calibrate(modality, probe)
-        batches = iter(modality.batches(table, plan, batch_size))
-        while stop is None or not stop.is_set():
-            with clock.phase("read"):
-                batch = next(batches, None)
-            if batch is None:
+        reader = Prefetch(read(), depth=PIPELINE_DEPTH)
+        worker = OrderedWorker(fold, depth=PIPELINE_DEPTH)
+        for batch in reader:
+            if stop is not None and stop.is_set():
                 break
             with clock.phase("backtrace"):
                 result = explain_batch(explainer, modality, plan, batch)
-            with clock.phase("aggregate"):
-                state.update(result)
-            if writers is not None:
-                with clock.phase("write"):
-                    tables = dict(modality.sample_tables(result, plan))
-                    tables["reason_codes.parquet"] = reason_code_table(result, dictionary or {})
-                    writers.write(tables)
-            bar.update(len(batch))
-            del result, batch
+            del batch
+            worker.submit(result)
+            del result
             gc.collect(1)  # the batch's explanations sit in reference cycles (see frozen_gc)
+        worker.close()
+    except BaseException:
+        if worker is not None:
+            worker.abort()
+        raise
     finally:
+        if reader is not None:
+            reader.close()
         bar.close()
         if writers is not None:
             writers.close()
@@ -154,7 +185,7 @@ def _run_stream(explainer: Explainer, modality: Modality, plan: ModalityPlan, ta
                 settings: StageSettings, out_dir: Path, *, batch_size: int, dictionary: Mapping[str, str] | None,
                 cell_budget: int, quiet: bool, explain: bool) -> StreamResult:
     clock = PhaseClock()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     contract = ContractRun(table, plan.expectations, contract_source=plan.contract_source,
                            cell_budget=cell_budget, independent=plan.independent, notes=plan.notes).start()
     state: StageState | None = None
@@ -175,5 +206,6 @@ def _run_stream(explainer: Explainer, modality: Modality, plan: ModalityPlan, ta
     elif pending is not None:
         raise pending
     timings = clock.timings()
-    timings.update({"contract": contract.wall_s, "contract_cpu": contract.cpu_s, "stream": time.perf_counter() - t0})
+    timings.update({"contract": contract.wall_s, "contract_cpu": contract.cpu_s, "stream": time.perf_counter() - t0,
+                    "stream_process_cpu": time.process_time() - cpu0})
     return StreamResult(outcome=outcome, state=state, n_rows=outcome.n_rows, timings=timings)

@@ -58,8 +58,10 @@ class ParquetStream:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             strings = [f.name for f in table.schema if str(f.type) == "string"]
             # dictionary-encode the unit names in the reason codes, never the float columns
+            # no column statistics: nothing filters these files by value, and min/max per
+            # column and row group cost a quarter of the write
             self.writer = pq.ParquetWriter(self.path, table.schema, compression="snappy",
-                                           use_dictionary=strings or False)
+                                           use_dictionary=strings or False, write_statistics=False)
         self.writer.write_table(table.cast(self.writer.schema))
 
     def close(self) -> None:

@@ -258,3 +258,30 @@ def test_a_one_channel_mask_is_thresholded_once_for_probabilities_or_logits() ->
     assert decided.columns["mask_pixels"].tolist() == [2] and decided.scores.tolist() == [1.25]
     masked = seg.wrap(torch.nn.Identity(), 0.0)(torch.from_numpy(logits))
     assert masked.flatten().tolist() == [0.0, 0.5, 2.0, 0.0]
+
+
+def test_quality_measures_the_mask_the_stage_calibrated(tmp_path: Path) -> None:
+    """A one-channel probability mask: the stage decides threshold 0.5 on its probe batch, and the
+    quality metrics' summed output masks with that same threshold (not the logits' 0)."""
+    from governance.config import config_from_dict
+    from governance.modality import get_modality
+    from governance.stage.batch import Explainer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Sigmoid()).eval()
+    x = np.random.default_rng(0).random((6, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "v.npz", x=x, y=np.zeros(6, dtype=np.int64))
+    cfg = config_from_dict({**CONFIG, "task": "segmentation", "image": {"grid": [4, 4], "background_class": None}})
+    modality = get_modality(cfg)
+    table = modality.open(tmp_path / "v.npz")
+    plan = modality.plan(table, type("H", (), {"model": model, "uri": None})())
+    batch = next(iter(modality.batches(table, plan, 6)))
+    table.close()
+    Explainer.from_config(model, cfg).calibrate(modality, batch)
+    q_model, extra = modality.quality_setup(model)
+    xt = torch.from_numpy(batch.inputs)
+    with torch.no_grad():
+        y = model(xt)
+        want = (y * (y > 0.5)).reshape(6, -1).sum(1, keepdim=True)
+        assert torch.allclose(q_model(xt), want) and not torch.allclose(want, y.reshape(6, -1).sum(1, keepdim=True))
+    assert extra["task"] == "regression"

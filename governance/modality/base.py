@@ -171,6 +171,10 @@ class Modality(ABC):
         inputs = sample.get("inputs")
         return None if inputs is None else torch.from_numpy(np.ascontiguousarray(inputs[:n]))
 
+    def calibrated(self, threshold: float | None) -> None:
+        """Told the decision threshold the stage calibrated on its probe batch (an output task's
+        mask), so that :meth:`quality_setup` measures the same quantity; default: not needed."""
+
     def quality_setup(self, model: Any) -> tuple[Any, dict[str, Any]]:
         """The model the quality metrics call on :meth:`quality_inputs` (one tensor in) and extra
         ``quality_report`` arguments (a tokenizer, a patch size); default: the model as is."""

@@ -279,6 +279,7 @@ class ImageModality(Modality):
         self.channels = 0
         self.size = (0, 0)
         self.classes: list[str] | None = None
+        self._threshold: float | None = None  # an output task's, from the stage's probe batch
 
     def open(self, data: Any, *, source: str | None = None) -> ImageTable:
         return open_images(data, self.opts, target_column=self.cfg.target_column, source=source)
@@ -351,7 +352,10 @@ class ImageModality(Modality):
         from governance.stage.output_tasks import summed_output
 
         extra.update(task="regression", metrics=[g for g in METRIC_GROUPS if g not in QUALITY_SKIPPED])
-        return summed_output(model, self.cfg.task, self.opts.background_class), extra
+        return summed_output(model, self.cfg.task, self.opts.background_class, self._threshold), extra
+
+    def calibrated(self, threshold: float | None) -> None:
+        self._threshold = threshold
 
     def accumulators(self) -> Mapping[str, ImageMaps]:
         return {"maps": ImageMaps(self.opts, self.grid, self.cfg.primary_mode,

@@ -283,6 +283,7 @@ class Explainer:
         out = out.detach().float().cpu().numpy()
         if self.output_task is not None:
             self.threshold = self.output_task.threshold(out)
+            modality.calibrated(self.threshold)
             return
         out = out.reshape(len(batch), -1)
         if out.shape[1] == 1 and len(out):

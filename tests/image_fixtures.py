@@ -43,11 +43,17 @@ def train_cnn(x: np.ndarray, y: np.ndarray, *, epochs: int = 30, seed: int = 0, 
     xt = xt[:, None] if xt.dim() == 3 else xt.permute(0, 3, 1, 2)
     yt = torch.from_numpy(y)
     model = SmallCNN(channels=xt.shape[1], classes=int(y.max()) + 1, size=xt.shape[-1])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return fit_cross_entropy(model, xt, yt, epochs=epochs)
+
+
+def fit_cross_entropy(model: nn.Module, xt: torch.Tensor, yt: torch.Tensor, *, epochs: int,
+                      lr: float = 1e-2, batch: int = 32) -> nn.Module:
+    """``model`` trained with Adam on cross-entropy in mini-batches (class or per-pixel labels), in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(epochs):
-        for i in range(0, len(xt), 32):
+        for i in range(0, len(xt), batch):
             opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[i:i + 32]), yt[i:i + 32]).backward()
+            nn.functional.cross_entropy(model(xt[i:i + batch]), yt[i:i + batch]).backward()
             opt.step()
     return model.eval()
 

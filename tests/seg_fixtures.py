@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from image_fixtures import fit_cross_entropy
+
 SIZE = 16
 
 
@@ -78,14 +80,7 @@ def _inputs(x: np.ndarray) -> torch.Tensor:
 def train_unet(x: np.ndarray, masks: np.ndarray, *, epochs: int = 25, seed: int = 0) -> TinyUNet:
     torch.manual_seed(seed)
     xt, yt = _inputs(x), torch.from_numpy(masks)
-    model = TinyUNet()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(epochs):
-        for i in range(0, len(xt), 32):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[i:i + 32]), yt[i:i + 32]).backward()
-            opt.step()
-    return model.eval()
+    return fit_cross_entropy(TinyUNet(), xt, yt, epochs=epochs)
 
 
 def train_boxnet(x: np.ndarray, boxes: np.ndarray, cls: np.ndarray | None = None, *, epochs: int = 40,

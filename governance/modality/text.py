@@ -127,9 +127,9 @@ def _positional_error(model: Any, names: Sequence[str]) -> ConfigError:
 
 def ids_only(model: Any, call: ModelCall, pad_id: int) -> Any:
     """``model`` called with the token ids alone (see ``_IdsOnly``)."""
-    from torch import nn
+    from governance.stage.output_tasks import ModelWrapper
 
-    class _IdsOnly(nn.Module):
+    class _IdsOnly(ModelWrapper):
         """A model taking several tokenizer outputs, called with the ids alone (the quality metrics
         perturb one tensor): the attention mask marks the non-padding positions, token types are 0;
         a model output object gives its logits."""
@@ -137,14 +137,6 @@ def ids_only(model: Any, call: ModelCall, pad_id: int) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.model = model
-
-        def train(self, mode: bool = True) -> "_IdsOnly":
-            self.training = mode
-            try:
-                self.model.train(mode)
-            except NotImplementedError:  # an exported program is fixed in inference form
-                pass
-            return self
 
         def forward(self, input_ids: Any) -> Any:
             tensors = {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long(),

@@ -232,12 +232,9 @@ def model_output(model: Any, x: Any) -> Any:
     """The model's output tensor for inputs ``x`` (a tensor, a tuple of positional inputs or a
     dict of keyword inputs), without gradients: ``.logits`` of a model output object, the first
     element of a tuple."""
-    out = model_output_raw(model, x)
-    if hasattr(out, "logits"):
-        out = out.logits
-    elif isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
+    from governance.stage.output_tasks import explained_output
+
+    return explained_output(model_output_raw(model, x))
 
 
 class Explainer:

@@ -48,8 +48,9 @@ class Decisions:
     columns: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _first(out: Any) -> Any:
-    """The explained output: ``.logits`` of an output object, the first element of a tuple."""
+def explained_output(out: Any) -> Any:
+    """The output a model's explanation starts from: ``.logits`` of a model output object, the
+    first element of a tuple (the stage's ``model_output`` reads outputs the same way)."""
     if hasattr(out, "logits"):
         return out.logits
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -88,7 +89,7 @@ class Segmentation:
         return out.argmax(1).astype(np.int64)
 
     def decide(self, raw: Any, n: int, threshold: float | None) -> Decisions:
-        out = _numpy(_first(raw))[:n]
+        out = _numpy(explained_output(raw))[:n]
         if out.ndim != 4:
             from governance.stage.batch import StageError
 
@@ -126,7 +127,7 @@ class BoxRegression:
         return model
 
     def decide(self, raw: Any, n: int, threshold: float | None) -> Decisions:
-        box = _numpy(_first(raw))[:n].reshape(n, -1)
+        box = _numpy(explained_output(raw))[:n].reshape(n, -1)
         if box.shape[1] != 4:
             from governance.stage.batch import StageError
 
@@ -137,11 +138,11 @@ class BoxRegression:
         return Decisions(None, box.sum(1).astype(np.float64), np.ones(n), columns)
 
 
-class _Wrapper(nn.Module):
-    """A module around the user's model; a mode switch leaves an exported model (MLflow's pt2
-    models refuse one, and are captured in eval form already) as it is."""
+class ModelWrapper(nn.Module):
+    """A module around the user's model (``self.model``); a mode switch leaves an exported model
+    (MLflow's pt2 models refuse one, and are captured in eval form already) as it is."""
 
-    def train(self, mode: bool = True) -> "_Wrapper":
+    def train(self, mode: bool = True) -> "ModelWrapper":
         self.training = mode
         try:
             self.model.train(mode)
@@ -174,7 +175,7 @@ def _masked_module(model: nn.Module, background: int | None, threshold: float) -
     base = type(model)
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return _mask_scores(_first(base.forward(self, *args, **kwargs)), background, threshold)
+        return _mask_scores(explained_output(base.forward(self, *args, **kwargs)), background, threshold)
 
     clone = copy.copy(model)
     clone.__class__ = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__})
@@ -216,7 +217,7 @@ def _masked_graph(gm: fx.GraphModule, background: int | None, threshold: float) 
     return new
 
 
-class _Summed(_Wrapper):
+class _Summed(ModelWrapper):
     """One output per sample: the sum of what an output task's wrapper returns (what the engine's
     seed conserves), for the quality metrics."""
 
@@ -225,7 +226,7 @@ class _Summed(_Wrapper):
         self.model = wrapped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _first(self.model(x))
+        y = explained_output(self.model(x))
         return y.reshape(y.shape[0], -1).sum(1, keepdim=True)
 
 

@@ -284,7 +284,7 @@ class ParquetSource(TableSource):
         offset = 0
         for f in self.files:
             for batch in self._batches(f.path, rows, columns):
-                frame = batch.to_pandas()
+                frame = batch.to_pandas(use_threads=False)  # Arrow's pool threads cost more CPU than they save
                 frame.index = pd.RangeIndex(offset, offset + len(frame))
                 offset += len(frame)
                 yield frame
@@ -309,7 +309,7 @@ class ParquetSource(TableSource):
                 continue
             break
         table = pa.Table.from_batches(parts) if parts else self._schema.empty_table().select(columns)
-        frame = table.to_pandas()
+        frame = table.to_pandas(use_threads=False)
         frame.index = pd.RangeIndex(start, start + len(frame))
         return frame
 

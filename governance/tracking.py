@@ -723,7 +723,10 @@ def pandas_digest(frame: pd.DataFrame, n_rows: int | None = None) -> str:
     from mlflow.data.digest_utils import MAX_ROWS, get_normalized_md5_digest
 
     trimmed = frame.head(MAX_ROWS)
-    strings = trimmed.columns[(trimmed.map(type) == str).all(0)]
+    # MLflow keeps the columns whose every value is a str; only object and string columns can
+    # hold one, so only they are tested value by value (a numeric table costs nothing here)
+    textual = [c for c in trimmed.columns if trimmed[c].dtype == object or pd.api.types.is_string_dtype(trimmed[c])]
+    strings = pd.Index([c for c in textual if (trimmed[c].map(type) == str).all()])
     numeric = trimmed.select_dtypes(include=[np.number]).columns
     trimmed = trimmed[strings.union(numeric)]
     return get_normalized_md5_digest(

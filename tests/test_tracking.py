@@ -4,6 +4,7 @@ logged datasets, run resolution, staged artifact logging, model-version tags."""
 from __future__ import annotations
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -207,3 +208,10 @@ def test_fast_dataset_digest_and_schema_match_mlflow(credit_store) -> None:
     df = pd.read_parquet(credit_store.validation_parquet)
     assert tracking.pandas_digest(df) == compute_pandas_digest(df)
     assert tracking._sample_schema(df, rows=50) == _infer_schema(df)
+    # only object / string columns are tested value by value: every kind of column gives MLflow's digest
+    n = 40
+    mixed = pd.DataFrame({"num": np.arange(n, dtype=float), "obj": ["a"] * n, "str": pd.array(["b"] * n, dtype="string"),
+                          "mixed": [1, "z"] * (n // 2), "cat": pd.Categorical(["p", "q"] * (n // 2)),
+                          "none": [None] + ["s"] * (n - 1), "flag": [True] * n})
+    for frame in (mixed, mixed[["num", "flag"]], mixed[["obj", "none"]]):
+        assert tracking.pandas_digest(frame) == compute_pandas_digest(frame)

@@ -312,3 +312,30 @@ def test_a_modality_with_a_growing_vocabulary_plugs_in(credit, signed_features) 
     assert merged.extra("counts").counts == counts
     with pytest.raises(ValueError, match="pass the modality's accumulators"):
         StageState.from_bytes(parts[0])
+
+
+@pytest.mark.parametrize("mode", ["signed", "default", "contrastive"])
+def test_layer_books_sum_each_modules_own_relevance(credit, mode: str) -> None:
+    """layer_batch sums a tensor that several modules share (a linear layer, its activation and
+    dropout) once; every module still gets the sums of its own relevance, computed naively here."""
+    import torch
+
+    from governance.backtrace import Backtrace
+    from governance.stage.batch import layer_batch
+
+    model, frame = credit
+    x = torch.tensor(frame[FEATURE_NAMES].to_numpy(np.float32)[:50])
+    exp = Backtrace(model).explain(x, mode=mode, task="binary-classification")
+    lb = layer_batch(exp, 50)
+    maps = ((exp.positive.layer_relevance, exp.negative.layer_relevance) if mode == "contrastive"
+            else (exp.layer_relevance, None))
+    checked = 0
+    for module, rel in maps[0].items():
+        if not module or module not in lb.unit_sum:
+            continue
+        # contrastive's net map R+ - R- in the engine's dtype, as the explanation gives it
+        r = (rel.detach() - maps[1][module].detach() if maps[1] is not None else rel.detach()).double()
+        np.testing.assert_array_equal(lb.unit_sum[module], r.reshape(50, -1).sum(0).numpy())
+        np.testing.assert_array_equal(lb.unit_abs[module], r.abs().reshape(50, -1).sum(0).numpy())
+        checked += 1
+    assert {"fc1", "act1", "fc2"} <= set(lb.unit_sum) and checked >= 6

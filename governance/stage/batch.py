@@ -195,12 +195,12 @@ def layer_batch(exp: Any, n: int) -> LayerBatch:
             continue
         if contrastive:
             p, q = exp.positive.layer_relevance[module], exp.negative.layer_relevance[module]
-            key: tuple = (id(p), id(q), lb.types[module])
         else:
             p = q = exp.layer_relevance[module]
-            key = (id(p), lb.types[module])
         if p.dim() < 2:
             continue
+        # the sums depend on the tensor(s) and on which axis holds the units, not on the module
+        key = (id(p), id(q), unit_axis(p.dim(), lb.types[module]))
         if key not in done:
             rel = p[:n] - q[:n] if contrastive else p[:n]
             per = per_unit_relevance(rel.detach(), lb.types[module]).to(f64)
@@ -213,11 +213,17 @@ def layer_batch(exp: Any, n: int) -> LayerBatch:
 def per_unit_relevance(rel: Any, module_type: str) -> Any:
     """(N, units) relevance per sample and output unit of a module (channels for convolutions,
     the last axis otherwise) from its relevance at the output (N, ...), a torch tensor."""
-    axis = 1 if rel.dim() <= 2 or "conv" in module_type.lower() else rel.dim() - 1
     if rel.dim() == 2:
         return rel
+    axis = unit_axis(rel.dim(), module_type)
     moved = rel.movedim(axis, -1)
     return moved.reshape(rel.shape[0], -1, rel.shape[axis]).sum(1)
+
+
+def unit_axis(ndim: int, module_type: str) -> int:
+    """The axis of a module's output (N, ...) that holds its units: channels (axis 1) for
+    convolutions and 2-D outputs, the last axis otherwise (tokens x features)."""
+    return 1 if ndim <= 2 or "conv" in module_type.lower() else ndim - 1
 
 
 def model_output_raw(model: Any, x: Any) -> Any:

@@ -159,3 +159,29 @@ def test_target_and_task_inference_shared():
         assert torch.equal(e.target, t0)
     ref = Backtrace(model).explain(x, mode="contrastive")
     _same(out["contrastive"], ref, "inferred")
+
+
+def test_iter_modes_walks_each_mode_when_asked(monkeypatch):
+    """iter_modes: one recording, each mode walked only when the caller takes it, the same
+    explanations as explain_modes; its arguments are checked when it is called."""
+    model, x, task = _case("cnn", torch.float32)
+    bt = Backtrace(model)
+    walked: list[str] = []
+    real = bt._walk
+
+    def walk(*args, **kwargs):
+        walked.append(args[7])  # the mode
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bt, "_walk", walk)
+    steps = bt.iter_modes(x, modes=MODES, task=task)
+    assert walked == []
+    mode, first = next(steps)
+    assert (mode, walked) == ("signed", ["signed"])
+    rest = dict(steps)
+    assert walked == list(MODES) and list(rest) == ["default", "contrastive"]
+    ref = Backtrace(model).explain_modes(x, modes=MODES, task=task)
+    for m, e in {"signed": first, **rest}.items():
+        _same(e, ref[m], f"iter/{m}")
+    with pytest.raises(ValueError, match="unknown mode"):
+        bt.iter_modes(x, modes=("bogus",))

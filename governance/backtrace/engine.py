@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -91,7 +91,24 @@ class Backtrace:
         in the order of ``modes``, each the same (bit for bit) as ``explain(x, mode=m, ...)``
         with the same arguments. The recording is shared; each mode's walk frees its own
         intermediates before the next starts, so the extra memory is one walk's at a time plus
-        the explanations returned."""
+        the explanations returned (:meth:`iter_modes` hands them over one at a time)."""
+        return dict(self.iter_modes(x, modes, task=task, target=target, multiplier=multiplier, seed=seed,
+                                    threshold=threshold))
+
+    def iter_modes(
+        self,
+        x: torch.Tensor | tuple | Mapping[str, Any],
+        modes: Sequence[str] = MODES,
+        task: str | None = None,
+        target: int | torch.Tensor | None = None,
+        multiplier: float = 100.0,
+        seed: str = "output",
+        threshold: float = 0.5,
+    ) -> Iterator[tuple[str, Explanation]]:
+        """:meth:`explain_modes` one ``(mode, Explanation)`` at a time, over one recording: the
+        next mode's walk runs when the caller asks for it, so a caller that drops each
+        explanation before taking the next holds one at a time (the explain stage does).
+        The arguments are checked when this is called, not at the first step."""
         modes = (modes,) if isinstance(modes, str) else tuple(dict.fromkeys(modes))
         if not modes:
             raise ValueError(f"explain_modes() needs at least one mode; choose from {', '.join(MODES)}")
@@ -100,6 +117,10 @@ class Backtrace:
                 raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if task is not None and task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        return self._walk_modes(x, modes, task, target, multiplier, seed, threshold)
+
+    def _walk_modes(self, x, modes, task, target, multiplier, seed, threshold) -> Iterator[tuple[str, Explanation]]:
+        """Record once, then walk each mode on demand (see :meth:`iter_modes`)."""
         args, kwargs, single = _as_call(x)
         captured = self._graphs.get(args, kwargs)
         gm = captured.gm
@@ -121,12 +142,12 @@ class Backtrace:
             recording = record(gm, flat)
         if work is None:
             work = self._work[size_key] = forward_work(gm, recording.values)
-        out: dict[str, Explanation] = {}
         for mode in modes:
             with walk_threads(parallel=work >= SMALL_MODEL_WORK):
-                out[mode] = self._walk(gm, recording, captured, names, flat, single, n, mode, task,
-                                       target, multiplier, seed, threshold)
-        return out
+                exp = self._walk(gm, recording, captured, names, flat, single, n, mode, task,
+                                 target, multiplier, seed, threshold)
+            yield mode, exp
+            del exp
 
     def explain_generation(self, input_ids: torch.Tensor, max_new_tokens: int = 1,
                            attention_mask: torch.Tensor | None = None, mode: str = "default",

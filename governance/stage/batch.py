@@ -293,10 +293,16 @@ class Explainer:
             self.threshold = 0.5 if (out.min() >= 0 and out.max() <= 1) else 0.0
 
     def explain(self, x: Any, mode: str) -> Any:
-        """One engine call; a shape mismatch becomes a clear StageError."""
+        """One engine call in one mode (see :meth:`explanations`)."""
+        return dict(self.explanations(x, (mode,)))[mode]
+
+    def explanations(self, x: Any, modes: Sequence[str] | None = None) -> Iterator[tuple[str, Any]]:
+        """``(mode, explanation)`` for each of ``modes`` (default: the configured ones) over one
+        recorded forward pass, each walked when the caller takes it (so a caller that drops each
+        before the next holds one at a time); a shape mismatch becomes a clear StageError."""
+        task = self.output_task.engine_task if self.output_task is not None else self.task
         try:
-            task = self.output_task.engine_task if self.output_task is not None else self.task
-            return self.bt.explain(x, mode=mode, task=task, multiplier=self.multiplier)
+            yield from self.bt.iter_modes(x, modes=tuple(modes or self.modes), task=task, multiplier=self.multiplier)
         except RuntimeError as exc:
             if "shape" in str(exc) or "size" in str(exc):
                 raise StageError(f"the model rejected the input batch ({exc}); check feature_columns and "
@@ -311,8 +317,7 @@ def explain_batch(explainer: Explainer, modality: Modality, plan: ModalityPlan, 
     modes: dict[str, ModeResult] = {}
     pred = score = direction = None
     extras: dict[str, Any] = dict(batch.extras)
-    for mode in explainer.modes:
-        exp = explainer.explain(x, mode)
+    for mode, exp in explainer.explanations(x):  # one recorded forward pass for every mode
         if score is None and explainer.output_task is not None:
             decided = explainer.output_task.decide(model_output_raw(explainer.model, x), n, explainer.threshold)
             pred, score, direction = decided.predictions, decided.scores, decided.direction

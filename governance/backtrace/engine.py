@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -43,6 +43,10 @@ class Backtrace:
 
     The graph is captured with ``torch.export`` once per input signature, activations are
     recorded in one forward pass, and the rules walk it backwards op by op.
+
+    ``explain(x, mode=...)`` gives one mode's ``Explanation``; ``explain_modes(x, modes=(...))``
+    gives several (``{mode: Explanation}``) from one recorded forward pass, each identical to its
+    own ``explain`` call: use it when a batch is explained in more than one mode.
     """
 
     def __init__(self, model: nn.Module | torch.export.ExportedProgram, output_index: int = 0) -> None:
@@ -70,8 +74,30 @@ class Backtrace:
         ``task``: one of ``TASKS`` (inferred from the output when omitted).
         ``target``: the explained class / token per sample (default: the argmax).
         """
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        return self.explain_modes(x, (mode,), task=task, target=target, multiplier=multiplier,
+                                  seed=seed, threshold=threshold)[mode]
+
+    def explain_modes(
+        self,
+        x: torch.Tensor | tuple | Mapping[str, Any],
+        modes: Sequence[str] = MODES,
+        task: str | None = None,
+        target: int | torch.Tensor | None = None,
+        multiplier: float = 100.0,
+        seed: str = "output",
+        threshold: float = 0.5,
+    ) -> dict[str, Explanation]:
+        """``explain`` in several modes over ONE recorded forward pass: ``{mode: Explanation}``
+        in the order of ``modes``, each the same (bit for bit) as ``explain(x, mode=m, ...)``
+        with the same arguments. The recording is shared; each mode's walk frees its own
+        intermediates before the next starts, so the extra memory is one walk's at a time plus
+        the explanations returned."""
+        modes = (modes,) if isinstance(modes, str) else tuple(dict.fromkeys(modes))
+        if not modes:
+            raise ValueError(f"explain_modes() needs at least one mode; choose from {', '.join(MODES)}")
+        for mode in modes:
+            if mode not in MODES:
+                raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if task is not None and task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         args, kwargs, single = _as_call(x)
@@ -95,9 +121,12 @@ class Backtrace:
             recording = record(gm, flat)
         if work is None:
             work = self._work[size_key] = forward_work(gm, recording.values)
-        with walk_threads(parallel=work >= SMALL_MODEL_WORK):
-            return self._walk(gm, recording, captured, names, flat, single, n, mode, task, target,
-                              multiplier, seed, threshold)
+        out: dict[str, Explanation] = {}
+        for mode in modes:
+            with walk_threads(parallel=work >= SMALL_MODEL_WORK):
+                out[mode] = self._walk(gm, recording, captured, names, flat, single, n, mode, task,
+                                       target, multiplier, seed, threshold)
+        return out
 
     def explain_generation(self, input_ids: torch.Tensor, max_new_tokens: int = 1,
                            attention_mask: torch.Tensor | None = None, mode: str = "default",

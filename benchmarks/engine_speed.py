@@ -257,6 +257,10 @@ def _mlp():
     return paper_mlp(), torch.randn(1024, 78)
 
 
+def _mlp_stage():
+    return paper_mlp(), torch.randn(8192, 78)
+
+
 def _cnn():
     return randomise_batch_norm(SmallCNN()), torch.randn(256, 3, 32, 32)
 
@@ -284,6 +288,8 @@ CASES: dict[str, Case] = {
                      targets={"default": 1.4, "contrastive": 2.5}),
     "mlp": Case("MLP 78-39-19-1, batch 1024", _mlp, "binary-classification", repeats=40,
                 targets={"default": 2.0, "contrastive": 3.5}),
+    "mlp8192": Case("MLP 78-39-19-1, batch 8192 (the stage's batch)", _mlp_stage, "binary-classification",
+                    repeats=15, targets={"default": 2.0, "contrastive": 3.5}),
     "minilm": Case("MiniLM-L6 + head, 8 x 128 tokens", _minilm, "multiclass-classification", repeats=5,
                    baseline=minilm_forward_backward, targets={"default": 1.5, "contrastive": 3.0}),
     "llama": Case("LLaMA 4L h256 GQA, 2 x 256 tokens", _llama, "generation", repeats=5,

@@ -334,9 +334,9 @@ def weight_abs(u: AffineUnit) -> torch.Tensor:
     return derived(u.weight, "abs", torch.abs)
 
 
-def magnitude(u: AffineUnit, x: torch.Tensor, nonneg: bool, wabs: torch.Tensor | None = None) -> torch.Tensor:
-    """S_j = P_j + N_j = Σ_i |z_ji|: one product of absolute values (a fresh tensor)."""
-    return u.forward(x if nonneg else x.abs(), weight_abs(u) if wabs is None else wabs)
+def magnitude(u: AffineUnit, xabs: torch.Tensor, wabs: torch.Tensor | None = None) -> torch.Tensor:
+    """S_j = P_j + N_j = Σ_i |z_ji|: one product of absolute values (a fresh tensor), from |x|."""
+    return u.forward(xabs, weight_abs(u) if wabs is None else wabs)
 
 
 def _sign_parts(x: torch.Tensor, u: AffineUnit) -> torch.Tensor:
@@ -476,7 +476,7 @@ def _by_sign(u: AffineUnit, x: torch.Tensor, coef, maps: int, merged: bool, nonn
 
 
 def _spread(u: AffineUnit, x: torch.Tensor, buf: torch.Tensor, maps: int, merged: bool,
-            by_sign: bool, nonneg: bool, rows: torch.Tensor | None) -> torch.Tensor:
+            by_sign: bool, nonneg: bool, rows: torch.Tensor | None, xabs: torch.Tensor | None = None) -> torch.Tensor:
     """R_i = Σ_j a_j max(z_ji, 0) + b_j max(−z_ji, 0) for each map, from the half coefficients
     α = a/2, β = b/2 in ``buf`` (``_halves``); returns (maps·N, ...) and consumes ``buf``.
 
@@ -484,11 +484,11 @@ def _spread(u: AffineUnit, x: torch.Tensor, buf: torch.Tensor, maps: int, merged
     ``x ⊙ (2W⁺ᵀα + 2|W⁻|ᵀβ)``, one product when ``merged``). Otherwise the identity
     ``|x| ⊙ |W|ᵀ(α + β) + x ⊙ Wᵀ(α − β)``: two products instead of four, but the terms of a unit
     whose receiving side is small cancel there, so the ``rows`` that hold such units (those
-    ``pos_neg2`` recomputed) take the one-signed products."""
+    ``pos_neg2`` recomputed) take the one-signed products. ``xabs``: |x| when the caller has it."""
     if maps > 1 and not u.stack_maps:  # one product per map
         n = x.shape[0]
         parts = [buf.narrow(0, k * n, n) if merged else buf.narrow(1, k * n, n) for k in range(maps)]
-        return torch.cat([_spread(u, x, p, 1, merged, by_sign, nonneg, rows) for p in parts])
+        return torch.cat([_spread(u, x, p, 1, merged, by_sign, nonneg, rows, xabs) for p in parts])
     if by_sign:
         return _by_sign(u, x, buf if merged else (buf[0], buf[1]), maps, merged, nonneg)
     alpha, beta = buf[0], buf[1]
@@ -503,7 +503,7 @@ def _spread(u: AffineUnit, x: torch.Tensor, buf: torch.Tensor, maps: int, merged
     alpha.add_(beta)
     torch.add(alpha, beta, alpha=-2.0, out=beta)  # α − β
     g = u.backward(alpha, weight_abs(u), shape)
-    _per_map(g, maps, x).mul_(x.abs())
+    _per_map(g, maps, x).mul_(x.abs() if xabs is None else xabs)
     h = u.backward(beta, u.weight, shape)
     _per_map(h, maps, x).mul_(x)
     g.add_(h)
@@ -518,6 +518,10 @@ def _saturated(t: torch.Tensor, R: torch.Tensor, bound: float | None, below: boo
     if bound is None:
         return None
     compare = torch.lt if below else torch.gt
+    if R.numel() <= BLOCK_UNITS and t.shape == R.shape:  # one block: no views to cut
+        if int(torch.count_nonzero(compare(t, bound, out=torch.empty_like(R)).mul_(R))):
+            return compare(t, bound).logical_and_(R != 0)
+        return None
     tf, rf = t.expand_as(R).reshape(-1), R.reshape(-1)
     # blocks through one small buffer: a fresh full-size probe costs page faults, and most
     # layers have no saturated unit with relevance (a ReLU's zeros pass none back)
@@ -539,18 +543,22 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
     x = ctx.value(u.x_node) if x is None else x
     nonneg = is_nonnegative(x)
     babs = derived(u.bias, "abs", torch.abs) if u.bias is not None else None
+    # |b| in float64 for the books, kept with a parameter bias (a folded one is fresh per call)
+    babs64 = (derived(u.bias, "abs64", lambda v: v.abs().reshape(-1).to(torch.float64))
+              if isinstance(u.bias, torch.nn.Parameter) else None)
     lo_b, hi_b = ctx.saturation(node) if sat is None else sat
     t = u.pre_activation
     lo, hi = _saturated(t, R, lo_b, below=True), _saturated(t, R, hi_b, below=False)
     wabs = weight_abs(u)
-    S = magnitude(u, x, nonneg, wabs)
+    xabs = x if nonneg else x.abs()
+    S = magnitude(u, xabs, wabs)
     if lo is None and hi is None:  # R_in = |x| ⊙ |W|ᵀ (R / (S + |b|))  (signed: x ⊙ Wᵀ ...)
         den = S.add_(babs) if babs is not None else S
         s = safe_div(R, den, out=den)
         if babs is not None:
-            ctx.absorb_product(s, babs)
+            ctx.absorb_product(s, babs, babs64)
         g = u.backward(s, u.weight if signed else wabs, x.shape)
-        return {u.x_node: g.mul_(x if signed or nonneg else x.abs())}
+        return {u.x_node: g.mul_(x if signed else xabs)}
     # saturation: the zeroed side leaves numerator and denominator, the other side takes its share
     P2, N2, rows = pos_neg2(u, x, S, nonneg, babs)
     P, N = P2.mul_(0.5), N2.mul_(0.5)
@@ -562,7 +570,7 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
         full.add_(babs)
     s = safe_div(R, den)
     if babs is not None:
-        ctx.absorb_product(s, babs)
+        ctx.absorb_product(s, babs, babs64)
     ctx.reroute(safe_div(R, full, out=full).mul_((P - Pk).add_(N - Nk)))
     by_sign = split_by_sign(u, x, nonneg, rows)
     merged = by_sign and u.stack is not None
@@ -573,7 +581,7 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
         a.masked_fill_(lo, 0.0)
     if hi is not None:
         b.masked_fill_(hi, 0.0)
-    return {u.x_node: _spread(u, x, buf, 1, merged, by_sign, nonneg, rows)}
+    return {u.x_node: _spread(u, x, buf, 1, merged, by_sign, nonneg, rows, xabs)}
 
 
 #: element-wise work runs over blocks of about this many units, so that its dozen or so
@@ -613,17 +621,21 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     x = ctx.value(u.x_node) if x is None else x
     nonneg = is_nonnegative(x)
     babs = derived(u.bias, "abs", torch.abs) if u.bias is not None else None
-    inv_p, inv_n, rows = pos_neg2(u, x, magnitude(u, x, nonneg), nonneg, babs)
+    xabs = x if nonneg else x.abs()
+    inv_p, inv_n, rows = pos_neg2(u, x, magnitude(u, xabs), nonneg, babs)
     by_sign = split_by_sign(u, x, nonneg, rows)
     merged = by_sign and u.stack is not None
     buf, [(ap, bp), (an, bn)] = _halves(u, Rp, 2, merged)
     t = u.pre_activation
     n = Rp.shape[0]
     step = max(1, BLOCK_UNITS // max(math.prod(Rp.shape[1:]), 1)) if Rp.dim() > 1 else n
-    for lo in range(0, n, step):
-        blk = slice(lo, lo + step)
-        _route(Rp[blk], Rn[blk], t[blk], inv_p[blk], inv_n[blk], ap[blk], bp[blk], an[blk], bn[blk])
-    both = _spread(u, x, buf, 2, merged, by_sign, nonneg, rows)
+    if step >= n:  # one block: the whole tensors, no slicing
+        _route(Rp, Rn, t, inv_p, inv_n, ap, bp, an, bn)
+    else:
+        for lo in range(0, n, step):
+            blk = slice(lo, lo + step)
+            _route(Rp[blk], Rn[blk], t[blk], inv_p[blk], inv_n[blk], ap[blk], bp[blk], an[blk], bn[blk])
+    both = _spread(u, x, buf, 2, merged, by_sign, nonneg, rows, xabs)
     n = x.shape[0]
     return {u.x_node: (both[:n], both[n:])}
 

@@ -159,3 +159,21 @@ def test_target_and_task_inference_shared():
         assert torch.equal(e.target, t0)
     ref = Backtrace(model).explain(x, mode="contrastive")
     _same(out["contrastive"], ref, "inferred")
+
+
+def test_sign_of_each_layer_input_checked_once_for_all_modes(monkeypatch):
+    """Facts about recorded values (is a layer's input >= 0) are worked out once per recording,
+    not once per mode."""
+    from governance.backtrace.rules import affine
+
+    model, x, task = _case("mlp", torch.float64)
+    calls = []
+    real = affine.is_nonnegative
+
+    def counting(t):
+        calls.append(t.shape)
+        return real(t)
+
+    monkeypatch.setattr(affine, "is_nonnegative", counting)
+    Backtrace(model).explain_modes(x, modes=MODES, task=task)
+    assert len(calls) == 3  # one per Linear, for three modes

@@ -329,6 +329,18 @@ def is_nonnegative(x: torch.Tensor) -> bool:
     return x.numel() == 0 or bool(x.min() >= 0)
 
 
+def input_nonnegative(ctx: RuleContext, u: AffineUnit, x: torch.Tensor | None) -> bool:
+    """``is_nonnegative`` of the unit's recorded input (once per recording, for every mode
+    walked over it), or of the input ``x`` a caller gives instead."""
+    if x is not None:
+        return is_nonnegative(x)
+    known = ctx.recording.nonnegative
+    v = known.get(u.x_node)
+    if v is None:
+        v = known[u.x_node] = is_nonnegative(ctx.value(u.x_node))
+    return v
+
+
 def weight_abs(u: AffineUnit) -> torch.Tensor:
     """|W| (kept across calls for a model's parameters: ``weight_cache``; never written to)."""
     return derived(u.weight, "abs", torch.abs)
@@ -560,8 +572,8 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
                        x: torch.Tensor | None = None, sat: tuple | None = None):
     """Spec 3 / 3b. ``x`` / ``sat`` override the recorded input and the saturation range
     (recurrent cells)."""
+    nonneg = input_nonnegative(ctx, u, x)
     x = ctx.value(u.x_node) if x is None else x
-    nonneg = is_nonnegative(x)
     babs = derived(u.bias, "abs", torch.abs) if u.bias is not None else None
     # |b| in float64 for the books, kept with a parameter bias (a folded one is fresh per call)
     babs64 = (derived(u.bias, "abs64", lambda v: v.abs().reshape(-1).to(torch.float64))
@@ -625,7 +637,7 @@ def _route(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, inv_p: torch.Ten
     no_p, no_n = torch.eq(inv_p, 0.0, out=an), torch.eq(inv_n, 0.0, out=torch.empty_like(inv_n))
     torch.maximum(no_n, agree, out=ap).mul_(inv_p).mul_(Rp)  # R+ to the positive side
     torch.maximum(no_p, agree, out=bn).mul_(inv_n).mul_(Rn)  # R- to the negative side
-    disagree = agree.neg_().add_(1.0)
+    disagree = torch.logical_not(agree, out=agree)  # 1 − agree, in one pass
     to_pos = torch.maximum(no_n, disagree, out=no_n)
     torch.maximum(no_p, disagree, out=bp).mul_(inv_n).mul_(Rp)  # R+ to the negative side
     torch.mul(to_pos, inv_p, out=an).mul_(Rn)  # R- to the positive side
@@ -638,8 +650,8 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     it has no negative side or does not (ties included); negative contributors take R- if the
     unit has no positive side or agrees, R+ if it has none or does not. A mixed unit with t = 0
     passes nothing. Each amount is split ∝ z/P (positive side) or |z|/N (negative side)."""
+    nonneg = input_nonnegative(ctx, u, x)
     x = ctx.value(u.x_node) if x is None else x
-    nonneg = is_nonnegative(x)
     babs = derived(u.bias, "abs", torch.abs) if u.bias is not None else None
     xabs = x if nonneg else x.abs()
     inv_p, inv_n, rows = pos_neg2_of(u, x, xabs, nonneg, babs)

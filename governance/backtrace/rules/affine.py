@@ -447,11 +447,12 @@ def _halves(u: AffineUnit, R: torch.Tensor, maps: int, merged: bool):
         shape = list(R.shape)
         shape[0], shape[cdim] = maps * n, 2 * units
         buf = R.new_empty(shape)
-        views = [(buf.narrow(0, k * n, n).narrow(cdim, 0, units),
-                  buf.narrow(0, k * n, n).narrow(cdim, units, units)) for k in range(maps)]
-        return buf, views
+        # (maps, N, ..., 2, units, ...): one view, unbound per map and per side
+        split = buf.view(maps, n, *R.shape[1:cdim], 2, units, *R.shape[cdim + 1:])
+        return buf, [tuple(m.unbind(cdim)) for m in split.unbind(0)]
     buf = R.new_empty((2, maps * n, *R.shape[1:]))
-    return buf, [(buf[0].narrow(0, k * n, n), buf[1].narrow(0, k * n, n)) for k in range(maps)]
+    split = buf.view(2, maps, n, *R.shape[1:])
+    return buf, list(zip(split[0].unbind(0), split[1].unbind(0)))
 
 
 def _per_map(g: torch.Tensor, maps: int, x: torch.Tensor) -> torch.Tensor:

@@ -654,8 +654,9 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     nonneg = input_nonnegative(ctx, u, x)
     x = ctx.value(u.x_node) if x is None else x
     babs = derived(u.bias, "abs", torch.abs) if u.bias is not None else None
-    xabs = x if nonneg else x.abs()
-    inv_p, inv_n, rows = pos_neg2_of(u, x, xabs, nonneg, babs)
+    # |x| is not kept to the split: contrastive holds more at once than default, and its peak
+    # memory must stay within twice default's (issue 14); the split takes |x| again
+    inv_p, inv_n, rows = pos_neg2_of(u, x, x if nonneg else x.abs(), nonneg, babs)
     by_sign = split_by_sign(u, x, nonneg, rows)
     merged = by_sign and u.stack is not None
     buf, [(ap, bp), (an, bn)] = _halves(u, Rp, 2, merged)
@@ -668,7 +669,7 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
         for lo in range(0, n, step):
             blk = slice(lo, lo + step)
             _route(Rp[blk], Rn[blk], t[blk], inv_p[blk], inv_n[blk], ap[blk], bp[blk], an[blk], bn[blk])
-    both = _spread(u, x, buf, 2, merged, by_sign, nonneg, rows, xabs)
+    both = _spread(u, x, buf, 2, merged, by_sign, nonneg, rows)
     n = x.shape[0]
     return {u.x_node: (both[:n], both[n:])}
 

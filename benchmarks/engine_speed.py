@@ -240,7 +240,7 @@ def run_case(case: Case, repeats: int | None = None, threads: tuple[int, ...] = 
     fns = {"fwd+bwd": lambda: case.baseline(model, x, case.task)}
     for mode in case.modes:
         fns[mode] = (lambda m: lambda: bt.explain(x, mode=m, task=case.task))(mode)
-    if len(case.modes) > 1:  # the stage's call: every mode over one recording
+    if len(case.modes) > 1 and hasattr(bt, "explain_modes"):  # the stage's call (engines since issue 14b)
         fns[ALL_MODES] = lambda: bt.explain_modes(x, modes=case.modes, task=case.task)
     lrp = captum_lrp(model, x, case.task) if captum else None
     if callable(lrp):

@@ -121,6 +121,11 @@ class Backtrace:
             recording = record(gm, flat)
         if work is None:
             work = self._work[size_key] = forward_work(gm, recording.values)
+            if work < SMALL_MODEL_WORK and torch.get_num_threads() > 1:
+                # record again as every later call will (one thread), so that the first call's
+                # relevance has the same bits as the next ones'
+                with walk_threads(parallel=False):
+                    recording = record(gm, flat)
         out: dict[str, Explanation] = {}
         for mode in modes:
             with walk_threads(parallel=work >= SMALL_MODEL_WORK):

@@ -452,3 +452,37 @@ def test_weight_cache_same_bits_and_never_stale(mode, monkeypatch):
     swapped = run()
     weight_cache.clear()
     assert torch.equal(swapped, run()) and not torch.equal(swapped, changed)
+
+
+@pytest.mark.parametrize("width", [12, 160])
+@pytest.mark.parametrize("mode", MODES)
+def test_small_linear_on_nonnegative_input_exact_sums(mode, width, monkeypatch):
+    """ReLU -> Linear -> sigmoid with saturated units: a linear map of at most
+    ``SMALL_LINEAR_WEIGHTS`` weights on x >= 0 takes P and N from the one-signed sums (no S,
+    no recomputed rows: ``pos_neg2`` is not called); a larger one keeps S and the recorded
+    W x. Both match the naive loops in every mode."""
+    torch.manual_seed(5)
+    lin = nn.Linear(width, 128 if width > 12 else 6).to(DTYPE)
+    with torch.no_grad():
+        lin.weight.mul_(8.0)  # some units beyond the sigmoid's bounds on either side
+    calls: list[bool] = []
+    orig = affine.pos_neg2
+
+    def pos_neg2(u, x, S, nonneg, bias_abs):
+        calls.append(nonneg)
+        return orig(u, x, S, nonneg, bias_abs)
+
+    monkeypatch.setattr(affine, "pos_neg2", pos_neg2)
+    small = lin.weight.numel() <= affine.SMALL_LINEAR_WEIGHTS
+    assert small == (width == 12)
+    x = torch.randn(7, width, dtype=DTYPE)
+    model = nn.Sequential(nn.ReLU(), lin, nn.Sigmoid()).eval()
+    with torch.no_grad():
+        y = model(x)
+        t = lin(x.relu())
+    assert bool((t < -4).any()) and bool((t > 4).any())
+    R, _ = nr.seed(_task(mode), y, mode=mode)
+    exp_R = nr.linear_rule(x.relu(), lin.weight, lin.bias, R, mode, "sigmoid").relevance
+    nr.check_engine(model, x, mode, exp_R, f"relu linear({width}) sigmoid {mode}", task=_task(mode))
+    # the saturated default/signed path and contrastive both need P and N: S only for the large map
+    assert calls == ([] if small else [True])

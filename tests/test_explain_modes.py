@@ -161,6 +161,51 @@ def test_target_and_task_inference_shared():
     _same(out["contrastive"], ref, "inferred")
 
 
+def test_sign_of_each_layer_input_checked_once_for_all_modes(monkeypatch):
+    """Facts about recorded values (is a layer's input >= 0) are worked out once per recording,
+    not once per mode."""
+    from governance.backtrace.rules import affine
+
+    model, x, task = _case("mlp", torch.float64)
+    calls = []
+    real = affine.is_nonnegative
+
+    def counting(t):
+        calls.append(t.shape)
+        return real(t)
+
+    monkeypatch.setattr(affine, "is_nonnegative", counting)
+    Backtrace(model).explain_modes(x, modes=MODES, task=task)
+    assert len(calls) == 3  # one per Linear, for three modes
+
+
+def test_first_call_equals_later_calls_with_two_threads(monkeypatch):
+    """A small model records on one thread from its second call on; the first call's walk
+    uses a recording made the same way, so the first explanation has the same bits as the
+    later ones."""
+    model, x, task = _case("mlp", torch.float32)
+    threads = []
+    real = engine_mod.record
+
+    def spying(gm, flat):
+        threads.append(torch.get_num_threads())
+        return real(gm, flat)
+
+    monkeypatch.setattr(engine_mod, "record", spying)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bt = Backtrace(model)
+        first = bt.explain_modes(x, modes=MODES, task=task)
+        assert threads == [2, 1]  # sized with the caller's threads, then recorded as later calls
+        again = bt.explain_modes(x, modes=MODES, task=task)
+        assert threads == [2, 1, 1]
+    finally:
+        torch.set_num_threads(old)
+    for m in MODES:
+        _same(first[m], again[m], f"first/again {m}")
+
+
 def test_iter_modes_walks_each_mode_when_asked(monkeypatch):
     """iter_modes: one recording, each mode walked only when the caller takes it, the same
     explanations as explain_modes; its arguments are checked when it is called."""

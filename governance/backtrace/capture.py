@@ -28,6 +28,10 @@ class CapturedGraph:
 
 
 def _shape_key(obj: Any) -> tuple:
+    args, kwargs = obj
+    if not kwargs and all(type(a) is torch.Tensor for a in args):
+        # the common call (positional tensors): no pytree spec to render
+        return ("tensors", tuple((tuple(a.shape), a.dtype, a.device.type) for a in args))
     leaves, spec = pytree.tree_flatten(obj)
     key = []
     for leaf in leaves:

@@ -217,16 +217,17 @@ class RuleContext:
         """Book relevance taken out of the walk by a bias or a constant operand."""
         self._book(self.absorbed, amount)
 
-    def absorb_product(self, s: torch.Tensor, b: torch.Tensor) -> None:
+    def absorb_product(self, s: torch.Tensor, b: torch.Tensor, b64: torch.Tensor | None = None) -> None:
         """Book Σ s·b per sample for a bias b broadcast over s (b aligned with s's trailing
-        axes), without forming s·b: s summed over b's broadcast axes, then one product."""
+        axes), without forming s·b: s summed over b's broadcast axes, then one product.
+        ``b64``: b flattened in float64, when the caller keeps it."""
         lead = s.dim() - b.dim()
         if lead < 0 or (lead == 0 and b.shape[0] != 1):  # b varies along the batch: form s·b
             self._book(self.absorbed, s.to(torch.float64) * b.to(torch.float64))
             return
         red = [d for d in range(max(lead, 1), s.dim()) if b.shape[d - lead] == 1]
         s_red = s.sum(red) if red else s
-        b_flat = b.reshape(-1).to(torch.float64)
+        b_flat = b.reshape(-1).to(torch.float64) if b64 is None else b64
         # rows (the batch, or the batch folded with other axes) times b, then per sample
         self._book(self.absorbed, torch.mv(s_red.reshape(-1, b_flat.numel()).to(torch.float64), b_flat))
 

@@ -142,6 +142,11 @@ class Backtrace:
             recording = record(gm, flat)
         if work is None:
             work = self._work[size_key] = forward_work(gm, recording.values)
+            if work < SMALL_MODEL_WORK and torch.get_num_threads() > 1:
+                # record again as every later call will (one thread), so that the first call's
+                # relevance has the same bits as the next ones'
+                with walk_threads(parallel=False):
+                    recording = record(gm, flat)
         for mode in modes:
             with walk_threads(parallel=work >= SMALL_MODEL_WORK):
                 exp = self._walk(gm, recording, captured, names, flat, single, n, mode, task,

@@ -33,6 +33,9 @@ class Recording:
     values: dict[fx.Node, Any]
     relevant: frozenset[fx.Node]  # shared by every recording of the graph: read-only
     output_values: list[Any] = field(default_factory=list)
+    # facts about recorded values that rules work out once for every walk over this recording
+    # (``explain_modes`` walks one recording in several modes): node -> value >= 0 everywhere
+    nonnegative: dict[fx.Node, bool] = field(default_factory=dict)
 
 
 def _is_float_tensor(v: Any) -> bool:

@@ -329,14 +329,26 @@ def is_nonnegative(x: torch.Tensor) -> bool:
     return x.numel() == 0 or bool(x.min() >= 0)
 
 
+def input_nonnegative(ctx: RuleContext, u: AffineUnit, x: torch.Tensor | None) -> bool:
+    """``is_nonnegative`` of the unit's recorded input (once per recording, for every mode
+    walked over it), or of the input ``x`` a caller gives instead."""
+    if x is not None:
+        return is_nonnegative(x)
+    known = ctx.recording.nonnegative
+    v = known.get(u.x_node)
+    if v is None:
+        v = known[u.x_node] = is_nonnegative(ctx.value(u.x_node))
+    return v
+
+
 def weight_abs(u: AffineUnit) -> torch.Tensor:
     """|W| (kept across calls for a model's parameters: ``weight_cache``; never written to)."""
     return derived(u.weight, "abs", torch.abs)
 
 
-def magnitude(u: AffineUnit, x: torch.Tensor, nonneg: bool, wabs: torch.Tensor | None = None) -> torch.Tensor:
-    """S_j = P_j + N_j = Σ_i |z_ji|: one product of absolute values (a fresh tensor)."""
-    return u.forward(x if nonneg else x.abs(), weight_abs(u) if wabs is None else wabs)
+def magnitude(u: AffineUnit, xabs: torch.Tensor, wabs: torch.Tensor | None = None) -> torch.Tensor:
+    """S_j = P_j + N_j = Σ_i |z_ji|: one product of absolute values (a fresh tensor), from |x|."""
+    return u.forward(xabs, weight_abs(u) if wabs is None else wabs)
 
 
 def _sign_parts(x: torch.Tensor, u: AffineUnit) -> torch.Tensor:
@@ -404,6 +416,26 @@ def pos_neg2(u: AffineUnit, x: torch.Tensor, S: torch.Tensor, nonneg: bool,
     return P2, N2, rows
 
 
+#: a linear map with at most this many weights, on an input >= 0, takes P and N from their
+#: one-signed sums directly: x W⁺ᵀ and x |W⁻|ᵀ (twice the units of S, but a dozen fewer small
+#: ops; such layers cost their dispatch, not their arithmetic; two products rather than one
+#: stacked one, so that P and N come out contiguous for the element-wise work after them).
+#: The choice depends on the layer and the sign of its input, never on the batch size.
+SMALL_LINEAR_WEIGHTS = 1 << 14
+
+
+def pos_neg2_of(u: AffineUnit, x: torch.Tensor, xabs: torch.Tensor, nonneg: bool,
+                bias_abs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(2P, 2N, rows recomputed) of ``pos_neg2`` (S computed here), or, for a small linear map
+    on x >= 0, from the one-signed sums in one product (every unit exact; rows None)."""
+    w = u.weight
+    if nonneg and u.fwd is _linear_fwd and w.dim() == 2 and w.numel() <= SMALL_LINEAR_WEIGHTS:
+        P = u.forward(x, derived(w, "pos", lambda v: v.clamp(min=0)))
+        N = u.forward(x, derived(w, "neg", lambda v: v.clamp(max=0).neg_()))
+        return P.mul_(2.0), N.mul_(2.0), None
+    return pos_neg2(u, x, magnitude(u, xabs), nonneg, bias_abs)
+
+
 def _halves(u: AffineUnit, R: torch.Tensor, maps: int, merged: bool):
     """An empty buffer for the half coefficients (a/2, b/2) of ``maps`` relevance maps, laid out
     for ``_spread``: maps stacked on the batch axis; a and b side by side on the unit axis
@@ -415,11 +447,12 @@ def _halves(u: AffineUnit, R: torch.Tensor, maps: int, merged: bool):
         shape = list(R.shape)
         shape[0], shape[cdim] = maps * n, 2 * units
         buf = R.new_empty(shape)
-        views = [(buf.narrow(0, k * n, n).narrow(cdim, 0, units),
-                  buf.narrow(0, k * n, n).narrow(cdim, units, units)) for k in range(maps)]
-        return buf, views
+        # (maps, N, ..., 2, units, ...): one view, unbound per map and per side
+        split = buf.view(maps, n, *R.shape[1:cdim], 2, units, *R.shape[cdim + 1:])
+        return buf, [tuple(m.unbind(cdim)) for m in split.unbind(0)]
     buf = R.new_empty((2, maps * n, *R.shape[1:]))
-    return buf, [(buf[0].narrow(0, k * n, n), buf[1].narrow(0, k * n, n)) for k in range(maps)]
+    split = buf.view(2, maps, n, *R.shape[1:])
+    return buf, list(zip(split[0].unbind(0), split[1].unbind(0)))
 
 
 def _per_map(g: torch.Tensor, maps: int, x: torch.Tensor) -> torch.Tensor:
@@ -476,7 +509,7 @@ def _by_sign(u: AffineUnit, x: torch.Tensor, coef, maps: int, merged: bool, nonn
 
 
 def _spread(u: AffineUnit, x: torch.Tensor, buf: torch.Tensor, maps: int, merged: bool,
-            by_sign: bool, nonneg: bool, rows: torch.Tensor | None) -> torch.Tensor:
+            by_sign: bool, nonneg: bool, rows: torch.Tensor | None, xabs: torch.Tensor | None = None) -> torch.Tensor:
     """R_i = Σ_j a_j max(z_ji, 0) + b_j max(−z_ji, 0) for each map, from the half coefficients
     α = a/2, β = b/2 in ``buf`` (``_halves``); returns (maps·N, ...) and consumes ``buf``.
 
@@ -484,11 +517,11 @@ def _spread(u: AffineUnit, x: torch.Tensor, buf: torch.Tensor, maps: int, merged
     ``x ⊙ (2W⁺ᵀα + 2|W⁻|ᵀβ)``, one product when ``merged``). Otherwise the identity
     ``|x| ⊙ |W|ᵀ(α + β) + x ⊙ Wᵀ(α − β)``: two products instead of four, but the terms of a unit
     whose receiving side is small cancel there, so the ``rows`` that hold such units (those
-    ``pos_neg2`` recomputed) take the one-signed products."""
+    ``pos_neg2`` recomputed) take the one-signed products. ``xabs``: |x| when the caller has it."""
     if maps > 1 and not u.stack_maps:  # one product per map
         n = x.shape[0]
         parts = [buf.narrow(0, k * n, n) if merged else buf.narrow(1, k * n, n) for k in range(maps)]
-        return torch.cat([_spread(u, x, p, 1, merged, by_sign, nonneg, rows) for p in parts])
+        return torch.cat([_spread(u, x, p, 1, merged, by_sign, nonneg, rows, xabs) for p in parts])
     if by_sign:
         return _by_sign(u, x, buf if merged else (buf[0], buf[1]), maps, merged, nonneg)
     alpha, beta = buf[0], buf[1]
@@ -503,7 +536,7 @@ def _spread(u: AffineUnit, x: torch.Tensor, buf: torch.Tensor, maps: int, merged
     alpha.add_(beta)
     torch.add(alpha, beta, alpha=-2.0, out=beta)  # α − β
     g = u.backward(alpha, weight_abs(u), shape)
-    _per_map(g, maps, x).mul_(x.abs())
+    _per_map(g, maps, x).mul_(x.abs() if xabs is None else xabs)
     h = u.backward(beta, u.weight, shape)
     _per_map(h, maps, x).mul_(x)
     g.add_(h)
@@ -518,6 +551,10 @@ def _saturated(t: torch.Tensor, R: torch.Tensor, bound: float | None, below: boo
     if bound is None:
         return None
     compare = torch.lt if below else torch.gt
+    if R.numel() <= BLOCK_UNITS and t.shape == R.shape:  # one block: no views to cut
+        if int(torch.count_nonzero(compare(t, bound, out=torch.empty_like(R)).mul_(R))):
+            return compare(t, bound).logical_and_(R != 0)
+        return None
     tf, rf = t.expand_as(R).reshape(-1), R.reshape(-1)
     # blocks through one small buffer: a fresh full-size probe costs page faults, and most
     # layers have no saturated unit with relevance (a ReLU's zeros pass none back)
@@ -536,23 +573,27 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
                        x: torch.Tensor | None = None, sat: tuple | None = None):
     """Spec 3 / 3b. ``x`` / ``sat`` override the recorded input and the saturation range
     (recurrent cells)."""
+    nonneg = input_nonnegative(ctx, u, x)
     x = ctx.value(u.x_node) if x is None else x
-    nonneg = is_nonnegative(x)
     babs = derived(u.bias, "abs", torch.abs) if u.bias is not None else None
+    # |b| in float64 for the books, kept with a parameter bias (a folded one is fresh per call)
+    babs64 = (derived(u.bias, "abs64", lambda v: v.abs().reshape(-1).to(torch.float64))
+              if isinstance(u.bias, torch.nn.Parameter) else None)
     lo_b, hi_b = ctx.saturation(node) if sat is None else sat
     t = u.pre_activation
     lo, hi = _saturated(t, R, lo_b, below=True), _saturated(t, R, hi_b, below=False)
-    wabs = weight_abs(u)
-    S = magnitude(u, x, nonneg, wabs)
+    xabs = x if nonneg else x.abs()
     if lo is None and hi is None:  # R_in = |x| ⊙ |W|ᵀ (R / (S + |b|))  (signed: x ⊙ Wᵀ ...)
+        wabs = weight_abs(u)
+        S = magnitude(u, xabs, wabs)
         den = S.add_(babs) if babs is not None else S
         s = safe_div(R, den, out=den)
         if babs is not None:
-            ctx.absorb_product(s, babs)
+            ctx.absorb_product(s, babs, babs64)
         g = u.backward(s, u.weight if signed else wabs, x.shape)
-        return {u.x_node: g.mul_(x if signed or nonneg else x.abs())}
+        return {u.x_node: g.mul_(x if signed else xabs)}
     # saturation: the zeroed side leaves numerator and denominator, the other side takes its share
-    P2, N2, rows = pos_neg2(u, x, S, nonneg, babs)
+    P2, N2, rows = pos_neg2_of(u, x, xabs, nonneg, babs)
     P, N = P2.mul_(0.5), N2.mul_(0.5)
     Pk = P.masked_fill(lo, 0.0) if lo is not None else P
     Nk = N.masked_fill(hi, 0.0) if hi is not None else N
@@ -562,7 +603,7 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
         full.add_(babs)
     s = safe_div(R, den)
     if babs is not None:
-        ctx.absorb_product(s, babs)
+        ctx.absorb_product(s, babs, babs64)
     ctx.reroute(safe_div(R, full, out=full).mul_((P - Pk).add_(N - Nk)))
     by_sign = split_by_sign(u, x, nonneg, rows)
     merged = by_sign and u.stack is not None
@@ -573,7 +614,7 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
         a.masked_fill_(lo, 0.0)
     if hi is not None:
         b.masked_fill_(hi, 0.0)
-    return {u.x_node: _spread(u, x, buf, 1, merged, by_sign, nonneg, rows)}
+    return {u.x_node: _spread(u, x, buf, 1, merged, by_sign, nonneg, rows, xabs)}
 
 
 #: element-wise work runs over blocks of about this many units, so that its dozen or so
@@ -597,7 +638,7 @@ def _route(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, inv_p: torch.Ten
     no_p, no_n = torch.eq(inv_p, 0.0, out=an), torch.eq(inv_n, 0.0, out=torch.empty_like(inv_n))
     torch.maximum(no_n, agree, out=ap).mul_(inv_p).mul_(Rp)  # R+ to the positive side
     torch.maximum(no_p, agree, out=bn).mul_(inv_n).mul_(Rn)  # R- to the negative side
-    disagree = agree.neg_().add_(1.0)
+    disagree = torch.eq(agree, 0.0, out=agree)  # 1 − agree in one pass (logical_not into a float buffer is 25x slower)
     to_pos = torch.maximum(no_n, disagree, out=no_n)
     torch.maximum(no_p, disagree, out=bp).mul_(inv_n).mul_(Rp)  # R+ to the negative side
     torch.mul(to_pos, inv_p, out=an).mul_(Rn)  # R- to the positive side
@@ -610,19 +651,24 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     it has no negative side or does not (ties included); negative contributors take R- if the
     unit has no positive side or agrees, R+ if it has none or does not. A mixed unit with t = 0
     passes nothing. Each amount is split ∝ z/P (positive side) or |z|/N (negative side)."""
+    nonneg = input_nonnegative(ctx, u, x)
     x = ctx.value(u.x_node) if x is None else x
-    nonneg = is_nonnegative(x)
     babs = derived(u.bias, "abs", torch.abs) if u.bias is not None else None
-    inv_p, inv_n, rows = pos_neg2(u, x, magnitude(u, x, nonneg), nonneg, babs)
+    # |x| is not kept to the split: contrastive holds more at once than default, and its peak
+    # memory must stay within twice default's (issue 14); the split takes |x| again
+    inv_p, inv_n, rows = pos_neg2_of(u, x, x if nonneg else x.abs(), nonneg, babs)
     by_sign = split_by_sign(u, x, nonneg, rows)
     merged = by_sign and u.stack is not None
     buf, [(ap, bp), (an, bn)] = _halves(u, Rp, 2, merged)
     t = u.pre_activation
     n = Rp.shape[0]
     step = max(1, BLOCK_UNITS // max(math.prod(Rp.shape[1:]), 1)) if Rp.dim() > 1 else n
-    for lo in range(0, n, step):
-        blk = slice(lo, lo + step)
-        _route(Rp[blk], Rn[blk], t[blk], inv_p[blk], inv_n[blk], ap[blk], bp[blk], an[blk], bn[blk])
+    if step >= n:  # one block: the whole tensors, no slicing
+        _route(Rp, Rn, t, inv_p, inv_n, ap, bp, an, bn)
+    else:
+        for lo in range(0, n, step):
+            blk = slice(lo, lo + step)
+            _route(Rp[blk], Rn[blk], t[blk], inv_p[blk], inv_n[blk], ap[blk], bp[blk], an[blk], bn[blk])
     both = _spread(u, x, buf, 2, merged, by_sign, nonneg, rows)
     n = x.shape[0]
     return {u.x_node: (both[:n], both[n:])}

@@ -181,8 +181,8 @@ class _RowsCtx:
     def absorb(self, amount: torch.Tensor) -> None:
         self._ctx.absorb(self._full(amount))
 
-    def absorb_product(self, s: torch.Tensor, b: torch.Tensor) -> None:
-        self._ctx.absorb_product(self._full(s), b)
+    def absorb_product(self, s: torch.Tensor, b: torch.Tensor, b64: torch.Tensor | None = None) -> None:
+        self._ctx.absorb_product(self._full(s), b, b64)
 
     def reroute(self, amount: torch.Tensor) -> None:
         self._ctx.reroute(self._full(amount))

@@ -80,3 +80,60 @@ def test_worker_error_reaches_the_caller_and_abort_drops_the_rest() -> None:
         worker.close()
     worker.abort()
     assert seen == [0, 1, 2]
+
+
+def _returns(fn, within: float = 60.0) -> bool:
+    """Whether ``fn()`` returns (a liveness check: a deadlock would never return)."""
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(within)
+    return not t.is_alive()
+
+
+def test_clean_up_survives_a_queue_lock_left_taken(monkeypatch) -> None:
+    """A signal raised as an exception in the main thread can land between a queue lock's
+    acquire and the block that releases it (the lock stays taken). Closing the reader and
+    aborting the worker must still return: they give up on that queue, and the threads behind
+    it are daemons that do not keep the process alive."""
+    import governance.stage.overlap as overlap
+
+    monkeypatch.setattr(overlap, "_LOCK_WAIT_S", 0.2)
+
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    reader = Prefetch(endless(), depth=2)
+    assert next(iter(reader)) == 0
+    reader._queue.mutex.acquire()  # what the interrupted consumer left behind
+    assert _returns(reader.close)
+
+    gate = threading.Event()
+    worker = OrderedWorker(lambda item: gate.wait(5), depth=2)
+    worker.submit(1)
+    worker._queue.mutex.acquire()
+    assert _returns(worker.abort)
+    gate.set()
+    assert worker._thread.daemon and reader._thread.daemon
+
+
+def test_abort_with_a_free_lock_still_waits_for_the_item_in_progress() -> None:
+    """Without a stuck lock, abort stops the worker after the item it is folding (nothing is
+    left running behind the caller's back)."""
+    started, release = threading.Event(), threading.Event()
+    done: list[int] = []
+
+    def fold(item: int) -> None:
+        started.set()
+        release.wait(10)
+        done.append(item)
+
+    worker = OrderedWorker(fold, depth=2)
+    worker.submit(1)
+    worker.submit(2)
+    assert started.wait(10)
+    threading.Timer(0.3, release.set).start()
+    worker.abort()
+    assert done == [1] and not worker._thread.is_alive()

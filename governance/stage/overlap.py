@@ -19,6 +19,11 @@ T = TypeVar("T")
 
 _DONE = object()
 _POLL_S = 0.1
+#: How long a clean-up waits for a queue's lock. A signal turned into an exception in the main
+#: thread (``governance.signals``) can land between a lock's acquire and the block that releases
+#: it, leaving the lock taken for good; clean-up then gives up on that queue instead of waiting
+#: forever, and leaves the thread behind it (a daemon: it does not keep the process alive).
+_LOCK_WAIT_S = 5.0
 
 
 class _Failure:
@@ -37,13 +42,23 @@ def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _drain(q: "queue.Queue[Any]") -> None:
-    """Drop whatever ``q`` holds."""
-    while True:
-        try:
-            q.get_nowait()
-        except queue.Empty:
-            return
+def _drain(q: "queue.Queue[Any]") -> bool:
+    """Drop whatever ``q`` holds and wake a producer waiting for room. False, with nothing done,
+    when the queue's lock stays taken (see ``_LOCK_WAIT_S``)."""
+    if not q.mutex.acquire(timeout=_LOCK_WAIT_S):
+        return False
+    try:
+        q.queue.clear()
+        q.not_full.notify_all()
+    finally:
+        q.mutex.release()
+    return True
+
+
+def _join(thread: threading.Thread, drained: bool) -> None:
+    """Wait for ``thread``: until it ends when its queue could be drained (it then stops after
+    its current item), else only briefly (it may be stuck on the queue's abandoned lock)."""
+    thread.join(None if drained else _LOCK_WAIT_S)
 
 
 class Prefetch(Generic[T]):
@@ -77,8 +92,7 @@ class Prefetch(Generic[T]):
     def close(self) -> None:
         """Stop the background thread (it finishes the item it is reading) and wait for it."""
         self._stop.set()
-        _drain(self._queue)  # unblock a producer waiting for room
-        self._thread.join()
+        _join(self._thread, _drain(self._queue))  # the drain unblocks a producer waiting for room
 
     def __enter__(self) -> "Prefetch[T]":
         return self
@@ -132,10 +146,10 @@ class OrderedWorker(Generic[T]):
     def abort(self) -> None:
         """Stop without processing what is still queued (after an error elsewhere)."""
         self._stop.set()
-        _drain(self._queue)
-        if self._thread.is_alive():
+        drained = _drain(self._queue)
+        if drained and self._thread.is_alive():
             try:
                 self._queue.put_nowait(_DONE)
             except queue.Full:
                 pass
-        self._thread.join()
+        _join(self._thread, drained)

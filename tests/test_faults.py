@@ -66,11 +66,20 @@ def _claimed_run(experiment_id: str, pid: int) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default. A test suite started in the background by a
+    non-interactive shell (``pytest ... &``) runs with SIGINT ignored, and its children inherit
+    that; a process that ignores SIGINT rightly keeps ignoring it (explain leaves such a
+    disposition alone), which is not what the SIGINT test is about."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_explaining(store, tmp: Path, data: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     """Start `mlflow-governance explain` and wait (polling) until it has claimed its run and
     written explanation batches into its staging folder; returns the process and its run."""
     proc = subprocess.Popen(_explain_args(data, "--batch-size", "1", *extra), env=_env(store, tmp),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     deadline = time.monotonic() + 240
     rid = None
     while time.monotonic() < deadline:

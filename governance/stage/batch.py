@@ -292,17 +292,13 @@ class Explainer:
         if out.shape[1] == 1 and len(out):
             self.threshold = 0.5 if (out.min() >= 0 and out.max() <= 1) else 0.0
 
-    def explain(self, x: Any, mode: str) -> Any:
-        """One engine call in one mode (see :meth:`explanations`)."""
-        return dict(self.explanations(x, (mode,)))[mode]
-
-    def explanations(self, x: Any, modes: Sequence[str] | None = None) -> Iterator[tuple[str, Any]]:
-        """``(mode, explanation)`` for each of ``modes`` (default: the configured ones) over one
-        recorded forward pass, each walked when the caller takes it (so a caller that drops each
-        before the next holds one at a time); a shape mismatch becomes a clear StageError."""
+    def explanations(self, x: Any) -> Iterator[tuple[str, Any]]:
+        """``(mode, explanation)`` for each configured mode over one recorded forward pass, each
+        walked when the caller takes it (so a caller that drops each before the next holds one
+        at a time); a shape mismatch becomes a clear StageError."""
         task = self.output_task.engine_task if self.output_task is not None else self.task
         try:
-            yield from self.bt.iter_modes(x, modes=tuple(modes or self.modes), task=task, multiplier=self.multiplier)
+            yield from self.bt.iter_modes(x, modes=tuple(self.modes), task=task, multiplier=self.multiplier)
         except RuntimeError as exc:
             if "shape" in str(exc) or "size" in str(exc):
                 raise StageError(f"the model rejected the input batch ({exc}); check feature_columns and "

@@ -334,3 +334,19 @@ def test_bad_folders_fail_clearly(tmp_path: Path) -> None:
     df.drop(columns=["age"]).to_parquet(other / "b.parquet", index=False)
     with pytest.raises(DataLoadError, match="different columns"):
         open_table(other)
+
+
+@pytest.mark.parametrize("n", [9_000, 50_000])
+def test_non_finite_values_are_counted_exactly_whichever_path_pandas_takes(n: int) -> None:
+    """pandas tests set membership with a hash table on small columns and numpy's ``==`` on
+    large ones (the contract lowers the size cut); both count every infinity and nothing else."""
+    train, df = _frame(seed=0), _frame(n=n, seed=1)
+    rng = np.random.default_rng(3)
+    pos = rng.choice(n, size=42, replace=False)
+    df.loc[pos[:37], "income"] = np.inf
+    df.loc[pos[37:], "income"] = -np.inf
+    df.loc[pos[:3] + 1, "debt_ratio"] = np.nan  # missing, not infinite
+    outcome = validate_table(df, derive_contract(train, FEATURES), contract_source="training")
+    infinite = [f for f in outcome.failures if f.expectation == "expect_column_values_to_not_be_in_set"]
+    assert [f.column for f in infinite] == ["income"]
+    assert infinite[0].detail.startswith("42 unexpected value(s)")

@@ -17,12 +17,16 @@ advanced along the rows, so batch sizes, chunking and Spark partitions cannot ch
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ..backtrace import native
 
 MASK64 = (1 << 64) - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -70,15 +74,50 @@ def _poisson_table(size: int = 65536) -> np.ndarray:
 POISSON_TABLE = _poisson_table()
 
 
+_POISSON_SOURCE = r"""
+#include <stdint.h>
+
+/* poisson_weights below in one pass: word w of sample i is SplitMix64((w + 1) * golden + base[i]);
+   its 16-bit lanes, low first, are replicates 4w .. 4w + 3, looked up in the inverse-CDF table. */
+void poisson_weights(int64_t n, int64_t n_boot, const uint64_t *base, const double *table, double *out)
+{
+    const uint64_t golden = 0x9E3779B97F4A7C15ULL;
+    int64_t words = (n_boot + 3) / 4;
+    for (int64_t w = 0; w < words; w++) {
+        uint64_t step = (uint64_t)(w + 1) * golden;
+        int64_t lanes = n_boot - 4 * w < 4 ? n_boot - 4 * w : 4;
+        double *row = out + 4 * w * n;
+        for (int64_t i = 0; i < n; i++) {
+            uint64_t z = step + base[i] + golden;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+            z = z ^ (z >> 31);
+            for (int64_t j = 0; j < lanes; j++)
+                row[j * n + i] = table[(z >> (16 * j)) & 0xFFFF];
+        }
+    }
+}
+"""
+_POISSON_SIGNATURES = {"poisson_weights": [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3}
+
+
 def poisson_weights(keys: np.ndarray, seed: int, n_bootstrap: int) -> np.ndarray:
     """Poisson(1) bootstrap weights (n_bootstrap, n), float64, each a function of (seed, key, b).
 
-    Built replicate-major: the SplitMix64 words are drawn as (words, n), so each replicate's
-    16-bit draws are one strided copy and the table lookup writes the C-ordered matrix the
-    bootstrap's product reads (no transposed copy)."""
+    One compiled pass where a C compiler is at hand (``backtrace.native``), else numpy, built
+    replicate-major: the SplitMix64 words are drawn as (words, n), so each replicate's 16-bit
+    draws are one strided copy and the table lookup writes the C-ordered matrix the bootstrap's
+    product reads (no transposed copy). Both give the same values: integer arithmetic and a
+    table lookup."""
     n = len(keys)
     words = -(-n_bootstrap // 4)
     base = hash_keys(keys, seed, "bootstrap")
+    lib = native.library(_POISSON_SOURCE, _POISSON_SIGNATURES) if sys.byteorder == "little" else None
+    if lib is not None and n and n_bootstrap > 0:
+        out = np.empty((n_bootstrap, n), dtype=np.float64)
+        base = np.ascontiguousarray(base)
+        lib.poisson_weights(n, n_bootstrap, base.ctypes.data, POISSON_TABLE.ctypes.data, out.ctypes.data)
+        return out
     steps = (np.arange(1, words + 1, dtype=np.uint64) * _GOLDEN)
     u = splitmix64(steps[:, None] + base[None, :])          # (words, n)
     u16 = u.view(np.uint16).reshape(words, n, 4).transpose(0, 2, 1).reshape(words * 4, n)[:n_bootstrap]

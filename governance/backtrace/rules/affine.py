@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .. import native
 from ..context import RuleContext, first_output, product_threads, safe_div
 from ..registry import register_rule
 from ..weight_cache import derived
@@ -663,7 +664,9 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     t = u.pre_activation
     n = Rp.shape[0]
     step = max(1, BLOCK_UNITS // max(math.prod(Rp.shape[1:]), 1)) if Rp.dim() > 1 else n
-    if step >= n:  # one block: the whole tensors, no slicing
+    if native.route(Rp, Rn, t, inv_p, inv_n, ap, bp, an, bn):  # one fused pass, the same bits
+        pass
+    elif step >= n:  # one block: the whole tensors, no slicing
         _route(Rp, Rn, t, inv_p, inv_n, ap, bp, an, bn)
     else:
         for lo in range(0, n, step):

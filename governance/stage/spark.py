@@ -425,7 +425,7 @@ def explain_partitions(table: SparkTable, handle: Any, cfg: Any, plan: ModalityP
     src = table.frame.select(*[F.col(f"`{c}`") for c in (plan.columns if cfg.id_column else read)])
     if cfg.spark.partitions:
         src = src.repartition(cfg.spark.partitions)
-    rows = src.mapInArrow(task, from_arrow_schema(out_schema)).persist(StorageLevel.MEMORY_AND_DISK)
+    rows = src.mapInArrow(task, from_arrow_schema(out_schema)).persist(StorageLevel.DISK_ONLY)
     blobs = [bytes(r[0]) for r in rows.where(F.col(STATE_COLUMN).isNotNull()).select(STATE_COLUMN).collect()]
     state = merge_states(blobs, modality.accumulators if modality.accumulators() else None)
     return SparkExplained(state=state, tables=tables, rows=rows.where(F.col(STATE_COLUMN).isNull()),

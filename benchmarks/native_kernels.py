@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from typing import Callable
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine_speed import case_for  # noqa: E402
+from engine_speed import case_for, timed  # noqa: E402
 
 from governance.backtrace import Backtrace, native  # noqa: E402
 from governance.stage import keys  # noqa: E402
@@ -38,16 +36,8 @@ def _switch(on: bool, fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median CPU seconds of each function, after one warm-up call each, interleaved."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            c = time.process_time()
-            fn()
-            times[k].append(time.process_time() - c)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median CPU seconds of each function (``engine_speed.timed``: warmed up, interleaved)."""
+    return {k: cpu for k, (_wall, cpu) in timed(fns, repeats).items()}
 
 
 def routing_rows(keys_: list[str], repeats: int | None) -> list[str]:

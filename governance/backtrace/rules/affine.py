@@ -645,6 +645,21 @@ def _route(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, inv_p: torch.Ten
     torch.mul(to_pos, inv_p, out=an).mul_(Rn)  # R- to the positive side
 
 
+def _route_by_blocks(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, inv_p: torch.Tensor,
+                     inv_n: torch.Tensor, ap: torch.Tensor, bp: torch.Tensor, an: torch.Tensor,
+                     bn: torch.Tensor) -> None:
+    """``_route`` over blocks of about ``BLOCK_UNITS`` units along the batch axis (the whole
+    tensors when they fit one), so its temporaries stay in cache."""
+    n = Rp.shape[0]
+    step = max(1, BLOCK_UNITS // max(math.prod(Rp.shape[1:]), 1)) if Rp.dim() > 1 else n
+    if step >= n:  # one block: the whole tensors, no slicing
+        _route(Rp, Rn, t, inv_p, inv_n, ap, bp, an, bn)
+        return
+    for lo in range(0, n, step):
+        blk = slice(lo, lo + step)
+        _route(Rp[blk], Rn[blk], t[blk], inv_p[blk], inv_n[blk], ap[blk], bp[blk], an[blk], bn[blk])
+
+
 def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tensor, Rn: torch.Tensor,
                  x: torch.Tensor | None = None):
     """Spec 4. Per unit, with ``agree`` = (R+ − R-)·t > 0 (the larger map and the dominant side
@@ -662,16 +677,8 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     merged = by_sign and u.stack is not None
     buf, [(ap, bp), (an, bn)] = _halves(u, Rp, 2, merged)
     t = u.pre_activation
-    n = Rp.shape[0]
-    step = max(1, BLOCK_UNITS // max(math.prod(Rp.shape[1:]), 1)) if Rp.dim() > 1 else n
-    if native.route(Rp, Rn, t, inv_p, inv_n, ap, bp, an, bn):  # one fused pass, the same bits
-        pass
-    elif step >= n:  # one block: the whole tensors, no slicing
-        _route(Rp, Rn, t, inv_p, inv_n, ap, bp, an, bn)
-    else:
-        for lo in range(0, n, step):
-            blk = slice(lo, lo + step)
-            _route(Rp[blk], Rn[blk], t[blk], inv_p[blk], inv_n[blk], ap[blk], bp[blk], an[blk], bn[blk])
+    if not native.route(Rp, Rn, t, inv_p, inv_n, ap, bp, an, bn):  # one compiled pass, the same bits
+        _route_by_blocks(Rp, Rn, t, inv_p, inv_n, ap, bp, an, bn)
     both = _spread(u, x, buf, 2, merged, by_sign, nonneg, rows)
     n = x.shape[0]
     return {u.x_node: (both[:n], both[n:])}

@@ -533,3 +533,81 @@ def test_register_rule_makes_an_unsupported_op_explainable():
     rh = rc.flip(1).cumsum(1).flip(1)
     expected = nr.linear_rule(x, model.fc.weight, model.fc.bias, rh, "default", "relu").relevance
     nr.compare(exp.input_relevance, expected, RTOL, "registered cumsum rule")
+
+
+class _TokenTanh(nn.Module):
+    """Linear + tanh over (N, T, d) tokens of mixed sign (saturating units, rows recomputed
+    from one-signed sums), then a per-sample head: the affine rules' every route over rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(24, 16)
+        self.head = nn.Linear(16, 2)
+        with torch.no_grad():
+            self.lin.weight.mul_(3.0)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x)).mean(1))
+
+
+def _tokens(n=7, t=5, d=24):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, t, d, generator=g, dtype=DTYPE)
+    x[:, 0] = 0.0
+    x[:, 0, 3] = 1.5  # one contribution per unit in token 0: those rows are recomputed
+    return x
+
+
+def _books(exp):
+    return {(name, f): getattr(b, f) for name, b in exp.books.items()
+            for f in ("relevance_in", "relevance_out", "bias_absorbed", "saturation_rerouted")}
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2500])
+@pytest.mark.parametrize("mode", MODES)
+def test_row_blocks_equal_the_whole_batch(mode, block_bytes, monkeypatch):
+    """Affine ops on big batches run over blocks of samples (``ROW_BLOCK_BYTES``): relevance at
+    every input and module, and the books per sample, are those of the whole batch at once
+    (float64: only the convolution's own batch-size rounding may differ), with blocks of one
+    sample and uneven blocks alike."""
+    from governance.backtrace.rules import affine
+
+    torch.manual_seed(3)
+    cases = ((SmallCNN().to(DTYPE).eval(), torch.randn(7, 2, 6, 6, dtype=DTYPE), "multiclass-classification"),
+             (make_mlp(), torch.randn(7, 78, dtype=DTYPE), "binary-classification"),
+             (_TokenTanh().to(DTYPE).eval(), _tokens(), "regression"))
+    steps: list[tuple[int, int]] = []
+    orig = affine._by_row_blocks
+
+    def spy(ctx, node, u, R, step):
+        steps.append((step, ctx.value(u.x_node).shape[0]))
+        return orig(ctx, node, u, R, step)
+
+    for model, x, task in cases:
+        whole = _bt(model).explain(x, mode=mode, task=task)
+        with monkeypatch.context() as mp:
+            mp.setattr(affine, "ROW_BLOCK_BYTES", block_bytes)
+            mp.setattr(affine, "_by_row_blocks", spy)
+            steps.clear()
+            blocked = _bt(model).explain(x, mode=mode, task=task)
+        assert steps and all(s < n for s, n in steps), steps
+        if block_bytes == 1:
+            assert all(s == 1 for s, _ in steps)
+        else:
+            assert any(n % s for s, n in steps), steps  # an uneven last block somewhere
+        for got, ref in zip(_as_tuple(nr.engine_input(blocked, mode)), _as_tuple(nr.engine_input(whole, mode))):
+            nr.compare(got, ref, 1e-10, f"{type(model).__name__} {mode} input")
+        for name in whole.layer_relevance:
+            for got, ref in zip(_as_tuple(nr.engine_layer(blocked, mode, name)),
+                                _as_tuple(nr.engine_layer(whole, mode, name))):
+                nr.compare(got, ref, 1e-10, f"{type(model).__name__} {mode} layer {name}")
+        for part in ((blocked.positive, whole.positive), (blocked.negative, whole.negative)) \
+                if mode == "contrastive" else ((blocked, whole),):
+            got, ref = _books(part[0]), _books(part[1])
+            assert got.keys() == ref.keys()
+            for k in ref:
+                nr.compare(got[k], ref[k], 1e-10, f"{type(model).__name__} {mode} books {k}", atol=1e-12)
+
+
+def _as_tuple(v):
+    return v if isinstance(v, tuple) else (v,)

@@ -1,6 +1,6 @@
-"""The compiled loops of ``backtrace.native``: contrastive routing has the same bits as the torch
-operations it replaces (NaN, signed zeros, ties, empty sides, subnormal sides, strided outputs,
-float32 and float64), so does a whole contrastive explain; the keyed Poisson weights equal the
+"""The compiled loops of ``backtrace.native``: contrastive routing and the add rule's split have the
+same bits as the torch operations they replace (NaN, infinities, signed zeros, ties, empty sides,
+subnormal sides, strided outputs, float32 and float64), so does a whole explain in every mode; the keyed Poisson weights equal the
 numpy draws; and without a compiler, or switched off, everything falls back to the same answer."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch.nn as nn
 import naive_rules as nr
 
 from governance.backtrace import Backtrace, native
+from governance.backtrace.context import safe_div
 from governance.backtrace.rules import affine
 from governance.stage import keys
 
@@ -50,7 +51,7 @@ def _awkward(shape, dtype, g):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_route_has_the_bits_of_the_torch_operations(dtype):
-    assert native.library(native._SOURCE, native._ROUTE_SIGNATURES) is not None, "cc builds the kernels here"
+    assert native.library(native._SOURCE, native._SIGNATURES) is not None, "cc builds the kernels here"
     g = torch.Generator().manual_seed(0)
     tiny = 1e-45 if dtype == torch.float32 else 5e-324
     for _ in range(60):
@@ -73,6 +74,32 @@ def test_route_has_the_bits_of_the_torch_operations(dtype):
         for w, got in zip(want, outs):
             assert torch.equal(_bits(w), _bits(got))
         assert torch.equal(_bits(p2), _bits(p2_before)) and torch.equal(_bits(n2), _bits(n2_before))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_share_has_the_bits_of_the_add_rules_torch_operations(dtype):
+    """R |a| / (|a| + |b|) and R |b| / (|a| + |b|), 0 where the quotient is not finite: zeros of
+    both signs (0/0), infinities and NaN in any operand, subnormal magnitudes, strided inputs."""
+    g = torch.Generator().manual_seed(1)
+    tiny = 1e-45 if dtype == torch.float32 else 5e-324
+    for _ in range(60):
+        n, units = (int(v) for v in torch.randint(1, 40, (2,), generator=g))
+        R, a, b = (_awkward((n, 2 * units), dtype, g)[:, ::2] for _ in range(3))  # strided rows
+        for v in (R, a, b):
+            m = torch.rand(v.shape, generator=g)
+            v[m < 0.04] = float("nan")
+            v[(m >= 0.04) & (m < 0.08)] = float("inf")
+            v[(m >= 0.08) & (m < 0.12)] = tiny
+        mags = a.abs(), b.abs()
+        s = safe_div(R, mags[0] + mags[1])
+        want = (s * mags[0], s * mags[1])
+        got = native.share(R, a, b)
+        assert got is not None
+        for w, v in zip(want, got):
+            assert torch.equal(_bits(w), _bits(v))
+    x = torch.randn(4, 5)
+    assert native.share(x, x, x[:, :1]) is None  # a broadcast term: the torch ops take it
+    assert native.share(x, x, x.double()) is None
 
 
 def test_route_declines_what_it_cannot_lay_out_and_writes_nothing():
@@ -107,29 +134,36 @@ def _models():
     return [(mlp, torch.randn(33, 12)), (cnn, torch.randn(5, 3, 8, 8))]
 
 
+@pytest.mark.parametrize("mode", nr.MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_contrastive_explain_has_the_same_bits_with_and_without_the_kernels(dtype, monkeypatch):
-    calls = []
-    real = native.route
+def test_an_explain_has_the_same_bits_with_and_without_the_kernels(dtype, mode, monkeypatch):
+    calls: dict[str, list] = {"route": [], "share": []}
+    for name, real in (("route", native.route), ("share", native.share)):
+        def spy(*args, _real=real, _name=name):
+            out = _real(*args)
+            calls[_name].append(out is not None and out is not False)
+            return out
 
-    def spy(*args):
-        calls.append(real(*args))
-        return calls[-1]
-
-    monkeypatch.setattr(native, "route", spy)
+        monkeypatch.setattr(native, name, spy)
     with nr.one_thread():
         for model, x in _models():
             model = model.to(dtype).eval()
             x = x.to(dtype)
             monkeypatch.setenv("GOVERNANCE_NATIVE", "1")
-            fused = Backtrace(model).explain(x, mode="contrastive", task="multiclass-classification")
-            assert any(calls), "the routing went through the compiled pass"
-            calls.clear()
+            fused = Backtrace(model).explain(x, mode=mode, task="multiclass-classification")
+            if mode == "contrastive":
+                assert any(calls["route"]), "the routing went through the compiled pass"
+            if isinstance(model, _CNN):
+                assert any(calls["share"]), "the residual add went through the compiled pass"
+            for v in calls.values():
+                v.clear()
             monkeypatch.setenv("GOVERNANCE_NATIVE", "0")
             with monkeypatch.context() as m:
                 m.setattr(affine, "BLOCK_UNITS", 64)  # the torch routing over several blocks
-                plain = Backtrace(model).explain(x, mode="contrastive", task="multiclass-classification")
-            for got, want in ((fused, plain), (fused.positive, plain.positive), (fused.negative, plain.negative)):
+                plain = Backtrace(model).explain(x, mode=mode, task="multiclass-classification")
+            pairs = ((fused, plain), (fused.positive, plain.positive), (fused.negative, plain.negative)) \
+                if mode == "contrastive" else ((fused, plain),)
+            for got, want in pairs:
                 assert torch.equal(_bits(got.input_relevance), _bits(want.input_relevance))
                 assert list(got.layer_relevance) == list(want.layer_relevance)
                 for name, value in want.layer_relevance.items():
@@ -152,7 +186,7 @@ def test_poisson_weights_equal_the_numpy_draws(n, n_bootstrap, monkeypatch):
 
 def test_without_a_compiler_everything_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    assert native.library(native._SOURCE, native._ROUTE_SIGNATURES) is None
+    assert native.library(native._SOURCE, native._SIGNATURES) is None
     x = torch.randn(3, 4)
     outs = [torch.zeros(3, 4) for _ in range(4)]
     assert not native.route(x, x, x, x.abs(), x.abs(), *outs)
@@ -164,11 +198,11 @@ def test_without_a_compiler_everything_falls_back(tmp_path, monkeypatch):
 
 
 def test_the_library_is_built_once_into_the_cache_and_loaded_again(tmp_path):
-    first = native.library(native._SOURCE, native._ROUTE_SIGNATURES)
+    first = native.library(native._SOURCE, native._SIGNATURES)
     built = sorted((tmp_path / "kernels").glob("governance_kernels_*.so"))
     assert first is not None and len(built) == 1
     assert not [p for p in (tmp_path / "kernels").iterdir() if p.suffix != ".so"], "no build leftovers"
     stamp = built[0].stat().st_mtime_ns
     native._libs.clear()
-    assert native.library(native._SOURCE, native._ROUTE_SIGNATURES) is not None
+    assert native.library(native._SOURCE, native._SIGNATURES) is not None
     assert built[0].stat().st_mtime_ns == stamp, "loaded from the cache, not rebuilt"

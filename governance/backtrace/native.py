@@ -3,8 +3,10 @@
 Contrastive routing (spec 4) is a dozen element-wise passes per affine layer in torch ops; they
 are memory-bound and, on small layers, dispatch-bound. Here it is one loop that reads its inputs
 once and writes its outputs once, with the same float operations in the same order as the torch
-code it replaces (no fused multiply-add, no fast-math), so the result has the same bits. Other
-packages (the stage's keyed draws) bring their own sources to ``library``.
+code it replaces (no fused multiply-add, no fast-math), so the result has the same bits. The add
+rule's split of a residual's relevance by magnitude is another such loop (five full-size
+temporaries in torch, each a fresh mapping of fresh pages). Other packages (the stage's keyed
+draws) bring their own sources to ``library``.
 
 A source is built on first use with ``cc`` (``$CC``) into a cache folder
 (``$GOVERNANCE_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/mlflow-governance/kernels``, else
@@ -90,6 +92,31 @@ void NAME(int64_t m, int64_t k,                                                 
 
 ROUTE(route_f32, float, FLT_MAX)
 ROUTE(route_f64, double, DBL_MAX)
+
+/* The add rule's split of R between two terms by magnitude (rules/elementwise.py): q = R / (|a|
+   + |b|) with nan and inf taken to 0, then q |a| and q |b|, in the torch code's order. */
+#define SHARE(NAME, T, MAX, ABS)                                                                    \
+CLONES static void NAME##_row(int64_t k, const T *restrict r, const T *restrict a,             \
+                              const T *restrict b, T *restrict oa, T *restrict ob)             \
+{                                                                                              \
+    const T zero = (T)0;                                                                       \
+    for (int64_t i = 0; i < k; i++) {                                                          \
+        T ma = ABS(a[i]), mb = ABS(b[i]);                                                      \
+        T q = r[i] / (ma + mb);                                                                \
+        q = q <= MAX ? (q >= -MAX ? q : zero) : zero;                                          \
+        oa[i] = q * ma;                                                                        \
+        ob[i] = q * mb;                                                                        \
+    }                                                                                          \
+}                                                                                              \
+void NAME(int64_t m, int64_t k, const T *r, int64_t s_r, const T *a, int64_t s_a,              \
+          const T *b, int64_t s_b, T *oa, int64_t s_oa, T *ob, int64_t s_ob)                   \
+{                                                                                              \
+    for (int64_t j = 0; j < m; j++)                                                            \
+        NAME##_row(k, r + j * s_r, a + j * s_a, b + j * s_b, oa + j * s_oa, ob + j * s_ob);    \
+}
+
+SHARE(share_f32, float, FLT_MAX, __builtin_fabsf)
+SHARE(share_f64, double, DBL_MAX, __builtin_fabs)
 """
 
 _FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
@@ -163,8 +190,10 @@ def library(source: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
 
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ROUTE_SIGNATURES = {name: [_I64, _I64] + [_PTR, _I64] * 9 for name in ("route_f32", "route_f64")}
+_SIGNATURES = {**{name: [_I64, _I64] + [_PTR, _I64] * 9 for name in ("route_f32", "route_f64")},
+               **{name: [_I64, _I64] + [_PTR, _I64] * 5 for name in ("share_f32", "share_f64")}}
 _ROUTE = {torch.float32: "route_f32", torch.float64: "route_f64"}
+_SHARE = {torch.float32: "share_f32", torch.float64: "share_f64"}
 
 
 def _split(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
@@ -201,19 +230,17 @@ def _rows(tensors: tuple[torch.Tensor, ...]) -> tuple[int, int, list[int]] | Non
     return rows, k, out
 
 
-def route(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, p2: torch.Tensor, n2: torch.Tensor,
-          ap: torch.Tensor, bp: torch.Tensor, an: torch.Tensor, bn: torch.Tensor) -> bool:
-    """Spec 4's routing (``rules.affine._route``) in one pass, when every tensor is a CPU float32
-    or float64 tensor of one shape laid out as rows of contiguous elements; False (nothing
-    written) otherwise, or without the compiled kernels. ``p2`` / ``n2`` (2P, 2N) are only read."""
-    tensors = (Rp, Rn, t, p2, n2, ap, bp, an, bn)
-    name = _ROUTE.get(Rp.dtype)
-    if name is None or Rp.numel() == 0:
+def _call(names: dict[torch.dtype, str], tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Run the kernel for the tensors' dtype over them laid out as rows (``_rows``), when every
+    tensor is a CPU tensor of that dtype and one shape; False (nothing written) otherwise."""
+    first = tensors[0]
+    name = names.get(first.dtype)
+    if name is None or first.numel() == 0:
         return False
-    dtype, shape = Rp.dtype, Rp.shape
+    dtype, shape = first.dtype, first.shape
     if not all(v.dtype is dtype and v.shape == shape and v.is_cpu and not v.requires_grad for v in tensors):
         return False
-    lib = library(_SOURCE, _ROUTE_SIGNATURES)
+    lib = library(_SOURCE, _SIGNATURES)
     if lib is None:
         return False
     layout = _rows(tensors)
@@ -221,7 +248,23 @@ def route(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, p2: torch.Tensor,
         return False
     m, k, strides = layout
     args: list[int] = [m, k]
-    for v, s in zip(tensors, strides):
-        args += [v.data_ptr(), s]
+    for v, st in zip(tensors, strides):
+        args += [v.data_ptr(), st]
     getattr(lib, name)(*args)
     return True
+
+
+def share(R: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(R |a| / (|a| + |b|), R |b| / (|a| + |b|)) with 0 where the quotient is not finite, in
+    one pass with the bits of the add rule's torch operations; None when the kernels are not at
+    hand or the tensors do not share one dtype, shape and row layout."""
+    oa, ob = torch.empty_like(R), torch.empty_like(R)
+    return (oa, ob) if _call(_SHARE, (R, a, b, oa, ob)) else None
+
+
+def route(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, p2: torch.Tensor, n2: torch.Tensor,
+          ap: torch.Tensor, bp: torch.Tensor, an: torch.Tensor, bn: torch.Tensor) -> bool:
+    """Spec 4's routing (``rules.affine._route``) in one pass, when every tensor is a CPU float32
+    or float64 tensor of one shape laid out as rows of contiguous elements; False (nothing
+    written) otherwise, or without the compiled kernels. ``p2`` / ``n2`` (2P, 2N) are only read."""
+    return _call(_ROUTE, (Rp, Rn, t, p2, n2, ap, bp, an, bn))

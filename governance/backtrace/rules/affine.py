@@ -75,8 +75,9 @@ class AffineUnit:
     # (cotangent dim, weight dim) along which output units can be stacked so that a sum of
     # transposed products Σ_k bwd(c_k, W_k) is one product; None where the op can't (groups).
     stack: tuple[int, int] | None = None
-    # D = W x without the bias, from the recorded forward pass; None: computed with ``fwd``
-    product: Callable[[], torch.Tensor] | None = None
+    # D = W x without the bias, from the recorded forward pass, optionally on some rows only
+    # (``take`` applied to the recorded output first); None: computed with ``fwd``
+    product: Callable[..., torch.Tensor] | None = None
     # how many leading axes index independent rows (output row k depends on input row k only:
     # the batch for a conv, every axis but the features for a linear map); 0: none. Units can be
     # recomputed on a few such rows.
@@ -100,6 +101,14 @@ class AffineUnit:
         """``bwd`` with the caller's intra-op threads when it is big."""
         with product_threads(s.numel() * (w.numel() / max(w.shape[0], 1))):
             return self.bwd(s, w, shape)
+
+    def on_rows(self, take: Callable[[torch.Tensor], torch.Tensor], row_dims: int | None = None) -> "AffineUnit":
+        """The unit restricted to some rows: ``take`` selects them from any tensor shaped like
+        the output (the pre-activation, the recorded product)."""
+        full = self.product
+        return replace(self, pre_activation=take(self.pre_activation),
+                       row_dims=self.row_dims if row_dims is None else row_dims,
+                       product=(lambda: full(take)) if full is not None else None)
 
 
 # --- op descriptions ---------------------------------------------------------------------------
@@ -311,9 +320,11 @@ def affine_unit(node: fx.Node, ctx: RuleContext) -> AffineUnit:
         fold = scale.reshape(bshape)
         pre = _bn_output(bn, ctx)
 
-    def product() -> torch.Tensor:
-        """W x of the (folded) unit from the layer's recorded output: (out − own bias) · BN scale."""
-        d = out - own_bias if own_bias is not None else out
+    def product(take: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """W x of the (folded) unit from the layer's recorded output: (out − own bias) · BN scale,
+        on the rows ``take`` selects from it (all when None)."""
+        d = out if take is None else take(out)
+        d = d - own_bias if own_bias is not None else d
         return d * fold if fold is not None else d
 
     return AffineUnit(x_node, w, b, fwd, bwd, pre, stack, product, row_dims, in_stack=in_stack, stack_maps=stack_maps)
@@ -571,10 +582,10 @@ def _saturated(t: torch.Tensor, R: torch.Tensor, bound: float | None, below: boo
 # --- the three modes -----------------------------------------------------------------------
 
 def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.Tensor, signed: bool,
-                       x: torch.Tensor | None = None, sat: tuple | None = None):
+                       x: torch.Tensor | None = None, sat: tuple | None = None, nonneg: bool | None = None):
     """Spec 3 / 3b. ``x`` / ``sat`` override the recorded input and the saturation range
-    (recurrent cells)."""
-    nonneg = input_nonnegative(ctx, u, x)
+    (recurrent cells); ``nonneg``: whether x >= 0, when the caller knows."""
+    nonneg = input_nonnegative(ctx, u, x) if nonneg is None else nonneg
     x = ctx.value(u.x_node) if x is None else x
     babs = derived(u.bias, "abs", torch.abs) if u.bias is not None else None
     # |b| in float64 for the books, kept with a parameter bias (a folded one is fresh per call)
@@ -661,13 +672,13 @@ def _route_by_blocks(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, inv_p:
 
 
 def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tensor, Rn: torch.Tensor,
-                 x: torch.Tensor | None = None):
+                 x: torch.Tensor | None = None, nonneg: bool | None = None):
     """Spec 4. Per unit, with ``agree`` = (R+ − R-)·t > 0 (the larger map and the dominant side
     match): positive contributors take R+ if the unit has no negative side or agrees, and R- if
     it has no negative side or does not (ties included); negative contributors take R- if the
     unit has no positive side or agrees, R+ if it has none or does not. A mixed unit with t = 0
     passes nothing. Each amount is split ∝ z/P (positive side) or |z|/N (negative side)."""
-    nonneg = input_nonnegative(ctx, u, x)
+    nonneg = input_nonnegative(ctx, u, x) if nonneg is None else nonneg
     x = ctx.value(u.x_node) if x is None else x
     babs = derived(u.bias, "abs", torch.abs) if u.bias is not None else None
     # |x| is not kept to the split: contrastive holds more at once than default, and its peak
@@ -709,10 +720,58 @@ def affine_rule(ctx: RuleContext, node: fx.Node, R):
     live = _live_rows(u, ctx.value(u.x_node), R)
     if live is not None:
         return _on_rows(ctx, node, u, R, live)
+    step = _block_rows(u, ctx.value(u.x_node), R)
+    if step is not None:
+        return _by_row_blocks(ctx, node, u, R, step)
     if ctx.mode == "contrastive":
         Rp, Rn = R
         return _contrastive(ctx, node, u, Rp, Rn)
     return _default_or_signed(ctx, node, u, R, signed=ctx.mode == "signed")
+
+
+#: a batch-separable affine op whose input or relevance tensors hold more than this many bytes
+#: runs over blocks of samples of about this size. Each block's dozen temporaries then come from
+#: memory the allocator already holds: a full-size temporary is a fresh mapping on most systems
+#: (glibc maps anything over 32 MiB), and touching fresh pages costs more than the arithmetic
+#: on them. The rows of a block get the same formulas as in the whole batch.
+ROW_BLOCK_BYTES = 4 << 20
+
+
+def _block_rows(u: AffineUnit, x: torch.Tensor, R) -> int | None:
+    """Samples per block for ``_by_row_blocks``, or None to run the op on the whole batch."""
+    r = R[0] if isinstance(R, tuple) else R
+    n = x.shape[0] if x.dim() else 0
+    if u.row_dims < 1 or n < 2 or r.dim() == 0 or r.shape[0] != n or u.pre_activation.shape[:1] != r.shape[:1]:
+        return None
+    per_sample = max(math.prod(r.shape[1:]), math.prod(x.shape[1:])) * r.element_size()
+    if per_sample * n <= ROW_BLOCK_BYTES:
+        return None
+    return max(1, ROW_BLOCK_BYTES // max(per_sample, 1))
+
+
+def _by_row_blocks(ctx: RuleContext, node: fx.Node, u: AffineUnit, R, step: int):
+    """The affine rule over blocks of ``step`` samples, each result written into its rows of
+    the full one: the same formulas row by row (whether x >= 0 is decided on the whole input, as
+    without blocks), books kept per sample through ``ctx.on_rows``."""
+    x = ctx.value(u.x_node)
+    n = x.shape[0]
+    nonneg = input_nonnegative(ctx, u, None)
+    maps = R if isinstance(R, tuple) else (R,)
+    outs: list[torch.Tensor] = []
+    for lo in range(0, n, step):
+        blk = slice(lo, min(lo + step, n))
+        sub = u.on_rows(lambda t, blk=blk: t[blk])
+        with ctx.on_rows(torch.arange(blk.start, blk.stop), 1):
+            if ctx.mode == "contrastive":
+                got = _contrastive(ctx, node, sub, maps[0][blk], maps[1][blk], x=x[blk], nonneg=nonneg)[u.x_node]
+            else:
+                got = (_default_or_signed(ctx, node, sub, maps[0][blk], signed=ctx.mode == "signed",
+                                          x=x[blk], nonneg=nonneg)[u.x_node],)
+        if not outs:
+            outs = [g.new_empty((n, *g.shape[1:])) for g in got]
+        for out, g in zip(outs, got):
+            out[blk].copy_(g)
+    return {u.x_node: tuple(outs) if ctx.mode == "contrastive" else outs[0]}
 
 
 #: a linear map over token rows runs on the rows that carry relevance when at most this fraction
@@ -747,9 +806,7 @@ def _on_rows(ctx: RuleContext, node: fx.Node, u: AffineUnit, R, live: torch.Tens
     x = ctx.value(u.x_node)
     lead = x.shape[:-1]
     rows = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, live)  # noqa: E731
-    full = u.product
-    sub = replace(u, pre_activation=rows(u.pre_activation), row_dims=1,
-                  product=(lambda: rows(full())) if full is not None else None)
+    sub = u.on_rows(rows, row_dims=1)
     xs = rows(x)
     per = math.prod(lead[1:])  # token rows per sample
     with ctx.on_rows(live, per):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .. import native
 from ..context import RuleContext, first_output, map_dtype, per_map, safe_div
 from ..normalisers import normalised_signal
 from ..registry import aten_ops, register_rule
@@ -62,15 +63,23 @@ def add_rule(ctx: RuleContext, node: fx.Node, R):
     The magnitudes and their sum are shared by the maps of a contrastive walk."""
     terms = _terms(ctx, node)
     dtype = map_dtype(R)
-    mags = [t.to(dtype).abs() for _, t in terms]
-    den = mags[0] + mags[1]
+    mags: list[torch.Tensor] = []
+
+    def shares(r: torch.Tensor) -> list[torch.Tensor]:
+        """R·|a_k| / Σ_m |a_m| for each term: one compiled pass (residual adds of two
+        activations), else torch ops, with the magnitudes shared by the maps."""
+        if not mags:
+            fused = native.share(r, terms[0][1], terms[1][1])
+            if fused is not None:
+                return list(fused)
+            mags.extend(t.to(dtype).abs() for _, t in terms)
+            mags.append(mags[0] + mags[1])
+        s = safe_div(r, mags[2])
+        return [s * mags[0], s.mul_(mags[1])]  # s is ours: the last share reuses it
 
     def one(c: RuleContext, r: torch.Tensor) -> dict:
-        s = safe_div(r, den)
         out = {}
-        last = len(terms) - 1
-        for i, ((arg, val), mag) in enumerate(zip(terms, mags)):
-            share = s.mul_(mag) if i == last else s * mag  # s is ours: the last share reuses it
+        for (arg, val), share in zip(terms, shares(r)):
             if c.is_relevant(arg):
                 share = share.sum_to_size(val.shape) if tuple(val.shape) != tuple(share.shape) else share
                 out[arg] = out[arg] + share if arg in out else share  # a + a: both terms land on a

@@ -729,6 +729,15 @@ def affine_rule(ctx: RuleContext, node: fx.Node, R):
     return _default_or_signed(ctx, node, u, R, signed=ctx.mode == "signed")
 
 
+def _mode_rule(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: tuple[torch.Tensor, ...], x: torch.Tensor,
+               nonneg: bool | None = None) -> tuple[torch.Tensor, ...]:
+    """The walk's mode on a unit restricted to some rows (``AffineUnit.on_rows``), its input
+    ``x`` and relevance maps ``R`` (one, or R+ and R-) on those rows: the input's relevance per map."""
+    if ctx.mode == "contrastive":
+        return _contrastive(ctx, node, u, R[0], R[1], x=x, nonneg=nonneg)[u.x_node]
+    return (_default_or_signed(ctx, node, u, R[0], signed=ctx.mode == "signed", x=x, nonneg=nonneg)[u.x_node],)
+
+
 #: a batch-separable affine op whose input or relevance tensors hold more than this many bytes
 #: runs over blocks of samples of about this size. Each block's dozen temporaries then come from
 #: memory the allocator already holds: a full-size temporary is a fresh mapping on most systems
@@ -762,11 +771,7 @@ def _by_row_blocks(ctx: RuleContext, node: fx.Node, u: AffineUnit, R, step: int)
         blk = slice(lo, min(lo + step, n))
         sub = u.on_rows(lambda t, blk=blk: t[blk])
         with ctx.on_rows(torch.arange(blk.start, blk.stop), 1):
-            if ctx.mode == "contrastive":
-                got = _contrastive(ctx, node, sub, maps[0][blk], maps[1][blk], x=x[blk], nonneg=nonneg)[u.x_node]
-            else:
-                got = (_default_or_signed(ctx, node, sub, maps[0][blk], signed=ctx.mode == "signed",
-                                          x=x[blk], nonneg=nonneg)[u.x_node],)
+            got = _mode_rule(ctx, node, sub, tuple(m[blk] for m in maps), x[blk], nonneg)
         if not outs:
             outs = [g.new_empty((n, *g.shape[1:])) for g in got]
         for out, g in zip(outs, got):
@@ -810,10 +815,7 @@ def _on_rows(ctx: RuleContext, node: fx.Node, u: AffineUnit, R, live: torch.Tens
     xs = rows(x)
     per = math.prod(lead[1:])  # token rows per sample
     with ctx.on_rows(live, per):
-        if ctx.mode == "contrastive":
-            got = _contrastive(ctx, node, sub, rows(R[0]), rows(R[1]), x=xs)[u.x_node]
-        else:
-            got = (_default_or_signed(ctx, node, sub, rows(R), signed=ctx.mode == "signed", x=xs)[u.x_node],)
+        got = _mode_rule(ctx, node, sub, tuple(rows(m) for m in (R if isinstance(R, tuple) else (R,))), xs)
 
     def scatter(g: torch.Tensor) -> torch.Tensor:
         out = g.new_zeros(x.shape)

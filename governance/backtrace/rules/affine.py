@@ -738,19 +738,21 @@ def _mode_rule(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: tuple[torch.Te
     return (_default_or_signed(ctx, node, u, R[0], signed=ctx.mode == "signed", x=x, nonneg=nonneg)[u.x_node],)
 
 
-#: a batch-separable affine op whose input or relevance tensors hold more than this many bytes
-#: runs over blocks of samples of about this size. Each block's dozen temporaries then come from
-#: memory the allocator already holds: a full-size temporary is a fresh mapping on most systems
-#: (glibc maps anything over 32 MiB), and touching fresh pages costs more than the arithmetic
-#: on them. The rows of a block get the same formulas as in the whole batch.
+#: on CPU, a batch-separable affine op whose input or relevance tensors hold more than this many
+#: bytes runs over blocks of samples of about this size. Each block's dozen temporaries then come
+#: from memory the allocator already holds: a full-size temporary is a fresh mapping on most
+#: systems (glibc maps anything over 32 MiB), and touching fresh pages costs more than the
+#: arithmetic on them. The rows of a block get the same formulas as in the whole batch.
 ROW_BLOCK_BYTES = 4 << 20
 
 
 def _block_rows(u: AffineUnit, x: torch.Tensor, R) -> int | None:
-    """Samples per block for ``_by_row_blocks``, or None to run the op on the whole batch."""
+    """Samples per block for ``_by_row_blocks``, or None to run the op on the whole batch (on
+    CPU only: a GPU's caching allocator hands out memory it holds, and big products keep it busy)."""
     r = R[0] if isinstance(R, tuple) else R
     n = x.shape[0] if x.dim() else 0
-    if u.row_dims < 1 or n < 2 or r.dim() == 0 or r.shape[0] != n or u.pre_activation.shape[:1] != r.shape[:1]:
+    if not r.is_cpu or u.row_dims < 1 or n < 2 or r.dim() == 0 or r.shape[0] != n \
+            or u.pre_activation.shape[:1] != r.shape[:1]:
         return None
     per_sample = max(math.prod(r.shape[1:]), math.prod(x.shape[1:])) * r.element_size()
     if per_sample * n <= ROW_BLOCK_BYTES:

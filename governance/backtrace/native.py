@@ -230,19 +230,23 @@ def _rows(tensors: tuple[torch.Tensor, ...]) -> tuple[int, int, list[int]] | Non
     return rows, k, out
 
 
-def _call(names: dict[torch.dtype, str], tensors: tuple[torch.Tensor, ...]) -> bool:
-    """Run the kernel for the tensors' dtype over them laid out as rows (``_rows``), when every
-    tensor is a CPU tensor of that dtype and one shape; False (nothing written) otherwise."""
+def _kernel(names: dict[torch.dtype, str], tensors: tuple[torch.Tensor, ...]) -> str | None:
+    """The kernel of ``names`` for the tensors' dtype, when every tensor is a CPU tensor of that
+    dtype and one shape and the kernels are at hand; None otherwise (checked before a caller
+    allocates outputs for it)."""
     first = tensors[0]
     name = names.get(first.dtype)
     if name is None or first.numel() == 0:
-        return False
+        return None
     dtype, shape = first.dtype, first.shape
     if not all(v.dtype is dtype and v.shape == shape and v.is_cpu and not v.requires_grad for v in tensors):
-        return False
-    lib = library(_SOURCE, _SIGNATURES)
-    if lib is None:
-        return False
+        return None
+    return name if library(_SOURCE, _SIGNATURES) is not None else None
+
+
+def _call(name: str, tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Run kernel ``name`` (``_kernel``) over the tensors laid out as rows (``_rows``); False
+    (nothing written) when they have no common row layout."""
     layout = _rows(tensors)
     if layout is None:
         return False
@@ -250,7 +254,7 @@ def _call(names: dict[torch.dtype, str], tensors: tuple[torch.Tensor, ...]) -> b
     args: list[int] = [m, k]
     for v, st in zip(tensors, strides):
         args += [v.data_ptr(), st]
-    getattr(lib, name)(*args)
+    getattr(library(_SOURCE, _SIGNATURES), name)(*args)
     return True
 
 
@@ -258,8 +262,11 @@ def share(R: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tens
     """(R |a| / (|a| + |b|), R |b| / (|a| + |b|)) with 0 where the quotient is not finite, in
     one pass with the bits of the add rule's torch operations; None when the kernels are not at
     hand or the tensors do not share one dtype, shape and row layout."""
+    name = _kernel(_SHARE, (R, a, b))
+    if name is None:
+        return None
     oa, ob = torch.empty_like(R), torch.empty_like(R)
-    return (oa, ob) if _call(_SHARE, (R, a, b, oa, ob)) else None
+    return (oa, ob) if _call(name, (R, a, b, oa, ob)) else None
 
 
 def route(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, p2: torch.Tensor, n2: torch.Tensor,
@@ -267,4 +274,6 @@ def route(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, p2: torch.Tensor,
     """Spec 4's routing (``rules.affine._route``) in one pass, when every tensor is a CPU float32
     or float64 tensor of one shape laid out as rows of contiguous elements; False (nothing
     written) otherwise, or without the compiled kernels. ``p2`` / ``n2`` (2P, 2N) are only read."""
-    return _call(_ROUTE, (Rp, Rn, t, p2, n2, ap, bp, an, bn))
+    tensors = (Rp, Rn, t, p2, n2, ap, bp, an, bn)
+    name = _kernel(_ROUTE, tensors)
+    return name is not None and _call(name, tensors)

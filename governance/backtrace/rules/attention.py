@@ -132,7 +132,8 @@ def _einsum_unit(ctx: RuleContext, node: fx.Node, eq: str, ops: list, idx: int) 
         return vjp(s)[0]
 
     out = ctx.value(node)
-    return affine.AffineUnit(ops[idx], w, None, fwd, bwd, out, product=lambda take=None: out if take is None else take(out), row_dims=0)
+    return affine.AffineUnit(ops[idx], w, None, fwd, bwd, out, row_dims=0,
+                             product=lambda take=None: out if take is None else take(out))
 
 
 @register_rule(*aten_ops("einsum"), contrastive=True)

@@ -1,9 +1,14 @@
-"""The compiled loops of ``backtrace.native``: contrastive routing and the add rule's split have the
-same bits as the torch operations they replace (NaN, infinities, signed zeros, ties, empty sides,
-subnormal sides, strided outputs, float32 and float64), so does a whole explain in every mode; the keyed Poisson weights equal the
-numpy draws; and without a compiler, or switched off, everything falls back to the same answer."""
+"""The compiled loops of ``backtrace.native``: contrastive routing, the add rule's split, the default
+rule's quotient and the saturation and sign probes have the same bits (or decisions) as the torch
+operations they replace (NaN, infinities, signed zeros, ties, empty sides, subnormal sides, strided
+outputs, float32 and float64), so does a whole explain in every mode (its books within float64
+rounding); the books' row sums are float64 sums that do not depend on the batch; the keyed Poisson
+weights equal the numpy draws; and without a compiler, or switched off, everything falls back to
+the same answer."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -112,6 +117,93 @@ def test_route_declines_what_it_cannot_lay_out_and_writes_nothing():
     assert all(int(o.count_nonzero()) == 0 for o in outs[1:])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_quotient_has_the_bits_of_the_default_rules_torch_operations(dtype):
+    g = torch.Generator().manual_seed(1)
+    tiny = 1e-45 if dtype == torch.float32 else 5e-324
+    layouts = [((37, 11), (11,)), ((5, 6, 4, 3), (6, 1, 1)), ((3, 7, 9), (9,)), ((8, 13), None),
+               ((2, 3, 5, 4, 4), (5, 1, 1)), ((4, 6, 3, 3), (1, 6, 1, 1))]
+    for shape, bshape in layouts * 8:
+        S = _awkward(shape, dtype, g).abs()
+        R = _awkward(shape, dtype, g)
+        flat_s, flat_r = S.view(-1), R.view(-1)
+        flat_s[::17] = float("inf")
+        flat_s[3::19] = tiny
+        flat_r[::23] = float("nan")
+        b = None
+        if bshape is not None:
+            b = torch.rand(bshape, generator=g, dtype=dtype)
+            b.view(-1)[0] = 0.0
+        want = safe_div(R, S.clone().add_(b) if b is not None else S.clone())
+        got = S.clone()
+        absorbed = native.bias_quotient(R, got, b)
+        assert absorbed is not None
+        assert torch.equal(_bits(got), _bits(want))
+        if b is None:
+            assert absorbed.numel() == 0
+            continue
+        unit_b = b  # one value per unit: (C, 1, 1) and (1, C, 1, 1) alike
+        while unit_b.dim() > 1 and unit_b.shape[0] == 1:
+            unit_b = unit_b[0]
+        axis = want.dim() - unit_b.dim()
+        inner = math.prod(want.shape[axis + 1:])
+        summed = want.to(torch.float64).reshape(-1, unit_b.shape[0], inner).sum(2)
+        ref = (summed * unit_b.reshape(-1).to(torch.float64)).sum(1)
+        assert absorbed.dtype == torch.float64 and absorbed.shape == ref.shape
+        assert torch.allclose(absorbed, ref, rtol=1e-12, atol=0.0, equal_nan=True)
+
+
+def test_bias_quotient_declines_what_it_cannot_lay_out_and_writes_nothing():
+    S, R = torch.rand(6, 4) + 1.0, torch.randn(6, 4)
+    before = S.clone()
+    assert native.bias_quotient(R, S.t(), torch.rand(6)) is None  # not contiguous
+    assert native.bias_quotient(R.double(), S, torch.rand(4)) is None  # two dtypes
+    assert native.bias_quotient(R, S, torch.rand(6, 1)) is None  # a bias along the batch
+    assert native.bias_quotient(R, S, torch.rand(3)) is None  # not one value per unit
+    assert native.bias_quotient(R, S, torch.rand(4).double()) is None
+    assert torch.equal(S, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_probes_decide_as_the_torch_operations(dtype):
+    g = torch.Generator().manual_seed(2)
+    for _ in range(60):
+        shape = tuple(int(v) for v in torch.randint(1, 30, (2,), generator=g))
+        t, R = _awkward(shape, dtype, g), _awkward(shape, dtype, g)
+        pick = torch.rand(shape, generator=g)
+        R[pick < 0.5] = 0.0  # relevance only on some units
+        if bool(pick[0, 0] < 0.1):
+            R.view(-1)[-1] = float("nan")
+        if bool(pick[0, 0] > 0.9):
+            R.view(-1)[0] = float("inf")
+        for bound in (0.0, -0.5, 1.0):
+            for below in (True, False):
+                compare = torch.lt if below else torch.gt
+                want = int(torch.count_nonzero(compare(t, bound).to(dtype).mul_(R))) > 0
+                assert native.any_beyond(t, R, bound, below) is want
+        x = _awkward(shape, dtype, g)
+        for v in (x, x.abs(), x.abs().index_fill_(1, torch.tensor([0]), float("nan"))):
+            assert native.all_nonnegative(v) is bool(v.min() >= 0)
+    assert native.any_beyond(torch.zeros(3, 4), torch.ones(4, 3).t(), 0.0, True) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_sums_add_each_row_in_float64_whatever_the_batch(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 3, 7, generator=g, dtype=dtype) * torch.logspace(-3, 3, 7, dtype=dtype)
+    ref = x.to(torch.float64).reshape(40, -1).sum(1)
+    got = native.row_sums(x, 40)
+    assert got.dtype == torch.float64 and torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(native.row_sums(x, 40, absolute=True), x.to(torch.float64).abs().reshape(40, -1).sum(1),
+                          rtol=1e-12)
+    w = torch.randn(21, generator=g, dtype=torch.float64)
+    assert torch.allclose(native.row_sums(x, 40, weights=w), x.to(torch.float64).reshape(40, -1) @ w,
+                          rtol=1e-10, atol=1e-10)
+    # a row's sum has the same bits in any batch that holds it
+    assert torch.equal(native.row_sums(x[7:9].contiguous(), 2), got[7:9])
+    assert native.row_sums(x, 39) is None and native.row_sums(x.transpose(0, 1), 3) is None
+
+
 class _CNN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -137,11 +229,13 @@ def _models():
 @pytest.mark.parametrize("mode", nr.MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_an_explain_has_the_same_bits_with_and_without_the_kernels(dtype, mode, monkeypatch):
-    calls: dict[str, list] = {"route": [], "share": []}
-    for name, real in (("route", native.route), ("share", native.share)):
+    calls: dict[str, list] = {name: [] for name in ("route", "share", "bias_quotient", "any_beyond")}
+    for name in calls:
+        real = getattr(native, name)
+
         def spy(*args, _real=real, _name=name):
-            out = _real(*args)
-            calls[_name].append(out is not None and out is not False)
+            out = _real(*args)  # route: False when declined; the others: None
+            calls[_name].append(out is not None and (out is not False or _name == "any_beyond"))
             return out
 
         monkeypatch.setattr(native, name, spy)
@@ -155,6 +249,9 @@ def test_an_explain_has_the_same_bits_with_and_without_the_kernels(dtype, mode, 
                 assert any(calls["route"]), "the routing went through the compiled pass"
             if isinstance(model, _CNN):
                 assert any(calls["share"]), "the residual add went through the compiled pass"
+            if mode != "contrastive":
+                assert any(calls["bias_quotient"]), "the default rule's quotient went through the compiled pass"
+                assert any(calls["any_beyond"]), "the saturation probe went through the compiled pass"
             for v in calls.values():
                 v.clear()
             monkeypatch.setenv("GOVERNANCE_NATIVE", "0")
@@ -168,6 +265,10 @@ def test_an_explain_has_the_same_bits_with_and_without_the_kernels(dtype, mode, 
                 assert list(got.layer_relevance) == list(want.layer_relevance)
                 for name, value in want.layer_relevance.items():
                     assert torch.equal(_bits(got.layer_relevance[name]), _bits(value))
+                for name, book in want.books.items():  # the books' sums: float64 rounding apart
+                    for field in ("relevance_in", "relevance_out", "abs_relevance_in", "bias_absorbed"):
+                        assert torch.allclose(getattr(got.books[name], field), getattr(book, field),
+                                              rtol=1e-5, atol=1e-9), (name, field)
 
 
 @pytest.mark.parametrize(("n", "n_bootstrap"), [(8192, 200), (1, 1), (7, 3), (33, 5), (5, 4)])

@@ -73,12 +73,25 @@ class GraphCache:
             return self._graphs[key]
         # parameters replaced by new objects (load_state_dict(assign=True), pruning) must not be
         # explained with the weights captured before; in-place updates are seen anyway
-        key = _shape_key((args, kwargs)) + (
-            tuple(id(p) for p in model.parameters()), tuple(id(b) for b in model.buffers()),
-        )
+        key = _shape_key((args, kwargs)) + (_tensor_ids(model),)
         if key not in self._graphs:
             self._graphs[key] = _wrap(_export(model, args, kwargs).module())
         return self._graphs[key]
+
+
+def _tensor_ids(model: nn.Module) -> tuple[int, ...]:
+    """Identities of the model's modules, parameters and buffers, in a fixed order: a module,
+    parameter or buffer replaced by a new object changes them (a plain loop over the module
+    tree: ``model.parameters()`` costs more than a small model's forward pass)."""
+    ids: list[int] = []
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        ids.append(id(m))
+        ids.extend(map(id, m._parameters.values()))
+        ids.extend(map(id, m._buffers.values()))
+        stack.extend(v for v in m._modules.values() if v is not None)
+    return tuple(ids)
 
 
 # Context managers entered around torch.export (``adapter(model)``): they may swap a module's
@@ -112,6 +125,8 @@ def _wrap(gm: fx.GraphModule) -> CapturedGraph:
 
 def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     """User inputs flattened in the order of the graph's placeholders."""
+    if not kwargs and all(type(a) is torch.Tensor for a in args):  # positional tensors: no pytree
+        return list(args)
     in_spec = getattr(gm, "_in_spec", None)
     if in_spec is not None and kwargs:
         from torch.export._tree_utils import reorder_kwargs

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from . import native
 from .errors import UnsupportedOperationError
 from .modules import ModuleMap
 from .recording import Recording
@@ -65,14 +66,21 @@ def walk_threads(parallel: bool = True):
         _PRODUCT_THREADS.reset(token)
 
 
+def product_parallel(work: float) -> bool:
+    """Whether ``product_threads(work)`` would use more than one thread (a product called
+    without it then runs as it would inside it, saving the context manager on small layers)."""
+    n = _PRODUCT_THREADS.get()
+    return n is not None and n > 1 and work >= PARALLEL_WORK
+
+
 @contextlib.contextmanager
 def product_threads(work: float):
     """Inside ``walk_threads``: the caller's intra-op threads for a convolution or matrix
     product of about ``work`` multiply-adds, when that is enough to be worth parallelising."""
-    n = _PRODUCT_THREADS.get()
-    if n is None or n <= 1 or work < PARALLEL_WORK:
+    if not product_parallel(work):
         yield
         return
+    n = _PRODUCT_THREADS.get()
     torch.set_num_threads(n)
     try:
         yield
@@ -198,8 +206,11 @@ class RuleContext:
         n = self.batch_size
         if t.dim() == 0:
             return t.to(torch.float64).expand(n).clone()
-        if t.dim() == 1 and t.shape[0] == n:
-            return t.to(torch.float64)
+        if t.numel() == n and t.shape[0] == n:  # one element a sample: nothing to add
+            return t.reshape(n).to(torch.float64)
+        fused = native.row_sums(t, n)  # summed in float64, one pass
+        if fused is not None:
+            return fused
         if t.shape[0] == n:
             return t.sum(tuple(range(1, t.dim()))).to(torch.float64)
         return t.reshape(n, -1).sum(1).to(torch.float64)
@@ -211,6 +222,9 @@ class RuleContext:
             return t.abs().to(torch.float64).expand(n).clone()
         if self.one_signed:
             return self.per_sample(t)
+        fused = native.row_sums(t, n, absolute=True)
+        if fused is not None:
+            return fused
         return torch.linalg.vector_norm(t.reshape(n, -1), ord=1, dim=1).to(torch.float64)
 
     def absorb(self, amount: torch.Tensor) -> None:
@@ -250,7 +264,9 @@ class RuleContext:
         if self._rows is not None:
             rows, per = self._rows
             k = len(rows)
-            sums = amount.to(torch.float64).reshape(k, amount.numel() // k if k else 0).sum(1)
+            sums = native.row_sums(amount, k) if k else None
+            if sums is None:
+                sums = amount.to(torch.float64).reshape(k, amount.numel() // k if k else 0).sum(1)
             ps = sums.new_zeros(self.batch_size).index_add_(0, torch.div(rows, per, rounding_mode="floor"), sums)
         else:
             ps = self.per_sample(amount)

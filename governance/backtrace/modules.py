@@ -15,6 +15,7 @@ class ModuleMap:
     outputs: dict[str, fx.Node]
     types: dict[str, str]
     _crossed: dict = field(default_factory=dict, repr=False)
+    plans: dict = field(default_factory=dict, repr=False)  # the books' plans per walk pattern (walk.py)
 
     def innermost(self, node: fx.Node) -> str:
         p = self.paths.get(node, ("",))

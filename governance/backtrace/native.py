@@ -1,7 +1,8 @@
 """Fused loops in C, compiled once per machine with the system's C compiler.
 
 Contrastive routing (spec 4) is a dozen element-wise passes per affine layer in torch ops; they
-are memory-bound and, on small layers, dispatch-bound. Here it is one loop that reads its inputs
+are memory-bound and, on small layers, dispatch-bound. The default rule's quotient, the
+saturation and sign probes and the books' per-sample sums are smaller such groups. Here it is one loop that reads its inputs
 once and writes its outputs once, with the same float operations in the same order as the torch
 code it replaces (no fused multiply-add, no fast-math), so the result has the same bits. The add
 rule's split of a residual's relevance by magnitude is another such loop (five full-size
@@ -117,6 +118,131 @@ void NAME(int64_t m, int64_t k, const T *r, int64_t s_r, const T *a, int64_t s_a
 
 SHARE(share_f32, float, FLT_MAX, __builtin_fabsf)
 SHARE(share_f64, double, DBL_MAX, __builtin_fabs)
+
+/* The books' per-sample sums (context.py): each row of k elements summed in double, by eight
+   running sums (element i goes to sum i mod 8) added pairwise at the end. The order is fixed by
+   k alone, so a row's sum never depends on the other rows or on the batch; the eight sums are
+   independent, so the compiler may vectorise them without reassociating anything. */
+#define KEEP(v) (v)
+#define ROWSUM(NAME, T, ABS, TERM)                                                             \
+static inline double NAME##_row(int64_t k, const T *restrict x, const double *restrict w)     \
+{                                                                                              \
+    double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                    \
+    int64_t i = 0;                                                                             \
+    for (; i + 8 <= k; i += 8)                                                                 \
+        for (int j = 0; j < 8; j++)                                                            \
+            a[j] += TERM((double)ABS(x[i + j]), i + j);                                        \
+    for (int j = 0; i < k; i++, j++)                                                           \
+        a[j] += TERM((double)ABS(x[i]), i);                                                    \
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));                  \
+}                                                                                              \
+CLONES void NAME(int64_t m, int64_t k, const T *x, int64_t s_x, const double *w, double *out) \
+{                                                                                              \
+    for (int64_t r = 0; r < m; r++)                                                            \
+        out[r] = NAME##_row(k, x + r * s_x, w);                                                \
+}
+#define PLAIN(v, i) (v)
+#define WEIGHTED(v, i) ((v) * w[i])
+
+ROWSUM(rowsum_f32, float, KEEP, PLAIN)
+ROWSUM(rowsum_f64, double, KEEP, PLAIN)
+ROWSUM(rowabs_f32, float, __builtin_fabsf, PLAIN)
+ROWSUM(rowabs_f64, double, __builtin_fabs, PLAIN)
+ROWSUM(rowdot_f32, float, KEEP, WEIGHTED)
+ROWSUM(rowdot_f64, double, KEEP, WEIGHTED)
+
+/* The affine rule's saturation probe (rules/affine.py, _saturated): whether some element of
+   (t < bound) * R (or t > bound) is not zero, the comparison as a 0/1 value of the tensors'
+   type times R, as the torch code computes it (a NaN or infinite R counts wherever it is). */
+#define PROBE(NAME, T)                                                                         \
+static inline int64_t NAME##_row(int64_t k, const T *restrict t, const T *restrict r, T bound, \
+                                 int64_t below)                                                \
+{                                                                                              \
+    const T one = (T)1, zero = (T)0;                                                           \
+    int64_t hit = 0;                                                                           \
+    if (below)                                                                                 \
+        for (int64_t i = 0; i < k; i++) { T c = t[i] < bound ? one : zero; hit |= c * r[i] != zero; } \
+    else                                                                                       \
+        for (int64_t i = 0; i < k; i++) { T c = t[i] > bound ? one : zero; hit |= c * r[i] != zero; } \
+    return hit;                                                                                \
+}                                                                                              \
+CLONES int64_t NAME(int64_t m, int64_t k, const T *t, int64_t s_t, const T *r, int64_t s_r,   \
+             double bound, int64_t below)                                                      \
+{                                                                                              \
+    for (int64_t j = 0; j < m; j++)                                                            \
+        if (NAME##_row(k, t + j * s_t, r + j * s_r, (T)bound, below))                          \
+            return 1;                                                                          \
+    return 0;                                                                                  \
+}
+
+PROBE(probe_f32, float)
+PROBE(probe_f64, double)
+
+/* x >= 0 everywhere (a NaN is not), as torch's min(x) >= 0 decides it. */
+#define NONNEG(NAME, T)                                                                        \
+static inline int64_t NAME##_row(int64_t k, const T *restrict x)                              \
+{                                                                                              \
+    int64_t ok = 1;                                                                            \
+    for (int64_t i = 0; i < k; i++) ok &= x[i] >= (T)0;                                        \
+    return ok;                                                                                 \
+}                                                                                              \
+CLONES int64_t NAME(int64_t m, int64_t k, const T *x, int64_t s_x)                            \
+{                                                                                              \
+    for (int64_t j = 0; j < m; j++)                                                            \
+        if (!NAME##_row(k, x + j * s_x))                                                       \
+            return 0;                                                                          \
+    return 1;                                                                                  \
+}
+
+NONNEG(nonneg_f32, float)
+NONNEG(nonneg_f64, double)
+
+/* The default rule's quotient (rules/affine.py): s = R / (S + b) with nan and inf taken to 0,
+   written over S, in the torch code's order (the add, the division, nan_to_num); and, with a
+   bias, the relevance it absorbs per row, sum of s * |b| in double (context.absorb_product).
+   Rows of `units` blocks of `inner` elements; b (units) is broadcast over each block. */
+#define FIX(q, MAX) ((q) <= MAX ? ((q) >= -MAX ? (q) : 0) : 0)
+#define QUOTIENT(NAME, T, MAX, DOT, SUM)                                                       \
+static inline void NAME##_div(int64_t k, T *restrict s, const T *restrict r,                  \
+                              const T *restrict b)                                             \
+{                                                                                              \
+    for (int64_t i = 0; i < k; i++) {                                                          \
+        T q = r[i] / (s[i] + b[i]);                                                            \
+        s[i] = FIX(q, MAX);                                                                    \
+    }                                                                                          \
+}                                                                                              \
+static inline void NAME##_divc(int64_t k, T *restrict s, const T *restrict r, T bu)            \
+{                                                                                              \
+    for (int64_t i = 0; i < k; i++) {                                                          \
+        T q = r[i] / (s[i] + bu);                                                              \
+        s[i] = FIX(q, MAX);                                                                    \
+    }                                                                                          \
+}                                                                                              \
+CLONES void NAME(int64_t m, int64_t units, int64_t inner, T *s, const T *r, const T *b,        \
+                 const double *w, double *absorbed)                                            \
+{                                                                                              \
+    int64_t row = units * inner;                                                               \
+    for (int64_t n = 0; n < m; n++) {                                                          \
+        T *sn = s + n * row;                                                                   \
+        const T *rn = r + n * row;                                                             \
+        if (b == 0) {                                                                          \
+            for (int64_t i = 0; i < row; i++) { T q = rn[i] / sn[i]; sn[i] = FIX(q, MAX); }    \
+        } else if (inner == 1) { /* the quotients, then (in cache) the absorbed sum */         \
+            NAME##_div(units, sn, rn, b);                                                      \
+            absorbed[n] = DOT##_row(units, sn, w);                                             \
+        } else {                                                                               \
+            double t = 0;                                                                      \
+            for (int64_t u = 0; u < units; u++) {                                              \
+                NAME##_divc(inner, sn + u * inner, rn + u * inner, b[u]);                      \
+                t += SUM##_row(inner, sn + u * inner, w) * w[u];                               \
+            }                                                                                  \
+            absorbed[n] = t;                                                                   \
+        }                                                                                      \
+    }                                                                                          \
+}
+
+QUOTIENT(quotient_f32, float, FLT_MAX, rowdot_f32, rowsum_f32)
+QUOTIENT(quotient_f64, double, DBL_MAX, rowdot_f64, rowsum_f64)
 """
 
 _FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
@@ -166,10 +292,9 @@ def _build(source: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
             return None
     try:
         lib = ctypes.CDLL(str(path))
-        for name, argtypes in signatures.items():
+        for name, sig in signatures.items():
             fn = getattr(lib, name)
-            fn.argtypes = argtypes
-            fn.restype = None
+            fn.argtypes, fn.restype = sig if isinstance(sig, tuple) else (sig, None)
     except (OSError, AttributeError) as exc:
         log.debug("fused kernels not loaded (%s): torch/numpy code runs instead", exc)
         return None
@@ -177,9 +302,10 @@ def _build(source: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
 
 
 def library(source: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
-    """The compiled C ``source`` with ``signatures`` ({function: ctypes argtypes}; every function
-    returns void), built or loaded once per process; None when disabled (``GOVERNANCE_NATIVE=0``)
-    or unavailable, and the caller runs its own torch or numpy code, which gives the same result."""
+    """The compiled C ``source`` with ``signatures`` ({function: ctypes argtypes} for a function
+    that returns void, or {function: (argtypes, restype)}), built or loaded once per process;
+    None when disabled (``GOVERNANCE_NATIVE=0``) or unavailable, and the caller runs its own
+    torch or numpy code, which gives the same result."""
     if os.environ.get("GOVERNANCE_NATIVE", "1") == "0":
         return None
     if source not in _libs:
@@ -191,9 +317,16 @@ def library(source: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {**{name: [_I64, _I64] + [_PTR, _I64] * 9 for name in ("route_f32", "route_f64")},
-               **{name: [_I64, _I64] + [_PTR, _I64] * 5 for name in ("share_f32", "share_f64")}}
+               **{name: [_I64, _I64] + [_PTR, _I64] * 5 for name in ("share_f32", "share_f64")},
+               **{f"{kind}_{t}": [_I64, _I64, _PTR, _I64, _PTR, _PTR]
+                  for kind in ("rowsum", "rowabs", "rowdot") for t in ("f32", "f64")},
+               **{f"probe_{t}": ([_I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_double, _I64], _I64)
+                  for t in ("f32", "f64")},
+               **{f"nonneg_{t}": ([_I64, _I64, _PTR, _I64], _I64) for t in ("f32", "f64")},
+               **{f"quotient_{t}": [_I64, _I64, _I64] + [_PTR] * 5 for t in ("f32", "f64")}}
 _ROUTE = {torch.float32: "route_f32", torch.float64: "route_f64"}
 _SHARE = {torch.float32: "share_f32", torch.float64: "share_f64"}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
 def _split(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
@@ -247,10 +380,14 @@ def _kernel(names: dict[torch.dtype, str], tensors: tuple[torch.Tensor, ...]) ->
 def _call(name: str, tensors: tuple[torch.Tensor, ...]) -> bool:
     """Run kernel ``name`` (``_kernel``) over the tensors laid out as rows (``_rows``); False
     (nothing written) when they have no common row layout."""
-    layout = _rows(tensors)
-    if layout is None:
-        return False
-    m, k, strides = layout
+    if all(v.is_contiguous() for v in tensors):  # one row of every element (the common case)
+        m, k = 1, tensors[0].numel()
+        strides = [k] * len(tensors)
+    else:
+        layout = _rows(tensors)
+        if layout is None:
+            return False
+        m, k, strides = layout
     args: list[int] = [m, k]
     for v, st in zip(tensors, strides):
         args += [v.data_ptr(), st]
@@ -277,3 +414,104 @@ def route(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, p2: torch.Tensor,
     tensors = (Rp, Rn, t, p2, n2, ap, bp, an, bn)
     name = _kernel(_ROUTE, tensors)
     return name is not None and _call(name, tensors)
+
+
+# --- small probes and per-sample sums ---------------------------------------------------------
+# These replace two to four torch calls each (a comparison, a product, a count; a sum and a
+# conversion) on tensors that are often small, where each call costs more in dispatch than in
+# arithmetic. They take contiguous tensors only: the check is a few attribute reads.
+
+def _plain(t: torch.Tensor) -> str | None:
+    """The type suffix of a non-empty contiguous CPU float32/float64 tensor without autograd
+    (one the kernels can read); None otherwise."""
+    suffix = _SUFFIX.get(t.dtype)
+    if suffix is None or not t.is_cpu or t.requires_grad or not t.is_contiguous() or t.numel() == 0:
+        return None
+    return suffix
+
+
+def _fn(name: str):
+    """Kernel ``name`` of the library, or None without the kernels."""
+    lib = library(_SOURCE, _SIGNATURES)
+    return None if lib is None else getattr(lib, name)
+
+
+def row_sums(t: torch.Tensor, rows: int, absolute: bool = False,
+             weights: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Per-row sums of ``t`` seen as (rows, -1), accumulated in float64: of t, of |t|
+    (``absolute``), or of t times ``weights`` (a float64 vector as long as a row). Each row's
+    sum is added in an order fixed by the row length alone. None when ``t`` is not a contiguous
+    CPU float tensor with whole rows, or without the kernels."""
+    suffix = _plain(t)
+    if suffix is None or rows <= 0 or t.numel() % rows:
+        return None
+    k = t.numel() // rows
+    if weights is not None:
+        if not (weights.dtype is torch.float64 and weights.is_cpu and weights.is_contiguous()
+                and weights.numel() == k):
+            return None
+        kind, w = "rowdot", weights.data_ptr()
+    else:
+        kind, w = ("rowabs" if absolute else "rowsum"), None
+    fn = _fn(f"{kind}_{suffix}")
+    if fn is None:
+        return None
+    out = torch.empty(rows, dtype=torch.float64)
+    fn(rows, k, t.data_ptr(), k, w, out.data_ptr())
+    return out
+
+
+def any_beyond(t: torch.Tensor, R: torch.Tensor, bound: float, below: bool) -> bool | None:
+    """Whether (t < bound) * R (``below``; else t > bound) has an element that is not zero, the
+    comparison a 0/1 value of R's type; None when the tensors are not contiguous CPU float
+    tensors of one dtype and shape, or without the kernels."""
+    suffix = _plain(R)
+    if suffix is None or t.dtype is not R.dtype or t.shape != R.shape or _plain(t) is None:
+        return None
+    fn = _fn(f"probe_{suffix}")
+    if fn is None:
+        return None
+    return bool(fn(1, R.numel(), t.data_ptr(), 0, R.data_ptr(), 0, float(bound), int(below)))
+
+
+def all_nonnegative(x: torch.Tensor) -> bool | None:
+    """x >= 0 everywhere (False where an element is NaN); None when ``x`` is not a contiguous
+    CPU float tensor, or without the kernels."""
+    suffix = _plain(x)
+    fn = None if suffix is None else _fn(f"nonneg_{suffix}")
+    return None if fn is None else bool(fn(1, x.numel(), x.data_ptr(), 0))
+
+
+def bias_quotient(R: torch.Tensor, S: torch.Tensor, b: torch.Tensor | None,
+                  b64: torch.Tensor | None = None) -> torch.Tensor | None:
+    """S <- R / (S + b) in place, 0 where that is not finite (the bits of ``safe_div(R, S.add_(b))``),
+    in one pass; with a bias, returns the relevance it absorbs per row of S seen as
+    (rows, b.shape[0], inner): sum of s * b in float64 (``b64``: b flattened in float64, when
+    the caller keeps it); without one, an empty tensor. ``b`` is aligned with S's trailing axes,
+    one value per unit (the ones after it of size 1). None (nothing written) when the tensors are
+    not contiguous CPU float tensors of one dtype laid out so, or without the kernels."""
+    suffix = _plain(S)
+    if suffix is None or R.dtype is not S.dtype or R.shape != S.shape or _plain(R) is None:
+        return None
+    units, inner = 1, 1
+    if b is not None:
+        while b.dim() > 1 and b.shape[0] == 1:  # (1, C, 1, 1): leading axes of size 1 broadcast
+            b = b[0]
+        if b.dim() == 0 or b.dim() >= S.dim() or _plain(b) is None or b.dtype is not S.dtype:
+            return None
+        units = b.shape[0]
+        if S.shape[S.dim() - b.dim()] != units or any(v != 1 for v in b.shape[1:]):
+            return None
+        inner = math.prod(S.shape[S.dim() - b.dim() + 1:])
+        if b64 is None:
+            b64 = b.reshape(-1).to(torch.float64)
+        if not (b64.dtype is torch.float64 and b64.is_contiguous() and b64.numel() == units):
+            return None
+    fn = _fn(f"quotient_{suffix}")
+    if fn is None:
+        return None
+    rows = S.numel() // (units * inner)
+    out = torch.empty(rows if b is not None else 0, dtype=torch.float64)
+    fn(rows, units, inner, S.data_ptr(), R.data_ptr(), None if b is None else b.data_ptr(),
+        None if b is None else b64.data_ptr(), out.data_ptr() if b is not None else None)
+    return out

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from . import native
 from .context import RuleContext
 from .errors import UnsupportedOperationError
 from .explanation import ModuleBooks
@@ -87,6 +88,27 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
             hit = sums[key] = (weakref.ref(r), s, s if c.one_signed else c.per_sample_abs(r))
         return hit[1], hit[2]
 
+    def pair_sums(v: Any) -> None:
+        """Contrastive: when R- directly follows R+ in one buffer (an affine rule's stacked
+        result), both maps' per-sample sums in one pass, into ``sums``."""
+        n = ctx0.batch_size
+        if not (isinstance(v, tuple) and len(v) == 2 and all(c.one_signed for c in ctxs)):
+            return
+        r0, r1 = v
+        if not (isinstance(r0, torch.Tensor) and isinstance(r1, torch.Tensor) and r0.dim() >= 1
+                and r0.shape[0] == n and r0.shape == r1.shape and r0.dtype == r1.dtype
+                and r0.is_contiguous() and r1.is_contiguous()):
+            return
+        size = r0.numel() * r0.element_size()
+        store = r0.untyped_storage()
+        if (r1.data_ptr() != r0.data_ptr() + size or r1.untyped_storage().data_ptr() != store.data_ptr()
+                or r0.data_ptr() - store.data_ptr() + 2 * size > store.nbytes()):
+            return
+        both = native.row_sums(r0.as_strided((2 * n, *r0.shape[1:]), r0.stride()), 2 * n)
+        if both is not None:
+            for k, (r, part) in enumerate(((r0, both[:n]), (r1, both[n:]))):
+                sums[(k, id(r))] = (weakref.ref(r), part, part)
+
     for node in reversed(list(gm.graph.nodes)):
         if node.op != "call_function":
             continue
@@ -117,6 +139,9 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
             zero = lambda r, other: r if r is not None else _zeros_like_rel(other)  # noqa: E731
             pair = (zero(rs[0], rs[1]), zero(rs[1], rs[0]))
             res = entry.fn(ctx0, node, pair)
+            for arg, v in res.items():
+                if arg in relevant and crossing(node, arg):
+                    pair_sums(v)
             outs = [{a: v[k] for a, v in res.items()} for k in range(n_maps)]
         else:
             outs = []
@@ -152,6 +177,46 @@ def _zeros_like_rel(r: Any) -> Any:
     return torch.zeros_like(r)
 
 
+_TABLES = ("in", "abs", "out", "bias", "rerouted")
+
+
+def _book_plan(mods, seeds: tuple, edges: tuple, absorbed: tuple, rerouted: tuple):
+    """Where each per-sample amount of one walk goes: (module names, row per amount into the
+    (tables x modules, N) accumulator, the amount's place in ``_amounts``' list). The same walk
+    pattern over the same graph gives the same plan, so it is worked out once."""
+    names = [m for m in mods.types if m == "" or m in mods.outputs]
+    row = {m: i for i, m in enumerate(names)}
+    rows: list[int] = []
+    picks: list[int] = []
+
+    def add(table: str, modules, j: int) -> None:
+        base = _TABLES.index(table) * len(names)
+        for m in modules:
+            if m in row:
+                rows.append(base + row[m])
+                picks.append(j)
+
+    def paths(node: fx.Node) -> frozenset[str]:
+        return frozenset() if node.op == "placeholder" else mods.path_set(node)
+
+    j = 0
+    for node in seeds:  # amounts: the seed's sum and |sum|
+        add("in", paths(node), j)
+        add("abs", paths(node), j + 1)
+        j += 2
+    for user, arg in edges:  # each edge's sum and |sum|
+        left, entered = mods.crossed(user, arg)
+        add("out", left, j)
+        add("in", entered, j)
+        add("abs", entered, j + 1)
+        j += 2
+    for table, nodes in (("bias", absorbed), ("rerouted", rerouted)):
+        for node in nodes:
+            add(table, paths(node), j)
+            j += 1
+    return names, torch.tensor(rows, dtype=torch.long), picks
+
+
 def _books(ctx: RuleContext, seeds: dict, edges: list, branch: dict) -> dict[str, ModuleBooks]:
     """Per-module totals from the per-sample sums of the seeds, of the edges that cross module
     boundaries and of the absorbed / rerouted amounts: each table is one (modules, N) tensor
@@ -159,44 +224,25 @@ def _books(ctx: RuleContext, seeds: dict, edges: list, branch: dict) -> dict[str
     n = ctx.batch_size
     device = next(iter(seeds.values())).device if seeds else None
     mods = ctx.modules
-    names = [m for m in mods.types if m == "" or m in mods.outputs]
-    row = {m: i for i, m in enumerate(names)}
-    tables = ("in", "abs", "out", "bias", "rerouted")
-    adds: dict[str, tuple[list[int], list[torch.Tensor]]] = {t: ([], []) for t in tables}
-
-    def add(table: str, modules, amount: torch.Tensor) -> None:
-        idx, vals = adds[table]
-        for m in modules:
-            if m in row:
-                idx.append(row[m])
-                vals.append(amount)
-
-    def paths(node: fx.Node) -> frozenset[str]:
-        return frozenset() if node.op == "placeholder" else mods.path_set(node)
-
-    for node, r in seeds.items():
-        add("in", paths(node), ctx.per_sample(r))
-        add("abs", paths(node), ctx.per_sample_abs(r))
-    for user, arg, s, a in edges:
-        left, entered = mods.crossed(user, arg)
-        add("out", left, s)
-        add("in", entered, s)
-        add("abs", entered, a)
-    for name, table in (("bias", ctx.absorbed), ("rerouted", ctx.rerouted)):
-        for node, amount in table.items():
-            add(name, paths(node), amount)
-    # all tables in one (tables x modules, N) accumulator: one index_add_
-    idx, vals = [], []
-    for ti, t in enumerate(tables):
-        idx.extend(ti * len(names) + i for i in adds[t][0])
-        vals.extend(adds[t][1])
-    acc = torch.zeros(len(tables) * len(names), n, dtype=torch.float64, device=device)
-    if idx:
-        acc.index_add_(0, torch.tensor(idx, device=device), torch.stack(vals))
+    key = (tuple(seeds), tuple((e[0], e[1]) for e in edges), tuple(ctx.absorbed), tuple(ctx.rerouted))
+    plan = mods.plans.get(key)
+    if plan is None:
+        plan = mods.plans[key] = _book_plan(mods, *key)
+    names, index, picks = plan
+    amounts: list[torch.Tensor] = []
+    for r in seeds.values():
+        amounts += (ctx.per_sample(r), ctx.per_sample_abs(r))
+    for e in edges:
+        amounts += (e[2], e[3])
+    amounts += ctx.absorbed.values()
+    amounts += ctx.rerouted.values()
+    acc = torch.zeros(len(_TABLES) * len(names), n, dtype=torch.float64, device=device)
+    if picks:
+        acc.index_add_(0, index.to(device), torch.stack([amounts[j] for j in picks]))
     rows = acc.unbind(0)
-    out = {t: rows[ti * len(names):(ti + 1) * len(names)] for ti, t in enumerate(tables)}
+    out = {t: rows[ti * len(names):(ti + 1) * len(names)] for ti, t in enumerate(_TABLES)}
     books = {}
-    for m, i in row.items():
+    for i, m in enumerate(names):
         b_in, s_in = (branch.get(m) or [None, None])
         books[m] = ModuleBooks(
             relevance_in=out["in"][i], relevance_out=out["out"][i], abs_relevance_in=out["abs"][i],

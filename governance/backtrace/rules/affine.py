@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .. import native
-from ..context import RuleContext, first_output, product_threads, safe_div
+from ..context import RuleContext, first_output, product_parallel, product_threads, safe_div
 from ..registry import register_rule
 from ..weight_cache import derived
 
@@ -94,12 +94,18 @@ class AffineUnit:
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``fwd`` with the caller's intra-op threads when it is big (``context.product_threads``;
         work estimated as input size times the weight's size per output unit)."""
-        with product_threads(x.numel() * (w.numel() / max(w.shape[0], 1))):
+        work = x.numel() * (w.numel() / max(w.shape[0], 1))
+        if not product_parallel(work):
+            return self.fwd(x, w)
+        with product_threads(work):
             return self.fwd(x, w)
 
     def backward(self, s: torch.Tensor, w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """``bwd`` with the caller's intra-op threads when it is big."""
-        with product_threads(s.numel() * (w.numel() / max(w.shape[0], 1))):
+        work = s.numel() * (w.numel() / max(w.shape[0], 1))
+        if not product_parallel(work):
+            return self.bwd(s, w, shape)
+        with product_threads(work):
             return self.bwd(s, w, shape)
 
     def on_rows(self, take: Callable[[torch.Tensor], torch.Tensor], row_dims: int | None = None) -> "AffineUnit":
@@ -338,7 +344,10 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def is_nonnegative(x: torch.Tensor) -> bool:
     """x ≥ 0 everywhere (after a ReLU, a softmax, ...): then |x| = x and a split needs one product."""
-    return x.numel() == 0 or bool(x.min() >= 0)
+    if x.numel() == 0:
+        return True
+    known = native.all_nonnegative(x)
+    return bool(x.min() >= 0) if known is None else known
 
 
 def input_nonnegative(ctx: RuleContext, u: AffineUnit, x: torch.Tensor | None) -> bool:
@@ -563,6 +572,9 @@ def _saturated(t: torch.Tensor, R: torch.Tensor, bound: float | None, below: boo
     if bound is None:
         return None
     compare = torch.lt if below else torch.gt
+    hit = native.any_beyond(t, R, bound, below)  # one compiled pass, no buffer
+    if hit is not None:
+        return compare(t, bound).logical_and_(R != 0) if hit else None
     if R.numel() <= BLOCK_UNITS and t.shape == R.shape:  # one block: no views to cut
         if int(torch.count_nonzero(compare(t, bound, out=torch.empty_like(R)).mul_(R))):
             return compare(t, bound).logical_and_(R != 0)
@@ -598,10 +610,15 @@ def _default_or_signed(ctx: RuleContext, node: fx.Node, u: AffineUnit, R: torch.
     if lo is None and hi is None:  # R_in = |x| ⊙ |W|ᵀ (R / (S + |b|))  (signed: x ⊙ Wᵀ ...)
         wabs = weight_abs(u)
         S = magnitude(u, xabs, wabs)
-        den = S.add_(babs) if babs is not None else S
-        s = safe_div(R, den, out=den)
-        if babs is not None:
-            ctx.absorb_product(s, babs, babs64)
+        absorbed = native.bias_quotient(R, S, babs, babs64)  # one compiled pass, the same bits
+        if absorbed is None:
+            s = safe_div(R, S.add_(babs) if babs is not None else S, out=S)
+            if babs is not None:
+                ctx.absorb_product(s, babs, babs64)
+        else:
+            s = S
+            if babs is not None:
+                ctx.absorb(absorbed)
         g = u.backward(s, u.weight if signed else wabs, x.shape)
         return {u.x_node: g.mul_(x if signed else xabs)}
     # saturation: the zeroed side leaves numerator and denominator, the other side takes its share

@@ -104,7 +104,8 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
         if (r1.data_ptr() != r0.data_ptr() + size or r1.untyped_storage().data_ptr() != store.data_ptr()
                 or r0.data_ptr() - store.data_ptr() + 2 * size > store.nbytes()):
             return
-        both = native.row_sums(r0.as_strided((2 * n, *r0.shape[1:]), r0.stride()), 2 * n)
+        k = r0.numel() // n
+        both = native.row_sums(r0.reshape(n, k).as_strided((2 * n, k), (k, 1)), 2 * n)
         if both is not None:
             for k, (r, part) in enumerate(((r0, both[:n]), (r1, both[n:]))):
                 sums[(k, id(r))] = (weakref.ref(r), part, part)

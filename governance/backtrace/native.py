@@ -1,13 +1,13 @@
 """Fused loops in C, compiled once per machine with the system's C compiler.
 
 Contrastive routing (spec 4) is a dozen element-wise passes per affine layer in torch ops; they
-are memory-bound and, on small layers, dispatch-bound. The default rule's quotient, the
-saturation and sign probes and the books' per-sample sums are smaller such groups. Here it is one loop that reads its inputs
+are memory-bound and, on small layers, dispatch-bound. Here it is one loop that reads its inputs
 once and writes its outputs once, with the same float operations in the same order as the torch
 code it replaces (no fused multiply-add, no fast-math), so the result has the same bits. The add
 rule's split of a residual's relevance by magnitude is another such loop (five full-size
-temporaries in torch, each a fresh mapping of fresh pages). Other packages (the stage's keyed
-draws) bring their own sources to ``library``.
+temporaries in torch, each a fresh mapping of fresh pages). The default rule's quotient, the
+saturation and sign probes and the books' per-sample sums are smaller such groups of calls.
+Other packages (the stage's keyed draws) bring their own sources to ``library``.
 
 A source is built on first use with ``cc`` (``$CC``) into a cache folder
 (``$GOVERNANCE_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/mlflow-governance/kernels``, else
@@ -324,8 +324,6 @@ _SIGNATURES = {**{name: [_I64, _I64] + [_PTR, _I64] * 9 for name in ("route_f32"
                   for t in ("f32", "f64")},
                **{f"nonneg_{t}": ([_I64, _I64, _PTR, _I64], _I64) for t in ("f32", "f64")},
                **{f"quotient_{t}": [_I64, _I64, _I64] + [_PTR] * 5 for t in ("f32", "f64")}}
-_ROUTE = {torch.float32: "route_f32", torch.float64: "route_f64"}
-_SHARE = {torch.float32: "share_f32", torch.float64: "share_f64"}
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -363,18 +361,18 @@ def _rows(tensors: tuple[torch.Tensor, ...]) -> tuple[int, int, list[int]] | Non
     return rows, k, out
 
 
-def _kernel(names: dict[torch.dtype, str], tensors: tuple[torch.Tensor, ...]) -> str | None:
-    """The kernel of ``names`` for the tensors' dtype, when every tensor is a CPU tensor of that
-    dtype and one shape and the kernels are at hand; None otherwise (checked before a caller
-    allocates outputs for it)."""
+def _kernel(kind: str, tensors: tuple[torch.Tensor, ...]) -> str | None:
+    """The kernel ``kind`` for the tensors' dtype (``route_f32``, ...), when every tensor is a
+    CPU tensor of that dtype and one shape and the kernels are at hand; None otherwise (checked
+    before a caller allocates outputs for it)."""
     first = tensors[0]
-    name = names.get(first.dtype)
-    if name is None or first.numel() == 0:
+    suffix = _SUFFIX.get(first.dtype)
+    if suffix is None or first.numel() == 0:
         return None
     dtype, shape = first.dtype, first.shape
     if not all(v.dtype is dtype and v.shape == shape and v.is_cpu and not v.requires_grad for v in tensors):
         return None
-    return name if library(_SOURCE, _SIGNATURES) is not None else None
+    return f"{kind}_{suffix}" if library(_SOURCE, _SIGNATURES) is not None else None
 
 
 def _call(name: str, tensors: tuple[torch.Tensor, ...]) -> bool:
@@ -399,7 +397,7 @@ def share(R: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tens
     """(R |a| / (|a| + |b|), R |b| / (|a| + |b|)) with 0 where the quotient is not finite, in
     one pass with the bits of the add rule's torch operations; None when the kernels are not at
     hand or the tensors do not share one dtype, shape and row layout."""
-    name = _kernel(_SHARE, (R, a, b))
+    name = _kernel("share", (R, a, b))
     if name is None:
         return None
     oa, ob = torch.empty_like(R), torch.empty_like(R)
@@ -412,7 +410,7 @@ def route(Rp: torch.Tensor, Rn: torch.Tensor, t: torch.Tensor, p2: torch.Tensor,
     or float64 tensor of one shape laid out as rows of contiguous elements; False (nothing
     written) otherwise, or without the compiled kernels. ``p2`` / ``n2`` (2P, 2N) are only read."""
     tensors = (Rp, Rn, t, p2, n2, ap, bp, an, bn)
-    name = _kernel(_ROUTE, tensors)
+    name = _kernel("route", tensors)
     return name is not None and _call(name, tensors)
 
 

@@ -14,6 +14,7 @@ from . import native
 from .context import RuleContext
 from .errors import UnsupportedOperationError
 from .explanation import ModuleBooks
+from .modules import ModuleMap
 from .registry import lookup_rule
 
 _NO_RULE_NEEDED = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar"}
@@ -107,8 +108,8 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
         k = r0.numel() // n
         both = native.row_sums(r0.reshape(n, k).as_strided((2 * n, k), (k, 1)), 2 * n)
         if both is not None:
-            for k, (r, part) in enumerate(((r0, both[:n]), (r1, both[n:]))):
-                sums[(k, id(r))] = (weakref.ref(r), part, part)
+            for m, (r, part) in enumerate(((r0, both[:n]), (r1, both[n:]))):
+                sums[(m, id(r))] = (weakref.ref(r), part, part)
 
     for node in reversed(list(gm.graph.nodes)):
         if node.op != "call_function":
@@ -181,10 +182,11 @@ def _zeros_like_rel(r: Any) -> Any:
 _TABLES = ("in", "abs", "out", "bias", "rerouted")
 
 
-def _book_plan(mods, seeds: tuple, edges: tuple, absorbed: tuple, rerouted: tuple):
-    """Where each per-sample amount of one walk goes: (module names, row per amount into the
-    (tables x modules, N) accumulator, the amount's place in ``_amounts``' list). The same walk
-    pattern over the same graph gives the same plan, so it is worked out once."""
+def _book_plan(mods: ModuleMap, seeds: tuple, edges: tuple, absorbed: tuple, rerouted: tuple):
+    """Where each per-sample amount of one walk goes: (module names, the accumulator row of each
+    addition into the (tables x modules, N) accumulator, the place in ``_books``' list of
+    amounts of what each addition adds). The same walk pattern over the same graph gives the
+    same plan, so it is worked out once."""
     names = [m for m in mods.types if m == "" or m in mods.outputs]
     row = {m: i for i, m in enumerate(names)}
     rows: list[int] = []

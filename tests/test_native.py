@@ -1,6 +1,6 @@
 """The compiled loops of ``backtrace.native``: contrastive routing, the add rule's split, the default
-rule's quotient and the saturation and sign probes have the same bits (or decisions) as the torch
-operations they replace (NaN, infinities, signed zeros, ties, empty sides, subnormal sides, strided
+rule's quotient, pos_neg2's sides, the identity split's sums and mix, the books' row adds and the
+saturation and sign probes have the same bits (or decisions) as the torch operations they replace (NaN, infinities, signed zeros, ties, empty sides, subnormal sides, strided
 outputs, float32 and float64), so does a whole explain in every mode (its books within float64
 rounding); the books' row sums are float64 sums that do not depend on the batch; the keyed Poisson
 weights equal the numpy draws; and without a compiler, or switched off, everything falls back to
@@ -164,6 +164,83 @@ def test_bias_quotient_declines_what_it_cannot_lay_out_and_writes_nothing():
     assert torch.equal(S, before)
 
 
+def _torch_sides(S, D, b, frows):
+    """pos_neg2's torch operations: (2P, 2N, flagged, flag rows)."""
+    kappa = affine.PRECISION_MARGIN
+    m = D.abs().add_(S, alpha=-(1.0 - 2.0 * kappa))
+    if b is not None:
+        m.add_(b, alpha=2.0 * kappa)
+    flagged = m.numel() > 0 and bool(m.max() > 0)
+    rows = m.reshape(frows, -1).amax(1).gt(0)
+    return torch.add(S, D), S - D, flagged, rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sides_have_the_bits_and_decisions_of_pos_neg2s_torch_operations(dtype):
+    g = torch.Generator().manual_seed(4)
+    kappa = affine.PRECISION_MARGIN
+    layouts = [((37, 11), (11,), 37), ((5, 6, 4, 3), (6, 1, 1), 5), ((3, 7, 9), (9,), 3), ((8, 13), None, 8),
+               ((4, 6, 3, 3), (1, 6, 1, 1), 4), ((6, 5), (5,), 1), ((3, 7, 9), (9,), 21)]
+    flagged_some = False
+    for shape, bshape, frows in layouts * 6:
+        D = _awkward(shape, dtype, g)
+        S = D.abs() + torch.rand(shape, generator=g, dtype=dtype) * 3.0  # |D| <= S, as S = P + N
+        one_sided = torch.rand(shape, generator=g) < 0.05
+        S[one_sided] = D[one_sided].abs()  # one side empty: flagged
+        b = torch.rand(bshape, generator=g, dtype=dtype) if bshape is not None else None
+        P2, N2, flagged, rows = _torch_sides(S, D, b, frows)
+        got_s = S.clone()
+        out = native.sides(got_s, D, b, -(1.0 - 2.0 * kappa), 2.0 * kappa, frows)
+        assert out is not None
+        got_p, count, flags = out
+        assert torch.equal(_bits(got_p), _bits(P2)) and torch.equal(_bits(got_s), _bits(N2))
+        assert (count > 0) is flagged and torch.equal(flags.bool(), rows) and count == int(rows.sum())
+        flagged_some |= flagged
+    assert flagged_some
+    S, D = torch.rand(4, 3, dtype=dtype) + 1.0, torch.zeros(4, 3, dtype=dtype)
+    D[0, 0] = float("nan")  # the torch code's max is NaN: nothing flagged
+    D[1, 1] = 5.0
+    assert native.sides(S.clone(), D, None, -(1.0 - 2.0 * kappa), 2.0 * kappa, 4)[1] == -1
+    assert _torch_sides(S, D, None, 4)[2] is False
+    assert native.sides(S, D.t().contiguous().t(), None, -0.9, 0.1, 4) is None  # not contiguous
+    before = S.clone()
+    assert native.sides(S, D, torch.rand(4, dtype=dtype), -0.9, 0.1, 4) is None  # a bias along the batch
+    assert native.sides(S, D, None, -0.9, 0.1, 5) is None  # rows that do not divide the tensor
+    assert torch.equal(S, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_diff_and_mix_have_the_bits_of_the_identity_splits_torch_operations(dtype):
+    g = torch.Generator().manual_seed(5)
+    for shape, maps in (((7, 13), 2), ((3, 4, 5), 1), ((9, 2, 3, 3), 2)):
+        a, b = _awkward((maps * shape[0], *shape[1:]), dtype, g), _awkward((maps * shape[0], *shape[1:]), dtype, g)
+        b.view(-1)[::11] = float("inf")
+        want_a = a.clone().add_(b)
+        want_b = torch.add(want_a, b, alpha=-2.0)
+        assert native.sum_diff(a, b)
+        assert torch.equal(_bits(a), _bits(want_a)) and torch.equal(_bits(b), _bits(want_b))
+        x = _awkward(shape, dtype, g)
+        gg, hh = _awkward(a.shape, dtype, g), _awkward(a.shape, dtype, g)
+        want = gg.clone().view(maps, *shape).mul_(x.abs()).add_(hh.clone().view(maps, *shape).mul_(x))
+        assert native.mix(gg, hh, x.abs(), x)
+        assert torch.equal(_bits(gg), _bits(want.view(gg.shape)))
+    x = torch.randn(4, 6, dtype=dtype)
+    assert not native.mix(torch.zeros(8, 6, dtype=dtype), torch.zeros(8, 6, dtype=dtype), x.abs(), x.t().contiguous().t())
+    assert not native.sum_diff(torch.zeros(3, dtype=dtype), torch.zeros(4, dtype=dtype))
+
+
+def test_add_rows_has_the_bits_of_index_add():
+    g = torch.Generator().manual_seed(6)
+    src = torch.randn(40, 17, generator=g, dtype=torch.float64) * torch.logspace(-8, 8, 17, dtype=torch.float64)
+    index = torch.randint(0, 9, (40,), generator=g)
+    want = torch.zeros(9, 17, dtype=torch.float64).index_add_(0, index, src)
+    got = torch.zeros(9, 17, dtype=torch.float64)
+    assert native.add_rows(got, index, src)
+    assert torch.equal(_bits(got), _bits(want))
+    assert not native.add_rows(got, index, src.float())
+    assert not native.add_rows(got, index[:-1], src)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_probes_decide_as_the_torch_operations(dtype):
     g = torch.Generator().manual_seed(2)
@@ -229,7 +306,8 @@ def _models():
 @pytest.mark.parametrize("mode", nr.MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_an_explain_has_the_same_bits_with_and_without_the_kernels(dtype, mode, monkeypatch):
-    calls: dict[str, list] = {name: [] for name in ("route", "share", "bias_quotient", "any_beyond")}
+    calls: dict[str, list] = {name: [] for name in ("route", "share", "bias_quotient", "any_beyond", "sides",
+                                                     "sum_diff", "mix", "add_rows")}
     for name in calls:
         real = getattr(native, name)
 
@@ -245,8 +323,12 @@ def test_an_explain_has_the_same_bits_with_and_without_the_kernels(dtype, mode, 
             x = x.to(dtype)
             monkeypatch.setenv("GOVERNANCE_NATIVE", "1")
             fused = Backtrace(model).explain(x, mode=mode, task="multiclass-classification")
+            assert any(calls["add_rows"]), "the books went through the compiled pass"
             if mode == "contrastive":
                 assert any(calls["route"]), "the routing went through the compiled pass"
+                assert any(calls["sum_diff"]) and any(calls["mix"]), "the identity split went through the compiled passes"
+            if mode == "contrastive" and isinstance(model, _CNN):
+                assert any(calls["sides"]), "pos_neg2's sides went through the compiled pass"
             if isinstance(model, _CNN):
                 assert any(calls["share"]), "the residual add went through the compiled pass"
             if mode != "contrastive":

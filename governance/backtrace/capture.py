@@ -163,6 +163,9 @@ def input_names(model: Any, args: tuple, kwargs: dict) -> list[str]:
     names: list[str] = []
     for i, a in enumerate(args):
         base = params[i] if i < len(params) else f"arg{i}"
+        if type(a) is torch.Tensor:  # one leaf: no pytree
+            names.append(base)
+            continue
         leaves = pytree.tree_leaves(a)
         names.extend([base] if len(leaves) == 1 else [f"{base}.{j}" for j in range(len(leaves))])
     for k, v in kwargs.items():

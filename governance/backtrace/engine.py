@@ -15,7 +15,7 @@ from .context import PARALLEL_WORK, RuleContext, walk_threads
 from .explanation import Explanation, NetRelevance
 from .modules import ModuleMap, build_module_map
 from .recording import forward_work, record
-from .rules.affine import mark_foldable_batch_norms
+from .rules.affine import is_nonnegative, mark_foldable_batch_norms
 from .seeding import TASKS, make_seed
 from .walk import check_rules, walk
 
@@ -56,6 +56,7 @@ class Backtrace:
         self._module_maps: dict[int, ModuleMap] = {}
         self._fused: dict[int, dict] = {}  # batch norms folded into the layer before, per graph
         self._work: dict[tuple, float] = {}  # forward multiply-adds per graph and input shapes
+        self._outputs: dict[int, list[fx.Node]] = {}  # the output's node leaves, per graph
 
     def explain(
         self,
@@ -177,7 +178,7 @@ class Backtrace:
         seeds, tgt = make_seed(y, task, mode, target, multiplier, seed, threshold)
         ctxs = [RuleContext(recording, modules, mode, n) for _ in seeds]
         for c, s in zip(ctxs, seeds):
-            c.one_signed = mode != "signed" and bool((s >= 0).all())
+            c.one_signed = mode != "signed" and is_nonnegative(s)
             c.peers = ctxs
         fused = self._fused.get(id(gm))
         if fused is None:
@@ -217,8 +218,10 @@ class Backtrace:
         return self._module_maps[key]
 
     def _output(self, gm: fx.GraphModule, recording) -> tuple[fx.Node, torch.Tensor]:
-        out = next(n for n in gm.graph.nodes if n.op == "output")
-        leaves = [a for a in pytree.tree_leaves(out.args[0]) if isinstance(a, fx.Node)]
+        leaves = self._outputs.get(id(gm))
+        if leaves is None:
+            out = next(n for n in gm.graph.nodes if n.op == "output")
+            leaves = self._outputs[id(gm)] = [a for a in pytree.tree_leaves(out.args[0]) if isinstance(a, fx.Node)]
         floats = [a for a in leaves if isinstance(recording.values.get(a), torch.Tensor)
                   and recording.values[a].is_floating_point()]
         if not floats:

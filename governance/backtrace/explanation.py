@@ -62,6 +62,42 @@ class ModuleBooks:
     skip_in: torch.Tensor | None = None
 
 
+#: the quantities of ``ModuleBooks`` kept per module in a ``BookTable``, in its row order
+BOOK_TABLES = ("relevance_in", "abs_relevance_in", "relevance_out", "bias_absorbed", "saturation_rerouted")
+
+
+class BookTable(Mapping):
+    """The books of one walk: module name -> ``ModuleBooks``, held as one (quantities x modules,
+    N) float64 table (rows ``BOOK_TABLES[q]`` of module ``i`` at ``q * modules + i``). A
+    module's ``ModuleBooks`` (views of its rows) is made when it is first read: most callers
+    read a few modules, or the whole table."""
+
+    def __init__(self, names: list[str], table: torch.Tensor,
+                 branch: Mapping[str, tuple[Any, Any]]) -> None:
+        self.names, self.table, self._branch = names, table, branch
+        self._index = {m: i for i, m in enumerate(names)}
+        self._built: dict[str, ModuleBooks] = {}
+
+    def __getitem__(self, module: str) -> ModuleBooks:
+        books = self._built.get(module)
+        if books is None:
+            i, k = self._index[module], len(self.names)
+            rows = {q: self.table[j * k + i] for j, q in enumerate(BOOK_TABLES)}
+            b_in, s_in = self._branch.get(module) or (None, None)
+            books = self._built[module] = ModuleBooks(
+                **rows,
+                branch_in=b_in if isinstance(b_in, torch.Tensor) else None,
+                skip_in=s_in if isinstance(s_in, torch.Tensor) else None,
+            )
+        return books
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 @dataclass
 class Explanation:
     """Relevance of one batch in one mode.
@@ -79,7 +115,7 @@ class Explanation:
     output: torch.Tensor
     target: torch.Tensor | None
     seed_relevance: torch.Tensor
-    books: dict[str, ModuleBooks] = field(default_factory=dict, repr=False)
+    books: Mapping[str, ModuleBooks] = field(default_factory=dict, repr=False)
     module_types: dict[str, str] = field(default_factory=dict, repr=False)
     positive: "Explanation | None" = None
     negative: "Explanation | None" = None

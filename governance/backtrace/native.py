@@ -52,7 +52,7 @@ _SOURCE = r"""
 #endif
 
 #define ROUTE(NAME, T, MAX)                                                                    \
-CLONES static void NAME##_row(int64_t k, const T *restrict Rp, const T *restrict Rn,           \
+static inline void NAME##_row(int64_t k, const T *restrict Rp, const T *restrict Rn,           \
                        const T *restrict tt, const T *restrict P2, const T *restrict N2,       \
                        T *restrict Ap, T *restrict Bp, T *restrict An, T *restrict Bn)         \
 {                                                                                              \
@@ -81,7 +81,7 @@ CLONES static void NAME##_row(int64_t k, const T *restrict Rp, const T *restrict
         T e = m4 * ip; An[i] = e * nv;                                                         \
     }                                                                                          \
 }                                                                                              \
-void NAME(int64_t m, int64_t k,                                                                \
+CLONES void NAME(int64_t m, int64_t k,                                                         \
           const T *rp, int64_t s_rp, const T *rn, int64_t s_rn, const T *t, int64_t s_t,       \
           const T *p2, int64_t s_p2, const T *n2, int64_t s_n2,                                \
           T *ap, int64_t s_ap, T *bp, int64_t s_bp, T *an, int64_t s_an, T *bn, int64_t s_bn)  \
@@ -97,7 +97,7 @@ ROUTE(route_f64, double, DBL_MAX)
 /* The add rule's split of R between two terms by magnitude (rules/elementwise.py): q = R / (|a|
    + |b|) with nan and inf taken to 0, then q |a| and q |b|, in the torch code's order. */
 #define SHARE(NAME, T, MAX, ABS)                                                                    \
-CLONES static void NAME##_row(int64_t k, const T *restrict r, const T *restrict a,             \
+static inline void NAME##_row(int64_t k, const T *restrict r, const T *restrict a,             \
                               const T *restrict b, T *restrict oa, T *restrict ob)             \
 {                                                                                              \
     const T zero = (T)0;                                                                       \
@@ -109,7 +109,7 @@ CLONES static void NAME##_row(int64_t k, const T *restrict r, const T *restrict 
         ob[i] = q * mb;                                                                        \
     }                                                                                          \
 }                                                                                              \
-void NAME(int64_t m, int64_t k, const T *r, int64_t s_r, const T *a, int64_t s_a,              \
+CLONES void NAME(int64_t m, int64_t k, const T *r, int64_t s_r, const T *a, int64_t s_a,       \
           const T *b, int64_t s_b, T *oa, int64_t s_oa, T *ob, int64_t s_ob)                   \
 {                                                                                              \
     for (int64_t j = 0; j < m; j++)                                                            \
@@ -188,9 +188,10 @@ static inline int64_t NAME##_row(int64_t k, const T *restrict x)                
 }                                                                                              \
 CLONES int64_t NAME(int64_t m, int64_t k, const T *x, int64_t s_x)                            \
 {                                                                                              \
-    for (int64_t j = 0; j < m; j++)                                                            \
-        if (!NAME##_row(k, x + j * s_x))                                                       \
-            return 0;                                                                          \
+    for (int64_t j = 0; j < m; j++) /* in chunks: a mixed-sign input stops early */            \
+        for (int64_t i = 0; i < k; i += 512)                                                   \
+            if (!NAME##_row(k - i < 512 ? k - i : 512, x + j * s_x + i))                       \
+                return 0;                                                                      \
     return 1;                                                                                  \
 }
 
@@ -243,6 +244,113 @@ CLONES void NAME(int64_t m, int64_t units, int64_t inner, T *s, const T *r, cons
 
 QUOTIENT(quotient_f32, float, FLT_MAX, rowdot_f32, rowsum_f32)
 QUOTIENT(quotient_f64, double, DBL_MAX, rowdot_f64, rowsum_f64)
+
+/* pos_neg2's sides (rules/affine.py): 2P = S + D into P, 2N = S - D over S, and the precision
+   test m = |D| + c1 S + c2 |b| > 0 (c1 = -(1 - 2 kappa), c2 = 2 kappa; each product rounded,
+   then each sum, as the torch code's in-place adds). Rows of `units` blocks of `inner`; flag
+   rows of `frow` elements (a multiple of units * inner): flags[f] = 1 where some m > 0 in row
+   f. Returns the number of flagged rows, or -1 where some m is NaN (the torch code's max is
+   then NaN and flags nothing). */
+#define SIDES(NAME, T, ABS)                                                                    \
+static inline int64_t NAME##_unit(int64_t k, T *restrict s, const T *restrict d,             \
+                                  T *restrict p, T c1, T add, int64_t *restrict nan)           \
+{                                                                                              \
+    int64_t hit = 0, bad = 0;                                                                  \
+    for (int64_t i = 0; i < k; i++) {                                                          \
+        T sv = s[i], dv = d[i];                                                                \
+        T a = ABS(dv), b = c1 * sv;                                                            \
+        T mv = a + b;                                                                          \
+        mv = mv + add;                                                                         \
+        hit |= mv > (T)0;                                                                      \
+        bad |= mv != mv;                                                                       \
+        p[i] = sv + dv;                                                                        \
+        s[i] = sv - dv;                                                                        \
+    }                                                                                          \
+    *nan |= bad;                                                                               \
+    return hit;                                                                                \
+}                                                                                              \
+static inline int64_t NAME##_lin(int64_t k, T *restrict s, const T *restrict d,              \
+                                 T *restrict p, const T *restrict b, T c1, T c2,               \
+                                 int64_t *restrict nan)                                        \
+{                                                                                              \
+    int64_t hit = 0, bad = 0;                                                                  \
+    for (int64_t i = 0; i < k; i++) {                                                          \
+        T sv = s[i], dv = d[i];                                                                \
+        T a = ABS(dv), b1 = c1 * sv, b2 = c2 * b[i];                                           \
+        T mv = a + b1;                                                                         \
+        mv = mv + b2;                                                                          \
+        hit |= mv > (T)0;                                                                      \
+        bad |= mv != mv;                                                                       \
+        p[i] = sv + dv;                                                                        \
+        s[i] = sv - dv;                                                                        \
+    }                                                                                          \
+    *nan |= bad;                                                                               \
+    return hit;                                                                                \
+}                                                                                              \
+CLONES int64_t NAME(int64_t frows, int64_t frow, int64_t units, int64_t inner, T *s,           \
+                    const T *d, T *p, const T *b, double c1d, double c2d, int8_t *flags)       \
+{                                                                                              \
+    const T c1 = (T)c1d, c2 = (T)c2d;                                                          \
+    int64_t count = 0, nan = 0, block = units * inner;                                         \
+    for (int64_t f = 0; f < frows; f++) {                                                      \
+        int64_t hit = 0;                                                                       \
+        for (int64_t o = f * frow; o < (f + 1) * frow; o += block) {                           \
+            if (b == 0)                                                                        \
+                hit |= NAME##_unit(block, s + o, d + o, p + o, c1, (T)0, &nan);                \
+            else if (inner == 1)                                                               \
+                hit |= NAME##_lin(units, s + o, d + o, p + o, b, c1, c2, &nan);                \
+            else                                                                               \
+                for (int64_t u = 0; u < units; u++)                                            \
+                    hit |= NAME##_unit(inner, s + o + u * inner, d + o + u * inner,            \
+                                       p + o + u * inner, c1, c2 * b[u], &nan);               \
+        }                                                                                      \
+        flags[f] = (int8_t)hit;                                                                \
+        count += hit;                                                                          \
+    }                                                                                          \
+    return nan ? -1 : count;                                                                   \
+}
+
+SIDES(sides_f32, float, __builtin_fabsf)
+SIDES(sides_f64, double, __builtin_fabs)
+
+/* The identity split's last steps (rules/affine.py, _spread): a <- a + b and b <- (a + b) - 2b
+   over the half coefficients, then, per map, g <- g |x| + h x (each product rounded, then the
+   sum), as the torch code's in-place operations. */
+#define SUMDIFF(NAME, T)                                                                       \
+CLONES void NAME(int64_t k, T *restrict a, T *restrict b)                                      \
+{                                                                                              \
+    for (int64_t i = 0; i < k; i++) {                                                          \
+        T sv = a[i] + b[i];                                                                    \
+        T tb = (T)-2 * b[i];                                                                   \
+        a[i] = sv;                                                                             \
+        b[i] = sv + tb;                                                                        \
+    }                                                                                          \
+}                                                                                              \
+CLONES void NAME##_mix(int64_t maps, int64_t k, T *restrict g, const T *restrict h,           \
+                       const T *restrict xa, const T *restrict x)                              \
+{                                                                                              \
+    for (int64_t m = 0; m < maps; m++)                                                         \
+        for (int64_t i = 0; i < k; i++) {                                                      \
+            T u = g[m * k + i] * xa[i], v = h[m * k + i] * x[i];                               \
+            g[m * k + i] = u + v;                                                              \
+        }                                                                                      \
+}
+
+SUMDIFF(sumdiff_f32, float)
+SUMDIFF(sumdiff_f64, double)
+
+/* The books (walk.py): row rows[c] of acc (rows of n doubles) += row c of src, for c in order
+   (index_add_'s order, so the same bits). */
+void addrows(int64_t n, int64_t count, double *restrict acc, const int64_t *rows,
+             const double *restrict src)
+{
+    for (int64_t c = 0; c < count; c++) {
+        double *restrict dst = acc + rows[c] * n;
+        const double *restrict row = src + c * n;
+        for (int64_t i = 0; i < n; i++)
+            dst[i] += row[i];
+    }
+}
 """
 
 _FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
@@ -323,7 +431,12 @@ _SIGNATURES = {**{name: [_I64, _I64] + [_PTR, _I64] * 9 for name in ("route_f32"
                **{f"probe_{t}": ([_I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_double, _I64], _I64)
                   for t in ("f32", "f64")},
                **{f"nonneg_{t}": ([_I64, _I64, _PTR, _I64], _I64) for t in ("f32", "f64")},
-               **{f"quotient_{t}": [_I64, _I64, _I64] + [_PTR] * 5 for t in ("f32", "f64")}}
+               **{f"quotient_{t}": [_I64, _I64, _I64] + [_PTR] * 5 for t in ("f32", "f64")},
+               **{f"sides_{t}": ([_I64] * 4 + [_PTR] * 4 + [ctypes.c_double] * 2 + [_PTR], _I64)
+                  for t in ("f32", "f64")},
+               **{f"sumdiff_{t}": [_I64, _PTR, _PTR] for t in ("f32", "f64")},
+               **{f"sumdiff_{t}_mix": [_I64, _I64] + [_PTR] * 4 for t in ("f32", "f64")},
+               "addrows": [_I64, _I64, _PTR, _PTR, _PTR]}
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -480,6 +593,20 @@ def all_nonnegative(x: torch.Tensor) -> bool | None:
     return None if fn is None else bool(fn(1, x.numel(), x.data_ptr(), 0))
 
 
+def _bias_layout(S: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
+    """(b without its leading axes of size 1, units, inner) when ``b`` is a contiguous tensor of
+    S's type aligned with S's trailing axes, one value per unit (the axes after it of size 1),
+    so that S is rows of ``units`` blocks of ``inner`` elements; None otherwise."""
+    while b.dim() > 1 and b.shape[0] == 1:  # (1, C, 1, 1): leading axes of size 1 broadcast
+        b = b[0]
+    if b.dim() == 0 or b.dim() >= S.dim() or _plain(b) is None or b.dtype is not S.dtype:
+        return None
+    units = b.shape[0]
+    if S.shape[S.dim() - b.dim()] != units or any(v != 1 for v in b.shape[1:]):
+        return None
+    return b, units, math.prod(S.shape[S.dim() - b.dim() + 1:])
+
+
 def bias_quotient(R: torch.Tensor, S: torch.Tensor, b: torch.Tensor | None,
                   b64: torch.Tensor | None = None) -> torch.Tensor | None:
     """S <- R / (S + b) in place, 0 where that is not finite (the bits of ``safe_div(R, S.add_(b))``),
@@ -493,14 +620,10 @@ def bias_quotient(R: torch.Tensor, S: torch.Tensor, b: torch.Tensor | None,
         return None
     units, inner = 1, 1
     if b is not None:
-        while b.dim() > 1 and b.shape[0] == 1:  # (1, C, 1, 1): leading axes of size 1 broadcast
-            b = b[0]
-        if b.dim() == 0 or b.dim() >= S.dim() or _plain(b) is None or b.dtype is not S.dtype:
+        layout = _bias_layout(S, b)
+        if layout is None:
             return None
-        units = b.shape[0]
-        if S.shape[S.dim() - b.dim()] != units or any(v != 1 for v in b.shape[1:]):
-            return None
-        inner = math.prod(S.shape[S.dim() - b.dim() + 1:])
+        b, units, inner = layout
         if b64 is None:
             b64 = b.reshape(-1).to(torch.float64)
         if not (b64.dtype is torch.float64 and b64.is_contiguous() and b64.numel() == units):
@@ -513,3 +636,82 @@ def bias_quotient(R: torch.Tensor, S: torch.Tensor, b: torch.Tensor | None,
     fn(rows, units, inner, S.data_ptr(), R.data_ptr(), None if b is None else b.data_ptr(),
         None if b is None else b64.data_ptr(), out.data_ptr() if b is not None else None)
     return out
+
+
+def sides(S: torch.Tensor, D: torch.Tensor, b: torch.Tensor | None, c1: float, c2: float,
+          frows: int) -> tuple[torch.Tensor, int, torch.Tensor] | None:
+    """``pos_neg2``'s element-wise work in one pass: (2P = S + D as a new tensor, the number of
+    flag rows where m = |D| + c1 S + c2 b > 0 somewhere, or -1 where some m is NaN, the (frows,)
+    int8 flags), with 2N = S - D written over S. ``b`` as in ``bias_quotient``. None (nothing
+    written) when the tensors are not contiguous CPU float tensors of one dtype and shape laid
+    out so, or without the kernels."""
+    suffix = _plain(S)
+    if (suffix is None or D.dtype is not S.dtype or D.shape != S.shape or _plain(D) is None
+            or frows <= 0 or S.numel() % frows):
+        return None
+    units, inner = 1, S.numel() // frows
+    if b is not None:
+        layout = _bias_layout(S, b)
+        if layout is None:
+            return None
+        b, units, inner = layout
+        if (S.numel() // frows) % (units * inner):
+            return None
+    fn = _fn(f"sides_{suffix}")
+    if fn is None:
+        return None
+    P = torch.empty_like(S)
+    flags = torch.empty(frows, dtype=torch.int8)
+    count = fn(frows, S.numel() // frows, units, inner, S.data_ptr(), D.data_ptr(), P.data_ptr(),
+               None if b is None else b.data_ptr(), float(c1), float(c2), flags.data_ptr())
+    return P, int(count), flags
+
+
+def sum_diff(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a <- a + b, b <- (a + b) - 2b in one pass (the bits of ``a.add_(b)`` and
+    ``torch.add(a, b, alpha=-2, out=b)``); False (nothing written) when the two are not
+    contiguous CPU float tensors of one dtype and shape, or without the kernels."""
+    suffix = _plain(a)
+    if suffix is None or b.dtype is not a.dtype or b.shape != a.shape or _plain(b) is None:
+        return False
+    fn = _fn(f"sumdiff_{suffix}")
+    if fn is None:
+        return False
+    fn(a.numel(), a.data_ptr(), b.data_ptr())
+    return True
+
+
+def mix(g: torch.Tensor, h: torch.Tensor, xa: torch.Tensor, x: torch.Tensor) -> bool:
+    """g <- g ⊙ xa + h ⊙ x in one pass, g and h holding one or more maps of x's shape one after
+    the other (the bits of ``g.mul_(xa)``, ``h.mul_(x)``, ``g.add_(h)``); False (nothing
+    written) when the tensors are not contiguous CPU float tensors of one dtype laid out so, or
+    without the kernels."""
+    suffix = _plain(g)
+    k = x.numel()
+    if (suffix is None or k == 0 or g.numel() % k or h.shape != g.shape or _plain(h) is None
+            or xa.shape != x.shape or _plain(x) is None or _plain(xa) is None
+            or not all(v.dtype is g.dtype for v in (h, xa, x))):
+        return False
+    fn = _fn(f"sumdiff_{suffix}_mix")
+    if fn is None:
+        return False
+    fn(g.numel() // k, k, g.data_ptr(), h.data_ptr(), xa.data_ptr(), x.data_ptr())
+    return True
+
+
+def add_rows(acc: torch.Tensor, index: torch.Tensor, sources: torch.Tensor) -> bool:
+    """``acc.index_add_(0, index, sources)`` in one plain pass: row i of ``sources`` added to
+    row index[i] of ``acc``, in order, the same bits. ``index`` must hold rows of ``acc`` (the
+    caller's plan guarantees it: nothing checks each value). False (nothing written) unless
+    ``acc`` and ``sources`` are contiguous CPU float64 matrices with rows of one length and
+    ``index`` a CPU int64 vector with one entry per source row; or without the kernels."""
+    if not (acc.dtype is torch.float64 and sources.dtype is torch.float64 and acc.dim() == 2
+            and sources.dim() == 2 and acc.shape[1] == sources.shape[1] and _plain(acc) and _plain(sources)
+            and index.dtype is torch.int64 and index.is_cpu and index.is_contiguous()
+            and index.numel() == sources.shape[0]):
+        return False
+    fn = _fn("addrows")
+    if fn is None:
+        return False
+    fn(acc.shape[1], sources.shape[0], acc.data_ptr(), index.data_ptr(), sources.data_ptr())
+    return True

@@ -13,7 +13,7 @@ from torch import fx
 from . import native
 from .context import RuleContext
 from .errors import UnsupportedOperationError
-from .explanation import ModuleBooks
+from .explanation import BOOK_TABLES, BookTable
 from .modules import ModuleMap
 from .registry import lookup_rule
 
@@ -25,7 +25,7 @@ class WalkResult:
     """Relevance at every node of one map, and the per-module books."""
 
     relevance: dict[fx.Node, Any]
-    books: dict[str, ModuleBooks]
+    books: BookTable
 
 
 def _name(target: Any) -> str:
@@ -167,10 +167,7 @@ def walk(gm: fx.GraphModule, ctxs: list[RuleContext], seeds: list[dict[fx.Node, 
                         continue
                     inside = mod in ctx0.modules.path_set(arg) if arg.op != "placeholder" else False
                     rec[0 if inside else 1] = rec[0 if inside else 1] + sample_sums(ck, k, r)[0]
-    results = []
-    for k in range(n_maps):
-        results.append(WalkResult(maps[k], _books(ctxs[k], seeds[k], edges[k], branch[k])))
-    return results
+    return [WalkResult(m, b) for m, b in zip(maps, _books(ctxs, seeds, edges, branch))]
 
 
 def _zeros_like_rel(r: Any) -> Any:
@@ -179,21 +176,18 @@ def _zeros_like_rel(r: Any) -> Any:
     return torch.zeros_like(r)
 
 
-_TABLES = ("in", "abs", "out", "bias", "rerouted")
-
-
 def _book_plan(mods: ModuleMap, seeds: tuple, edges: tuple, absorbed: tuple, rerouted: tuple):
-    """Where each per-sample amount of one walk goes: (module names, the accumulator row of each
-    addition into the (tables x modules, N) accumulator, the place in ``_books``' list of
-    amounts of what each addition adds). The same walk pattern over the same graph gives the
-    same plan, so it is worked out once."""
+    """Where each per-sample amount of one walk goes: (module names, the table row of each
+    addition into the ``BookTable``'s (quantities x modules, N) table, the place in ``_books``'
+    list of amounts of what each addition adds). The same walk pattern over the same graph
+    gives the same plan, so it is worked out once."""
     names = [m for m in mods.types if m == "" or m in mods.outputs]
     row = {m: i for i, m in enumerate(names)}
     rows: list[int] = []
     picks: list[int] = []
 
-    def add(table: str, modules, j: int) -> None:
-        base = _TABLES.index(table) * len(names)
+    def add(quantity: str, modules, j: int) -> None:
+        base = BOOK_TABLES.index(quantity) * len(names)
         for m in modules:
             if m in row:
                 rows.append(base + row[m])
@@ -204,53 +198,58 @@ def _book_plan(mods: ModuleMap, seeds: tuple, edges: tuple, absorbed: tuple, rer
 
     j = 0
     for node in seeds:  # amounts: the seed's sum and |sum|
-        add("in", paths(node), j)
-        add("abs", paths(node), j + 1)
+        add("relevance_in", paths(node), j)
+        add("abs_relevance_in", paths(node), j + 1)
         j += 2
     for user, arg in edges:  # each edge's sum and |sum|
         left, entered = mods.crossed(user, arg)
-        add("out", left, j)
-        add("in", entered, j)
-        add("abs", entered, j + 1)
+        add("relevance_out", left, j)
+        add("relevance_in", entered, j)
+        add("abs_relevance_in", entered, j + 1)
         j += 2
-    for table, nodes in (("bias", absorbed), ("rerouted", rerouted)):
+    for quantity, nodes in (("bias_absorbed", absorbed), ("saturation_rerouted", rerouted)):
         for node in nodes:
-            add(table, paths(node), j)
+            add(quantity, paths(node), j)
             j += 1
-    return names, torch.tensor(rows, dtype=torch.long), picks
+    return names, rows, picks
 
 
-def _books(ctx: RuleContext, seeds: dict, edges: list, branch: dict) -> dict[str, ModuleBooks]:
-    """Per-module totals from the per-sample sums of the seeds, of the edges that cross module
-    boundaries and of the absorbed / rerouted amounts: each table is one (modules, N) tensor
-    filled by one ``index_add_``; a module's books are rows of those tables."""
-    n = ctx.batch_size
-    device = next(iter(seeds.values())).device if seeds else None
-    mods = ctx.modules
-    key = (tuple(seeds), tuple((e[0], e[1]) for e in edges), tuple(ctx.absorbed), tuple(ctx.rerouted))
-    plan = mods.plans.get(key)
-    if plan is None:
-        plan = mods.plans[key] = _book_plan(mods, *key)
-    names, index, picks = plan
+def _books(ctxs: list[RuleContext], seeds: list[dict], edges: list[list], branch: list[dict]) -> list[BookTable]:
+    """Each map's ``BookTable`` from the per-sample sums of its seeds, of the edges that cross
+    module boundaries and of the absorbed / rerouted amounts: every map's tables are one
+    (maps x quantities x modules, N) tensor filled by one ``index_add_`` (in the order of the
+    plans, so each sum adds up in the same order whatever the number of maps)."""
+    ctx0 = ctxs[0]
+    n, mods = ctx0.batch_size, ctx0.modules
+    device = next(iter(seeds[0].values())).device if seeds[0] else None
+    keys = tuple((tuple(s), tuple((e[0], e[1]) for e in es), tuple(c.absorbed), tuple(c.rerouted))
+                 for c, s, es in zip(ctxs, seeds, edges))
+    plan = mods.plans.get(keys)
+    if plan is None:  # the maps' plans one after the other: map k's rows and amounts offset
+        parts = [_book_plan(mods, *key) for key in keys]
+        names = parts[0][0]
+        size = len(BOOK_TABLES) * len(names)
+        rows, picks, taken = [], [], 0
+        for k, (_, r, p) in enumerate(parts):
+            rows += [k * size + i for i in r]
+            picks += [taken + j for j in p]
+            taken += 2 * len(keys[k][0]) + 2 * len(keys[k][1]) + len(keys[k][2]) + len(keys[k][3])
+        plan = mods.plans[keys] = (names, size, torch.tensor(rows, dtype=torch.long), picks, {})
+    names, size, index, picks, on_device = plan
     amounts: list[torch.Tensor] = []
-    for r in seeds.values():
-        amounts += (ctx.per_sample(r), ctx.per_sample_abs(r))
-    for e in edges:
-        amounts += (e[2], e[3])
-    amounts += ctx.absorbed.values()
-    amounts += ctx.rerouted.values()
-    acc = torch.zeros(len(_TABLES) * len(names), n, dtype=torch.float64, device=device)
+    for c, s, es in zip(ctxs, seeds, edges):
+        for r in s.values():
+            amounts += (c.per_sample(r), c.per_sample_abs(r))
+        for e in es:
+            amounts += (e[2], e[3])
+        amounts += c.absorbed.values()
+        amounts += c.rerouted.values()
+    acc = torch.zeros(len(ctxs) * size, n, dtype=torch.float64, device=device)
     if picks:
-        acc.index_add_(0, index.to(device), torch.stack([amounts[j] for j in picks]))
-    rows = acc.unbind(0)
-    out = {t: rows[ti * len(names):(ti + 1) * len(names)] for ti, t in enumerate(_TABLES)}
-    books = {}
-    for i, m in enumerate(names):
-        b_in, s_in = (branch.get(m) or [None, None])
-        books[m] = ModuleBooks(
-            relevance_in=out["in"][i], relevance_out=out["out"][i], abs_relevance_in=out["abs"][i],
-            bias_absorbed=out["bias"][i], saturation_rerouted=out["rerouted"][i],
-            branch_in=b_in if isinstance(b_in, torch.Tensor) else None,
-            skip_in=s_in if isinstance(s_in, torch.Tensor) else None,
-        )
-    return books
+        sources = torch.stack([amounts[j] for j in picks])
+        if not native.add_rows(acc, index, sources):  # index_add_ in one plain compiled pass
+            idx = index if device is None or device.type == "cpu" else on_device.get(device)
+            if idx is None:
+                idx = on_device[device] = index.to(device)
+            acc.index_add_(0, idx, sources)
+    return [BookTable(names, acc[k * size:(k + 1) * size], b) for k, b in enumerate(branch)]

@@ -417,15 +417,21 @@ def pos_neg2(u: AffineUnit, x: torch.Tensor, S: torch.Tensor, nonneg: bool,
     if u.single_term:  # one contribution per unit: (|z| ± z) is exact
         return S + D, S.sub_(D), None
     kappa = PRECISION_MARGIN
-    # flagged where |D| − (1 − 2κ) S + 2κ|b| = 2κ (S + |b|) − 2 min(P, N) > 0
-    m = D.abs().add_(S, alpha=-(1.0 - 2.0 * kappa))
-    if bias_abs is not None:
-        m.add_(bias_abs, alpha=2.0 * kappa)
-    flagged = m.numel() > 0 and bool(m.max() > 0)
     k = u.row_dims
-    rows = m.reshape(math.prod(m.shape[:k]), -1).amax(1).gt(0).nonzero().squeeze(1) if flagged and k else None
-    P2 = torch.add(S, D, out=m)
-    N2 = S.sub_(D)
+    # flagged where |D| − (1 − 2κ) S + 2κ|b| = 2κ (S + |b|) − 2 min(P, N) > 0
+    sides = native.sides(S, D, bias_abs, -(1.0 - 2.0 * kappa), 2.0 * kappa, math.prod(S.shape[:k]))
+    if sides is not None:  # one compiled pass, the same bits and decisions
+        P2, count, flags = sides
+        N2, flagged = S, count > 0
+        rows = flags.nonzero().squeeze(1) if flagged and k else None
+    else:
+        m = D.abs().add_(S, alpha=-(1.0 - 2.0 * kappa))
+        if bias_abs is not None:
+            m.add_(bias_abs, alpha=2.0 * kappa)
+        flagged = m.numel() > 0 and bool(m.max() > 0)
+        rows = m.reshape(math.prod(m.shape[:k]), -1).amax(1).gt(0).nonzero().squeeze(1) if flagged and k else None
+        P2 = torch.add(S, D, out=m)
+        N2 = S.sub_(D)
     if not flagged:
         return P2, N2, None
     if rows is None or len(rows) == math.prod(x.shape[:k]):  # every row: all at once
@@ -461,19 +467,19 @@ def _halves(u: AffineUnit, R: torch.Tensor, maps: int, merged: bool):
     """An empty buffer for the half coefficients (a/2, b/2) of ``maps`` relevance maps, laid out
     for ``_spread``: maps stacked on the batch axis; a and b side by side on the unit axis
     (``merged``: one product) or in two blocks. Returns (buffer, [(a/2 view, b/2 view)] per map)."""
-    n = R.shape[0]
-    if merged:
+    n, shape = R.shape[0], list(R.shape)
+    if merged:  # (maps·N, ..., 2·units, ...): map m's side s starts at row m·N, unit s·units
         cdim = u.stack[0] % R.dim()
-        units = R.shape[cdim]
-        shape = list(R.shape)
+        units = shape[cdim]
         shape[0], shape[cdim] = maps * n, 2 * units
         buf = R.new_empty(shape)
-        # (maps, N, ..., 2, units, ...): one view, unbound per map and per side
-        split = buf.view(maps, n, *R.shape[1:cdim], 2, units, *R.shape[cdim + 1:])
-        return buf, [tuple(m.unbind(cdim)) for m in split.unbind(0)]
-    buf = R.new_empty((2, maps * n, *R.shape[1:]))
-    split = buf.view(2, maps, n, *R.shape[1:])
-    return buf, list(zip(split[0].unbind(0), split[1].unbind(0)))
+        st = buf.stride()
+        return buf, [tuple(buf.as_strided(R.shape, st, m * n * st[0] + side * units * st[cdim])
+                           for side in (0, 1)) for m in range(maps)]
+    buf = R.new_empty((2, maps * n, *shape[1:]))  # side s, map m: block s, rows from m·N
+    st = buf.stride()
+    return buf, [tuple(buf.as_strided(R.shape, st[1:], side * st[0] + m * n * st[1])
+                       for side in (0, 1)) for m in range(maps)]
 
 
 def _per_map(g: torch.Tensor, maps: int, x: torch.Tensor) -> torch.Tensor:
@@ -554,13 +560,16 @@ def _spread(u: AffineUnit, x: torch.Tensor, buf: torch.Tensor, maps: int, merged
         exact = _by_sign(u, x.reshape(-1, *x.shape[k:]).index_select(0, rows),
                          (take(alpha), take(beta)), maps, merged=False, nonneg=False)
     shape = torch.Size([alpha.shape[0], *x.shape[1:]])
-    alpha.add_(beta)
-    torch.add(alpha, beta, alpha=-2.0, out=beta)  # α − β
+    if not native.sum_diff(alpha, beta):  # one compiled pass, the same bits
+        alpha.add_(beta)
+        torch.add(alpha, beta, alpha=-2.0, out=beta)  # α − β
     g = u.backward(alpha, weight_abs(u), shape)
-    _per_map(g, maps, x).mul_(x.abs() if xabs is None else xabs)
     h = u.backward(beta, u.weight, shape)
-    _per_map(h, maps, x).mul_(x)
-    g.add_(h)
+    xabs = x.abs() if xabs is None else xabs
+    if not native.mix(g, h, xabs, x):  # g ⊙ |x| + h ⊙ x in one compiled pass, the same bits
+        _per_map(g, maps, x).mul_(xabs)
+        _per_map(h, maps, x).mul_(x)
+        g.add_(h)
     if exact is not None:
         g.view(-1, *g.shape[k:]).index_copy_(0, sel, exact)
     return g

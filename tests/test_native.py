@@ -222,8 +222,9 @@ def test_sum_diff_and_mix_have_the_bits_of_the_identity_splits_torch_operations(
         x = _awkward(shape, dtype, g)
         gg, hh = _awkward(a.shape, dtype, g), _awkward(a.shape, dtype, g)
         want = gg.clone().view(maps, *shape).mul_(x.abs()).add_(hh.clone().view(maps, *shape).mul_(x))
-        assert native.mix(gg, hh, x.abs(), x)
-        assert torch.equal(_bits(gg), _bits(want.view(gg.shape)))
+        g2, h2 = gg.clone(), hh.clone()
+        assert native.mix(gg, hh, x.abs(), x) and native.mix(g2, h2, None, x)  # |x| given, or taken in the pass
+        assert torch.equal(_bits(gg), _bits(want.view(gg.shape))) and torch.equal(_bits(g2), _bits(gg))
     x = torch.randn(4, 6, dtype=dtype)
     assert not native.mix(torch.zeros(8, 6, dtype=dtype), torch.zeros(8, 6, dtype=dtype), x.abs(), x.t().contiguous().t())
     assert not native.sum_diff(torch.zeros(3, dtype=dtype), torch.zeros(4, dtype=dtype))
@@ -231,14 +232,14 @@ def test_sum_diff_and_mix_have_the_bits_of_the_identity_splits_torch_operations(
 
 def test_add_rows_has_the_bits_of_index_add():
     g = torch.Generator().manual_seed(6)
-    src = torch.randn(40, 17, generator=g, dtype=torch.float64) * torch.logspace(-8, 8, 17, dtype=torch.float64)
-    index = torch.randint(0, 9, (40,), generator=g)
-    want = torch.zeros(9, 17, dtype=torch.float64).index_add_(0, index, src)
+    src = torch.randn(25, 17, generator=g, dtype=torch.float64) * torch.logspace(-8, 8, 17, dtype=torch.float64)
+    index, take = torch.randint(0, 9, (40,), generator=g), torch.randint(0, 25, (40,), generator=g)
+    want = torch.zeros(9, 17, dtype=torch.float64).index_add_(0, index, src[take])
     got = torch.zeros(9, 17, dtype=torch.float64)
-    assert native.add_rows(got, index, src)
+    assert native.add_rows(got, index, src, take)
     assert torch.equal(_bits(got), _bits(want))
-    assert not native.add_rows(got, index, src.float())
-    assert not native.add_rows(got, index[:-1], src)
+    assert not native.add_rows(got, index, src.float(), take)
+    assert not native.add_rows(got, index[:-1], src, take)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

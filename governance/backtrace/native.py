@@ -315,8 +315,8 @@ SIDES(sides_f64, double, __builtin_fabs)
 
 /* The identity split's last steps (rules/affine.py, _spread): a <- a + b and b <- (a + b) - 2b
    over the half coefficients, then, per map, g <- g |x| + h x (each product rounded, then the
-   sum), as the torch code's in-place operations. */
-#define SUMDIFF(NAME, T)                                                                       \
+   sum), as the torch code's in-place operations; |x| from xa, or taken here when xa is null. */
+#define SUMDIFF(NAME, T, ABS)                                                                     \
 CLONES void NAME(int64_t k, T *restrict a, T *restrict b)                                      \
 {                                                                                              \
     for (int64_t i = 0; i < k; i++) {                                                          \
@@ -330,23 +330,29 @@ CLONES void NAME##_mix(int64_t maps, int64_t k, T *restrict g, const T *restrict
                        const T *restrict xa, const T *restrict x)                              \
 {                                                                                              \
     for (int64_t m = 0; m < maps; m++)                                                         \
-        for (int64_t i = 0; i < k; i++) {                                                      \
-            T u = g[m * k + i] * xa[i], v = h[m * k + i] * x[i];                               \
-            g[m * k + i] = u + v;                                                              \
-        }                                                                                      \
+        if (xa == 0) /* |x| taken here: no buffer for it */                                    \
+            for (int64_t i = 0; i < k; i++) {                                                  \
+                T u = g[m * k + i] * ABS(x[i]), v = h[m * k + i] * x[i];                       \
+                g[m * k + i] = u + v;                                                          \
+            }                                                                                  \
+        else                                                                                   \
+            for (int64_t i = 0; i < k; i++) {                                                  \
+                T u = g[m * k + i] * xa[i], v = h[m * k + i] * x[i];                           \
+                g[m * k + i] = u + v;                                                          \
+            }                                                                                  \
 }
 
-SUMDIFF(sumdiff_f32, float)
-SUMDIFF(sumdiff_f64, double)
+SUMDIFF(sumdiff_f32, float, __builtin_fabsf)
+SUMDIFF(sumdiff_f64, double, __builtin_fabs)
 
-/* The books (walk.py): row rows[c] of acc (rows of n doubles) += row c of src, for c in order
-   (index_add_'s order, so the same bits). */
+/* The books (walk.py): row rows[c] of acc (rows of n doubles) += row from[c] of src, for c in
+   order (index_add_'s order, so the same bits). */
 void addrows(int64_t n, int64_t count, double *restrict acc, const int64_t *rows,
-             const double *restrict src)
+             const double *restrict src, const int64_t *from)
 {
     for (int64_t c = 0; c < count; c++) {
         double *restrict dst = acc + rows[c] * n;
-        const double *restrict row = src + c * n;
+        const double *restrict row = src + from[c] * n;
         for (int64_t i = 0; i < n; i++)
             dst[i] += row[i];
     }
@@ -436,7 +442,7 @@ _SIGNATURES = {**{name: [_I64, _I64] + [_PTR, _I64] * 9 for name in ("route_f32"
                   for t in ("f32", "f64")},
                **{f"sumdiff_{t}": [_I64, _PTR, _PTR] for t in ("f32", "f64")},
                **{f"sumdiff_{t}_mix": [_I64, _I64] + [_PTR] * 4 for t in ("f32", "f64")},
-               "addrows": [_I64, _I64, _PTR, _PTR, _PTR]}
+               "addrows": [_I64, _I64, _PTR, _PTR, _PTR, _PTR]}
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -681,37 +687,38 @@ def sum_diff(a: torch.Tensor, b: torch.Tensor) -> bool:
     return True
 
 
-def mix(g: torch.Tensor, h: torch.Tensor, xa: torch.Tensor, x: torch.Tensor) -> bool:
+def mix(g: torch.Tensor, h: torch.Tensor, xa: torch.Tensor | None, x: torch.Tensor) -> bool:
     """g <- g ⊙ xa + h ⊙ x in one pass, g and h holding one or more maps of x's shape one after
-    the other (the bits of ``g.mul_(xa)``, ``h.mul_(x)``, ``g.add_(h)``); False (nothing
-    written) when the tensors are not contiguous CPU float tensors of one dtype laid out so, or
-    without the kernels."""
+    the other (the bits of ``g.mul_(xa)``, ``h.mul_(x)``, ``g.add_(h)``); ``xa`` None: |x|,
+    taken in the pass (no buffer for it). False (nothing written) when the tensors are not
+    contiguous CPU float tensors of one dtype laid out so, or without the kernels."""
     suffix = _plain(g)
     k = x.numel()
     if (suffix is None or k == 0 or g.numel() % k or h.shape != g.shape or _plain(h) is None
-            or xa.shape != x.shape or _plain(x) is None or _plain(xa) is None
-            or not all(v.dtype is g.dtype for v in (h, xa, x))):
+            or _plain(x) is None or not all(v.dtype is g.dtype for v in (h, x))
+            or (xa is not None and (xa.shape != x.shape or _plain(xa) is None or xa.dtype is not g.dtype))):
         return False
     fn = _fn(f"sumdiff_{suffix}_mix")
     if fn is None:
         return False
-    fn(g.numel() // k, k, g.data_ptr(), h.data_ptr(), xa.data_ptr(), x.data_ptr())
+    fn(g.numel() // k, k, g.data_ptr(), h.data_ptr(), None if xa is None else xa.data_ptr(), x.data_ptr())
     return True
 
 
-def add_rows(acc: torch.Tensor, index: torch.Tensor, sources: torch.Tensor) -> bool:
-    """``acc.index_add_(0, index, sources)`` in one plain pass: row i of ``sources`` added to
-    row index[i] of ``acc``, in order, the same bits. ``index`` must hold rows of ``acc`` (the
-    caller's plan guarantees it: nothing checks each value). False (nothing written) unless
-    ``acc`` and ``sources`` are contiguous CPU float64 matrices with rows of one length and
-    ``index`` a CPU int64 vector with one entry per source row; or without the kernels."""
+def add_rows(acc: torch.Tensor, index: torch.Tensor, sources: torch.Tensor, take: torch.Tensor) -> bool:
+    """``acc.index_add_(0, index, sources[take])`` in one plain pass without the gathered copy:
+    row take[i] of ``sources`` added to row index[i] of ``acc``, in order, the same bits.
+    ``index`` and ``take`` must hold rows of ``acc`` and ``sources`` (the caller's plan
+    guarantees it: nothing checks each value). False (nothing written) unless ``acc`` and
+    ``sources`` are contiguous CPU float64 matrices with rows of one length and ``index`` and
+    ``take`` contiguous CPU int64 vectors of one length; or without the kernels."""
     if not (acc.dtype is torch.float64 and sources.dtype is torch.float64 and acc.dim() == 2
             and sources.dim() == 2 and acc.shape[1] == sources.shape[1] and _plain(acc) and _plain(sources)
-            and index.dtype is torch.int64 and index.is_cpu and index.is_contiguous()
-            and index.numel() == sources.shape[0]):
+            and all(v.dtype is torch.int64 and v.is_cpu and v.is_contiguous() for v in (index, take))
+            and index.numel() == take.numel()):
         return False
     fn = _fn("addrows")
     if fn is None:
         return False
-    fn(acc.shape[1], sources.shape[0], acc.data_ptr(), index.data_ptr(), sources.data_ptr())
+    fn(acc.shape[1], index.numel(), acc.data_ptr(), index.data_ptr(), sources.data_ptr(), take.data_ptr())
     return True

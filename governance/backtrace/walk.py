@@ -234,8 +234,10 @@ def _books(ctxs: list[RuleContext], seeds: list[dict], edges: list[list], branch
             rows += [k * size + i for i in r]
             picks += [taken + j for j in p]
             taken += 2 * len(keys[k][0]) + 2 * len(keys[k][1]) + len(keys[k][2]) + len(keys[k][3])
-        plan = mods.plans[keys] = (names, size, torch.tensor(rows, dtype=torch.long), picks, {})
-    names, size, index, picks, on_device = plan
+        used = sorted(set(picks))  # each amount stacked once, however many rows it adds to
+        take = torch.tensor([used.index(j) for j in picks], dtype=torch.long)
+        plan = mods.plans[keys] = (names, size, torch.tensor(rows, dtype=torch.long), picks, used, take, {})
+    names, size, index, picks, used, take, on_device = plan
     amounts: list[torch.Tensor] = []
     for c, s, es in zip(ctxs, seeds, edges):
         for r in s.values():
@@ -246,10 +248,9 @@ def _books(ctxs: list[RuleContext], seeds: list[dict], edges: list[list], branch
         amounts += c.rerouted.values()
     acc = torch.zeros(len(ctxs) * size, n, dtype=torch.float64, device=device)
     if picks:
-        sources = torch.stack([amounts[j] for j in picks])
-        if not native.add_rows(acc, index, sources):  # index_add_ in one plain compiled pass
+        if not native.add_rows(acc, index, torch.stack([amounts[j] for j in used]), take):  # one compiled pass
             idx = index if device is None or device.type == "cpu" else on_device.get(device)
             if idx is None:
                 idx = on_device[device] = index.to(device)
-            acc.index_add_(0, idx, sources)
+            acc.index_add_(0, idx, torch.stack([amounts[j] for j in picks]))
     return [BookTable(names, acc[k * size:(k + 1) * size], b) for k, b in enumerate(branch)]

@@ -565,9 +565,8 @@ def _spread(u: AffineUnit, x: torch.Tensor, buf: torch.Tensor, maps: int, merged
         torch.add(alpha, beta, alpha=-2.0, out=beta)  # α − β
     g = u.backward(alpha, weight_abs(u), shape)
     h = u.backward(beta, u.weight, shape)
-    xabs = x.abs() if xabs is None else xabs
     if not native.mix(g, h, xabs, x):  # g ⊙ |x| + h ⊙ x in one compiled pass, the same bits
-        _per_map(g, maps, x).mul_(xabs)
+        _per_map(g, maps, x).mul_(x.abs() if xabs is None else xabs)
         _per_map(h, maps, x).mul_(x)
         g.add_(h)
     if exact is not None:
@@ -716,6 +715,7 @@ def _contrastive(ctx: RuleContext, node: fx.Node, u: AffineUnit, Rp: torch.Tenso
     t = u.pre_activation
     if not native.route(Rp, Rn, t, inv_p, inv_n, ap, bp, an, bn):  # one compiled pass, the same bits
         _route_by_blocks(Rp, Rn, t, inv_p, inv_n, ap, bp, an, bn)
+    del inv_p, inv_n, ap, bp, an, bn  # 2P and 2N are spent: freed before the split's products
     both = _spread(u, x, buf, 2, merged, by_sign, nonneg, rows)
     n = x.shape[0]
     return {u.x_node: (both[:n], both[n:])}

@@ -197,6 +197,14 @@ def test_sides_have_the_bits_and_decisions_of_pos_neg2s_torch_operations(dtype):
         assert (count > 0) is flagged and torch.equal(flags.bool(), rows) and count == int(rows.sum())
         flagged_some |= flagged
     assert flagged_some
+    # at the test's threshold (S = |D| / (1 - 2κ)) the rounding decides: one fused multiply-add or
+    # a rounded product and sum flag different units; the kernel rounds as torch does here
+    D = torch.randn(4099, 1, generator=g, dtype=dtype)  # one unit per row: a flag per element
+    S = D.abs() / (1.0 - 2.0 * kappa)
+    for bias in (None, torch.full((1,), 1e-30, dtype=dtype)):
+        P2, N2, flagged, rows = _torch_sides(S.clone(), D, bias, 4099)
+        got = native.sides(S.clone(), D, bias, -(1.0 - 2.0 * kappa), 2.0 * kappa, 4099)
+        assert torch.equal(got[2].bool(), rows) and 0 < got[1] < 4099
     S, D = torch.rand(4, 3, dtype=dtype) + 1.0, torch.zeros(4, 3, dtype=dtype)
     D[0, 0] = float("nan")  # the torch code's max is NaN: nothing flagged
     D[1, 1] = 5.0

@@ -44,9 +44,9 @@ _SOURCE = r"""
    contiguous elements), each with its own row stride in elements. Written without branches
    (every condition a select) so that the compiler vectorises the loop: the signs it tests are
    data, and mispredicted branches cost more than the arithmetic. */
-/* x86-64: an AVX2 copy beside the baseline one, chosen by the loader for this processor */
+/* x86-64: an AVX2 + FMA copy beside the baseline one, chosen by the loader for this processor */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("avx2", "default")))
+#define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define CLONES
 #endif
@@ -246,63 +246,59 @@ QUOTIENT(quotient_f32, float, FLT_MAX, rowdot_f32, rowsum_f32)
 QUOTIENT(quotient_f64, double, DBL_MAX, rowdot_f64, rowsum_f64)
 
 /* pos_neg2's sides (rules/affine.py): 2P = S + D into P, 2N = S - D over S, and the precision
-   test m = |D| + c1 S + c2 |b| > 0 (c1 = -(1 - 2 kappa), c2 = 2 kappa; each product rounded,
-   then each sum, as the torch code's in-place adds). Rows of `units` blocks of `inner`; flag
-   rows of `frow` elements (a multiple of units * inner): flags[f] = 1 where some m > 0 in row
-   f. Returns the number of flagged rows, or -1 where some m is NaN (the torch code's max is
-   then NaN and flags nothing). */
-#define SIDES(NAME, T, ABS)                                                                    \
-static inline int64_t NAME##_unit(int64_t k, T *restrict s, const T *restrict d,             \
-                                  T *restrict p, T c1, T add, int64_t *restrict nan)           \
+   test m = |D| + c1 S + c2 b > 0 (c1 = -(1 - 2 kappa), c2 = 2 kappa), each step as torch's
+   add with alpha computes it on this processor: one fused multiply-add (`fused`: torch's
+   vectorised kernels on AVX2 and later) or a rounded product, then a rounded sum. Rows of
+   `units` blocks of `inner`; flag rows of `frow` elements (a multiple of units * inner):
+   flags[f] = 1 where some m > 0 in row f. Returns the number of flagged rows, or -1 where some
+   m is NaN (the torch code's max is then NaN and flags nothing). */
+#define SIDES(NAME, T, ABS, FMA)                                                               \
+static inline int64_t NAME##_run(int64_t k, T *restrict s, const T *restrict d,              \
+                                 T *restrict p, const T *restrict b, int64_t bstep,            \
+                                 int64_t has_b, T c1, T c2, int64_t fused, int64_t *nan)       \
 {                                                                                              \
-    int64_t hit = 0, bad = 0;                                                                  \
-    for (int64_t i = 0; i < k; i++) {                                                          \
-        T sv = s[i], dv = d[i];                                                                \
-        T a = ABS(dv), b = c1 * sv;                                                            \
-        T mv = a + b;                                                                          \
-        mv = mv + add;                                                                         \
-        hit |= mv > (T)0;                                                                      \
-        bad |= mv != mv;                                                                       \
-        p[i] = sv + dv;                                                                        \
-        s[i] = sv - dv;                                                                        \
-    }                                                                                          \
-    *nan |= bad;                                                                               \
-    return hit;                                                                                \
-}                                                                                              \
-static inline int64_t NAME##_lin(int64_t k, T *restrict s, const T *restrict d,              \
-                                 T *restrict p, const T *restrict b, T c1, T c2,               \
-                                 int64_t *restrict nan)                                        \
-{                                                                                              \
-    int64_t hit = 0, bad = 0;                                                                  \
-    for (int64_t i = 0; i < k; i++) {                                                          \
-        T sv = s[i], dv = d[i];                                                                \
-        T a = ABS(dv), b1 = c1 * sv, b2 = c2 * b[i];                                           \
-        T mv = a + b1;                                                                         \
-        mv = mv + b2;                                                                          \
-        hit |= mv > (T)0;                                                                      \
-        bad |= mv != mv;                                                                       \
-        p[i] = sv + dv;                                                                        \
-        s[i] = sv - dv;                                                                        \
-    }                                                                                          \
+    int32_t hit = 0, bad = 0;                                                                  \
+    if (fused)                                                                                 \
+        for (int64_t i = 0; i < k; i++) {                                                      \
+            T sv = s[i], dv = d[i];                                                            \
+            T mv = FMA(c1, sv, ABS(dv));                                                       \
+            if (has_b) mv = FMA(c2, b[i * bstep], mv);                                         \
+            hit |= mv > (T)0;                                                                  \
+            bad |= mv != mv;                                                                   \
+            p[i] = sv + dv;                                                                    \
+            s[i] = sv - dv;                                                                    \
+        }                                                                                      \
+    else                                                                                       \
+        for (int64_t i = 0; i < k; i++) {                                                      \
+            T sv = s[i], dv = d[i];                                                            \
+            T prod = c1 * sv;                                                                  \
+            T mv = ABS(dv) + prod;                                                             \
+            if (has_b) { T pb = c2 * b[i * bstep]; mv = mv + pb; }                             \
+            hit |= mv > (T)0;                                                                  \
+            bad |= mv != mv;                                                                   \
+            p[i] = sv + dv;                                                                    \
+            s[i] = sv - dv;                                                                    \
+        }                                                                                      \
     *nan |= bad;                                                                               \
     return hit;                                                                                \
 }                                                                                              \
 CLONES int64_t NAME(int64_t frows, int64_t frow, int64_t units, int64_t inner, T *s,           \
-                    const T *d, T *p, const T *b, double c1d, double c2d, int8_t *flags)       \
+                    const T *d, T *p, const T *b, double c1d, double c2d, int64_t fused,       \
+                    int8_t *flags)                                                             \
 {                                                                                              \
-    const T c1 = (T)c1d, c2 = (T)c2d;                                                          \
+    const T c1 = (T)c1d, c2 = (T)c2d, none = (T)0; /* b[i * bstep] is always a valid read */   \
     int64_t count = 0, nan = 0, block = units * inner;                                         \
     for (int64_t f = 0; f < frows; f++) {                                                      \
         int64_t hit = 0;                                                                       \
         for (int64_t o = f * frow; o < (f + 1) * frow; o += block) {                           \
             if (b == 0)                                                                        \
-                hit |= NAME##_unit(block, s + o, d + o, p + o, c1, (T)0, &nan);                \
+                hit |= NAME##_run(block, s + o, d + o, p + o, &none, 0, 0, c1, c2, fused, &nan); \
             else if (inner == 1)                                                               \
-                hit |= NAME##_lin(units, s + o, d + o, p + o, b, c1, c2, &nan);                \
+                hit |= NAME##_run(units, s + o, d + o, p + o, b, 1, 1, c1, c2, fused, &nan);    \
             else                                                                               \
                 for (int64_t u = 0; u < units; u++)                                            \
-                    hit |= NAME##_unit(inner, s + o + u * inner, d + o + u * inner,            \
-                                       p + o + u * inner, c1, c2 * b[u], &nan);               \
+                    hit |= NAME##_run(inner, s + o + u * inner, d + o + u * inner,             \
+                                      p + o + u * inner, b + u, 0, 1, c1, c2, fused, &nan);  \
         }                                                                                      \
         flags[f] = (int8_t)hit;                                                                \
         count += hit;                                                                          \
@@ -310,8 +306,8 @@ CLONES int64_t NAME(int64_t frows, int64_t frow, int64_t units, int64_t inner, T
     return nan ? -1 : count;                                                                   \
 }
 
-SIDES(sides_f32, float, __builtin_fabsf)
-SIDES(sides_f64, double, __builtin_fabs)
+SIDES(sides_f32, float, __builtin_fabsf, __builtin_fmaf)
+SIDES(sides_f64, double, __builtin_fabs, __builtin_fma)
 
 /* The identity split's last steps (rules/affine.py, _spread): a <- a + b and b <- (a + b) - 2b
    over the half coefficients, then, per map, g <- g |x| + h x (each product rounded, then the
@@ -438,7 +434,7 @@ _SIGNATURES = {**{name: [_I64, _I64] + [_PTR, _I64] * 9 for name in ("route_f32"
                   for t in ("f32", "f64")},
                **{f"nonneg_{t}": ([_I64, _I64, _PTR, _I64], _I64) for t in ("f32", "f64")},
                **{f"quotient_{t}": [_I64, _I64, _I64] + [_PTR] * 5 for t in ("f32", "f64")},
-               **{f"sides_{t}": ([_I64] * 4 + [_PTR] * 4 + [ctypes.c_double] * 2 + [_PTR], _I64)
+               **{f"sides_{t}": ([_I64] * 4 + [_PTR] * 4 + [ctypes.c_double] * 2 + [_I64, _PTR], _I64)
                   for t in ("f32", "f64")},
                **{f"sumdiff_{t}": [_I64, _PTR, _PTR] for t in ("f32", "f64")},
                **{f"sumdiff_{t}_mix": [_I64, _I64] + [_PTR] * 4 for t in ("f32", "f64")},
@@ -648,9 +644,10 @@ def sides(S: torch.Tensor, D: torch.Tensor, b: torch.Tensor | None, c1: float, c
           frows: int) -> tuple[torch.Tensor, int, torch.Tensor] | None:
     """``pos_neg2``'s element-wise work in one pass: (2P = S + D as a new tensor, the number of
     flag rows where m = |D| + c1 S + c2 b > 0 somewhere, or -1 where some m is NaN, the (frows,)
-    int8 flags), with 2N = S - D written over S. ``b`` as in ``bias_quotient``. None (nothing
-    written) when the tensors are not contiguous CPU float tensors of one dtype and shape laid
-    out so, or without the kernels."""
+    int8 flags), with 2N = S - D written over S. m is rounded as torch's in-place adds with
+    alpha round it here (``fuses_add``), so the decisions are torch's. ``b`` as in
+    ``bias_quotient``. None (nothing written) when the tensors are not contiguous CPU float
+    tensors of one dtype and shape laid out so, or without the kernels."""
     suffix = _plain(S)
     if (suffix is None or D.dtype is not S.dtype or D.shape != S.shape or _plain(D) is None
             or frows <= 0 or S.numel() % frows):
@@ -669,8 +666,26 @@ def sides(S: torch.Tensor, D: torch.Tensor, b: torch.Tensor | None, c1: float, c
     P = torch.empty_like(S)
     flags = torch.empty(frows, dtype=torch.int8)
     count = fn(frows, S.numel() // frows, units, inner, S.data_ptr(), D.data_ptr(), P.data_ptr(),
-               None if b is None else b.data_ptr(), float(c1), float(c2), flags.data_ptr())
+               None if b is None else b.data_ptr(), float(c1), float(c2), int(fuses_add(S.dtype)),
+               flags.data_ptr())
     return P, int(count), flags
+
+
+_FUSES: dict[torch.dtype, bool] = {}
+
+
+def fuses_add(dtype: torch.dtype) -> bool:
+    """Whether torch's ``a.add(b, alpha=c)`` rounds once (a fused multiply-add: its vectorised
+    CPU kernels on AVX2 and later) or twice (the product, then the sum), for ``dtype`` on this
+    processor; found once by a probe on values where the two differ."""
+    known = _FUSES.get(dtype)
+    if known is None:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(4096, generator=g, dtype=dtype), torch.randn(4096, generator=g, dtype=dtype)
+        c = -(1.0 - 2.0 / 16.0) / 3.0
+        twice = a + torch.tensor(c, dtype=dtype) * b
+        known = _FUSES[dtype] = not torch.equal(a.add(b, alpha=c), twice)
+    return known
 
 
 def sum_diff(a: torch.Tensor, b: torch.Tensor) -> bool:

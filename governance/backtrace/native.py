@@ -543,6 +543,15 @@ def _plain(t: torch.Tensor) -> str | None:
     return suffix
 
 
+def _twins(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """The type suffix (``_plain``) of two tensors the kernels can read as one layout: both
+    plain, of one dtype and one shape; None otherwise."""
+    suffix = _plain(a)
+    if suffix is None or b.dtype is not a.dtype or b.shape != a.shape or _plain(b) is None:
+        return None
+    return suffix
+
+
 def _fn(name: str):
     """Kernel ``name`` of the library, or None without the kernels."""
     lib = library(_SOURCE, _SIGNATURES)
@@ -578,8 +587,8 @@ def any_beyond(t: torch.Tensor, R: torch.Tensor, bound: float, below: bool) -> b
     """Whether (t < bound) * R (``below``; else t > bound) has an element that is not zero, the
     comparison a 0/1 value of R's type; None when the tensors are not contiguous CPU float
     tensors of one dtype and shape, or without the kernels."""
-    suffix = _plain(R)
-    if suffix is None or t.dtype is not R.dtype or t.shape != R.shape or _plain(t) is None:
+    suffix = _twins(R, t)
+    if suffix is None:
         return None
     fn = _fn(f"probe_{suffix}")
     if fn is None:
@@ -617,8 +626,8 @@ def bias_quotient(R: torch.Tensor, S: torch.Tensor, b: torch.Tensor | None,
     the caller keeps it); without one, an empty tensor. ``b`` is aligned with S's trailing axes,
     one value per unit (the ones after it of size 1). None (nothing written) when the tensors are
     not contiguous CPU float tensors of one dtype laid out so, or without the kernels."""
-    suffix = _plain(S)
-    if suffix is None or R.dtype is not S.dtype or R.shape != S.shape or _plain(R) is None:
+    suffix = _twins(S, R)
+    if suffix is None:
         return None
     units, inner = 1, 1
     if b is not None:
@@ -648,9 +657,8 @@ def sides(S: torch.Tensor, D: torch.Tensor, b: torch.Tensor | None, c1: float, c
     alpha round it here (``fuses_add``), so the decisions are torch's. ``b`` as in
     ``bias_quotient``. None (nothing written) when the tensors are not contiguous CPU float
     tensors of one dtype and shape laid out so, or without the kernels."""
-    suffix = _plain(S)
-    if (suffix is None or D.dtype is not S.dtype or D.shape != S.shape or _plain(D) is None
-            or frows <= 0 or S.numel() % frows):
+    suffix = _twins(S, D)
+    if suffix is None or frows <= 0 or S.numel() % frows:
         return None
     units, inner = 1, S.numel() // frows
     if b is not None:
@@ -692,14 +700,11 @@ def sum_diff(a: torch.Tensor, b: torch.Tensor) -> bool:
     """a <- a + b, b <- (a + b) - 2b in one pass (the bits of ``a.add_(b)`` and
     ``torch.add(a, b, alpha=-2, out=b)``); False (nothing written) when the two are not
     contiguous CPU float tensors of one dtype and shape, or without the kernels."""
-    suffix = _plain(a)
-    if suffix is None or b.dtype is not a.dtype or b.shape != a.shape or _plain(b) is None:
-        return False
-    fn = _fn(f"sumdiff_{suffix}")
-    if fn is None:
-        return False
-    fn(a.numel(), a.data_ptr(), b.data_ptr())
-    return True
+    suffix = _twins(a, b)
+    fn = None if suffix is None else _fn(f"sumdiff_{suffix}")
+    if fn is not None:
+        fn(a.numel(), a.data_ptr(), b.data_ptr())
+    return fn is not None
 
 
 def mix(g: torch.Tensor, h: torch.Tensor, xa: torch.Tensor | None, x: torch.Tensor) -> bool:
@@ -707,11 +712,9 @@ def mix(g: torch.Tensor, h: torch.Tensor, xa: torch.Tensor | None, x: torch.Tens
     the other (the bits of ``g.mul_(xa)``, ``h.mul_(x)``, ``g.add_(h)``); ``xa`` None: |x|,
     taken in the pass (no buffer for it). False (nothing written) when the tensors are not
     contiguous CPU float tensors of one dtype laid out so, or without the kernels."""
-    suffix = _plain(g)
-    k = x.numel()
-    if (suffix is None or k == 0 or g.numel() % k or h.shape != g.shape or _plain(h) is None
-            or _plain(x) is None or not all(v.dtype is g.dtype for v in (h, x))
-            or (xa is not None and (xa.shape != x.shape or _plain(xa) is None or xa.dtype is not g.dtype))):
+    suffix, k = _twins(g, h), x.numel()
+    if (suffix is None or _twins(x, x if xa is None else xa) is None or x.dtype is not g.dtype
+            or g.numel() % k):
         return False
     fn = _fn(f"sumdiff_{suffix}_mix")
     if fn is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx
@@ -177,10 +177,9 @@ def _zeros_like_rel(r: Any) -> Any:
 
 
 def _book_plan(mods: ModuleMap, seeds: tuple, edges: tuple, absorbed: tuple, rerouted: tuple):
-    """Where each per-sample amount of one walk goes: (module names, the table row of each
-    addition into the ``BookTable``'s (quantities x modules, N) table, the place in ``_books``'
-    list of amounts of what each addition adds). The same walk pattern over the same graph
-    gives the same plan, so it is worked out once."""
+    """Where each per-sample amount of one map's walk goes: (module names, the table row of each
+    addition into its ``BookTable``'s (quantities x modules, N) table, the place in the map's
+    list of amounts of what each addition adds, the number of amounts)."""
     names = [m for m in mods.types if m == "" or m in mods.outputs]
     row = {m: i for i, m in enumerate(names)}
     rows: list[int] = []
@@ -211,33 +210,54 @@ def _book_plan(mods: ModuleMap, seeds: tuple, edges: tuple, absorbed: tuple, rer
         for node in nodes:
             add(quantity, paths(node), j)
             j += 1
-    return names, rows, picks
+    return names, rows, picks, j
+
+
+class _BookPlan(NamedTuple):
+    """The books' additions for one walk pattern over one graph, every map's one after the
+    other (map k's table rows offset by k tables, its amounts by the amounts before it)."""
+
+    names: list[str]  # the modules with books, in table order
+    size: int  # rows of one map's table: quantities x modules
+    index: torch.Tensor  # the table row of each addition
+    picks: list[int]  # the amount each addition adds
+    used: list[int]  # the amounts added anywhere, each stacked once
+    take: torch.Tensor  # each addition's row in that stack
+    on_device: dict  # ``index`` copied to a device, per device
+
+
+def _plan_books(mods: ModuleMap, keys: tuple) -> _BookPlan:
+    """Every map's ``_book_plan`` in one (worked out once per graph and walk pattern)."""
+    parts = [_book_plan(mods, *key) for key in keys]
+    names = parts[0][0]
+    size = len(BOOK_TABLES) * len(names)
+    rows: list[int] = []
+    picks: list[int] = []
+    taken = 0
+    for k, (_, r, p, count) in enumerate(parts):
+        rows += [k * size + i for i in r]
+        picks += [taken + j for j in p]
+        taken += count
+    used = sorted(set(picks))
+    where = {j: i for i, j in enumerate(used)}
+    return _BookPlan(names, size, torch.tensor(rows, dtype=torch.long), picks, used,
+                     torch.tensor([where[j] for j in picks], dtype=torch.long), {})
 
 
 def _books(ctxs: list[RuleContext], seeds: list[dict], edges: list[list], branch: list[dict]) -> list[BookTable]:
     """Each map's ``BookTable`` from the per-sample sums of its seeds, of the edges that cross
     module boundaries and of the absorbed / rerouted amounts: every map's tables are one
-    (maps x quantities x modules, N) tensor filled by one ``index_add_`` (in the order of the
-    plans, so each sum adds up in the same order whatever the number of maps)."""
+    (maps x quantities x modules, N) tensor filled by one row add (``native.add_rows``, else
+    ``index_add_``), in the plan's order, so each sum adds up in the same order whatever the
+    number of maps."""
     ctx0 = ctxs[0]
     n, mods = ctx0.batch_size, ctx0.modules
     device = next(iter(seeds[0].values())).device if seeds[0] else None
     keys = tuple((tuple(s), tuple((e[0], e[1]) for e in es), tuple(c.absorbed), tuple(c.rerouted))
                  for c, s, es in zip(ctxs, seeds, edges))
     plan = mods.plans.get(keys)
-    if plan is None:  # the maps' plans one after the other: map k's rows and amounts offset
-        parts = [_book_plan(mods, *key) for key in keys]
-        names = parts[0][0]
-        size = len(BOOK_TABLES) * len(names)
-        rows, picks, taken = [], [], 0
-        for k, (_, r, p) in enumerate(parts):
-            rows += [k * size + i for i in r]
-            picks += [taken + j for j in p]
-            taken += 2 * len(keys[k][0]) + 2 * len(keys[k][1]) + len(keys[k][2]) + len(keys[k][3])
-        used = sorted(set(picks))  # each amount stacked once, however many rows it adds to
-        take = torch.tensor([used.index(j) for j in picks], dtype=torch.long)
-        plan = mods.plans[keys] = (names, size, torch.tensor(rows, dtype=torch.long), picks, used, take, {})
-    names, size, index, picks, used, take, on_device = plan
+    if plan is None:
+        plan = mods.plans[keys] = _plan_books(mods, keys)
     amounts: list[torch.Tensor] = []
     for c, s, es in zip(ctxs, seeds, edges):
         for r in s.values():
@@ -246,11 +266,10 @@ def _books(ctxs: list[RuleContext], seeds: list[dict], edges: list[list], branch
             amounts += (e[2], e[3])
         amounts += c.absorbed.values()
         amounts += c.rerouted.values()
-    acc = torch.zeros(len(ctxs) * size, n, dtype=torch.float64, device=device)
-    if picks:
-        if not native.add_rows(acc, index, torch.stack([amounts[j] for j in used]), take):  # one compiled pass
-            idx = index if device is None or device.type == "cpu" else on_device.get(device)
-            if idx is None:
-                idx = on_device[device] = index.to(device)
-            acc.index_add_(0, idx, torch.stack([amounts[j] for j in picks]))
-    return [BookTable(names, acc[k * size:(k + 1) * size], b) for k, b in enumerate(branch)]
+    acc = torch.zeros(len(ctxs) * plan.size, n, dtype=torch.float64, device=device)
+    if plan.picks and not native.add_rows(acc, plan.index, torch.stack([amounts[j] for j in plan.used]), plan.take):
+        idx = plan.index if device is None or device.type == "cpu" else plan.on_device.get(device)
+        if idx is None:
+            idx = plan.on_device[device] = plan.index.to(device)
+        acc.index_add_(0, idx, torch.stack([amounts[j] for j in plan.picks]))
+    return [BookTable(plan.names, acc[k * plan.size:(k + 1) * plan.size], b) for k, b in enumerate(branch)]

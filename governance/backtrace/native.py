@@ -44,9 +44,12 @@ _SOURCE = r"""
    contiguous elements), each with its own row stride in elements. Written without branches
    (every condition a select) so that the compiler vectorises the loop: the signs it tests are
    data, and mispredicted branches cost more than the arithmetic. */
-/* x86-64: an AVX2 + FMA copy beside the baseline one, chosen by the loader for this processor */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* x86-64: an AVX2 + FMA copy beside the baseline one, chosen by the loader for this processor
+   (GCC 11 names that level x86-64-v3; older GCC takes Haswell, the first with both) */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 6
+#define CLONES __attribute__((target_clones("arch=haswell", "default")))
 #else
 #define CLONES
 #endif
@@ -660,26 +663,30 @@ def sides(S: torch.Tensor, D: torch.Tensor, b: torch.Tensor | None, c1: float, c
     suffix = _twins(S, D)
     if suffix is None or frows <= 0 or S.numel() % frows:
         return None
-    units, inner = 1, S.numel() // frows
+    frow = S.numel() // frows
+    units, inner = 1, frow
     if b is not None:
         layout = _bias_layout(S, b)
         if layout is None:
             return None
         b, units, inner = layout
-        if (S.numel() // frows) % (units * inner):
+        if frow % (units * inner):
             return None
     fn = _fn(f"sides_{suffix}")
     if fn is None:
         return None
     P = torch.empty_like(S)
     flags = torch.empty(frows, dtype=torch.int8)
-    count = fn(frows, S.numel() // frows, units, inner, S.data_ptr(), D.data_ptr(), P.data_ptr(),
+    count = fn(frows, frow, units, inner, S.data_ptr(), D.data_ptr(), P.data_ptr(),
                None if b is None else b.data_ptr(), float(c1), float(c2), int(fuses_add(S.dtype)),
                flags.data_ptr())
     return P, int(count), flags
 
 
 _FUSES: dict[torch.dtype, bool] = {}
+#: the probe's alpha: the precision test's own coefficient -(1 - 2κ) over 3, so that the
+#: product with a random value is rarely exact and the two roundings differ on many of them
+_PROBE_ALPHA = -(1.0 - 2.0 / 16.0) / 3.0
 
 
 def fuses_add(dtype: torch.dtype) -> bool:
@@ -690,9 +697,8 @@ def fuses_add(dtype: torch.dtype) -> bool:
     if known is None:
         g = torch.Generator().manual_seed(0)
         a, b = torch.randn(4096, generator=g, dtype=dtype), torch.randn(4096, generator=g, dtype=dtype)
-        c = -(1.0 - 2.0 / 16.0) / 3.0
-        twice = a + torch.tensor(c, dtype=dtype) * b
-        known = _FUSES[dtype] = not torch.equal(a.add(b, alpha=c), twice)
+        twice = a + torch.tensor(_PROBE_ALPHA, dtype=dtype) * b
+        known = _FUSES[dtype] = not torch.equal(a.add(b, alpha=_PROBE_ALPHA), twice)
     return known
 
 

@@ -6,6 +6,9 @@ For each model and batch, measured in this one run:
   each mode (graph capture excluded: it is cached per input signature), their ratios, and the
   issue's targets with pass/FAIL per cell (timed with ``--clock``, at the first ``--threads``
   count);
+* with ``--clock cpu``, each function's CPU time split into user time (the computation) and
+  system time with its page faults (fresh memory mapped by the kernel; on a virtual machine
+  several microseconds a page, and it falls on whichever call finds its memory given back);
 * Captum's LRP (epsilon rule) on the same model and batch, where Captum is installed (the
   ``bench`` extra) and supports the model's layers ("unsupported (...)" otherwise);
 * 1 vs 2 intra-op threads (wall clock: CPU time counts every thread, so it cannot show a speed-up):
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 import statistics
 import sys
 import time
@@ -106,6 +110,8 @@ class CaseResult:
     threads: dict[int, dict[str, tuple[float, float]]]
     mem: dict[str, float]
     captum: str | None = None
+    # medians of (user s, system s, minor page faults) per call at the first thread count
+    split: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -115,9 +121,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fns: dict[str, Callable[[], object]], repeats: int, device: str = "cpu") -> dict[str, tuple[float, float]]:
+def timed(fns: dict[str, Callable[[], object]], repeats: int, device: str = "cpu",
+          split: dict[str, tuple[float, float, float]] | None = None) -> dict[str, tuple[float, float]]:
     """Median (wall, cpu) seconds of each function after one warm-up call each (graph capture,
     allocator); the functions are interleaved per repeat so load changes hit them alike.
+    ``split``, when given, receives each function's median user seconds, system seconds and
+    minor page faults per call (the process's, from ``getrusage``).
 
     Each timed call directly follows an untimed call of the same function: it finds the memory
     the allocator holds as a loop over batches leaves it (a training loop's fwd+bwd, the explain
@@ -130,15 +139,21 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int, device: str = "cpu
     _sync(device)
     walls: dict[str, list[float]] = {k: [] for k in fns}
     cpus: dict[str, list[float]] = {k: [] for k in fns}
+    usage: dict[str, list[tuple[float, float, float]]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             fn()
             _sync(device)
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             w, c = time.perf_counter(), time.process_time()
             fn()
             _sync(device)
             walls[k].append(time.perf_counter() - w)
             cpus[k].append(time.process_time() - c)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            usage[k].append((r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt))
+    if split is not None:
+        split.update({k: tuple(statistics.median(u[i] for u in usage[k]) for i in range(3)) for k in fns})
     return {k: (statistics.median(walls[k]), statistics.median(cpus[k])) for k in fns}
 
 
@@ -258,12 +273,13 @@ def run_case(case: Case, repeats: int | None = None, threads: tuple[int, ...] = 
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads[0])
-        times = timed(fns, reps, device)
+        split: dict[str, tuple[float, float, float]] = {}
+        times = timed(fns, reps, device, split)
         mem = {k: peak_extra_mib(fn, device) for k, fn in fns.items() if k != "captum"} if memory else {}
         per_thread = thread_times(fns, threads, reps, device) if len(threads) > 1 else {}
     finally:
         torch.set_num_threads(old)
-    return CaseResult(case, times, per_thread, mem, None if callable(lrp) else lrp)
+    return CaseResult(case, times, per_thread, mem, None if callable(lrp) else lrp, split)
 
 
 # --- the cases of issue 14 -------------------------------------------------------------------
@@ -343,6 +359,21 @@ def report(results: list[CaseResult], clock: str, threads: int = 1) -> str:
         cells = [_cell(t[m][ci] / base, r.case.targets.get(m)) if m in t else "-" for m in MODES]
         cap = f"{t['captum'][ci] / base:.2f}" if "captum" in t else (r.captum or "-")
         lines.append(f"| {r.case.name} | {base * 1000:.1f} | " + " | ".join(cells) + f" | {cap} |")
+    split = [r for r in results if r.split]
+    if split and clock == "cpu":
+        lines += ["", "Where the CPU time goes (medians per call of the calls above: user and system "
+                  "seconds, minor page faults). System time is mostly the kernel handing out fresh pages: "
+                  "each tensor too big for the C allocator's free lists is a new mapping whose pages fault "
+                  "on first touch, and which calls find their pages already held depends on what ran "
+                  "before them; user time is the computation:", "",
+                  "| model | function | user (ms) | system (ms) | page faults | user ratio to fwd+bwd |",
+                  "|---|---|---|---|---|---|"]
+        for r in split:
+            base = r.split["fwd+bwd"][0]
+            for k, (user, system, faults) in r.split.items():
+                name = {"captum": "Captum LRP"}.get(k, k)
+                lines.append(f"| {r.case.name} | {name} | {user * 1000:.1f} | {system * 1000:.1f} | "
+                             f"{faults:.0f} | {'-' if k == 'fwd+bwd' else f'{user / base:.2f}'} |")
     together = [r for r in results if ALL_MODES in r.times]
     if together:
         lines += ["", "Every mode over one recording (``explain_modes``) against one ``explain`` call per "

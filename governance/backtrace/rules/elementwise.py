@@ -54,7 +54,9 @@ def _terms(ctx: RuleContext, node: fx.Node) -> list[tuple[object, torch.Tensor]]
     sign = -1.0 if name in ("sub", "rsub") else 1.0
     if name == "rsub":  # other - alpha * self
         return [(b, bv), (a, -alpha * av)]
-    return [(a, av), (b, sign * alpha * bv)]
+    scale = sign * alpha
+    # times one is the same bits: skip the full-size copy (a residual add's second term)
+    return [(a, av), (b, bv if scale == 1 and bv.is_floating_point() else scale * bv)]
 
 
 @register_rule(aten.add, aten.add_, aten.sub, aten.sub_, aten.rsub, contrastive=True)

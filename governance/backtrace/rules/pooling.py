@@ -41,8 +41,10 @@ def average_rule(ctx: RuleContext, node: fx.Node, R):
     den, vjp_fn = torch.func.vjp(f, xabs)
 
     def one(c: RuleContext, r: torch.Tensor) -> dict:
-        (g,) = vjp_fn(safe_div(r, den))
-        return {x_node: xabs * g}  # g may be an expanded view (the VJP of a mean)
+        (g,) = vjp_fn(safe_div(r, den))  # a new tensor, or an expanded view (a mean's VJP)
+        if g.shape == xabs.shape and g.dtype == xabs.dtype and g.is_contiguous():
+            return {x_node: g.mul_(xabs)}  # its own buffer: no second full-size tensor
+        return {x_node: xabs * g}
 
     return per_map(ctx, R, one)
 

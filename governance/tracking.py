@@ -186,6 +186,7 @@ def load_model(model_uri: str, device: str = "cpu", *, allow_pickle: bool = Fals
     """
     from mlflow.models import Model
 
+    _check_local_model(model_uri)
     components: dict[str, Any] | None = None
     with owned_tempdir("governance-model-") as tmp:
         try:  # downloading runs nothing; the MLmodel file and the files are read before any load
@@ -335,6 +336,28 @@ def tokenizer_inputs(model: Any, tokenizer: Any = None) -> list[ModelInputSpec]:
     except (TypeError, ValueError, AttributeError):
         params = given
     return [ModelInputSpec(name=p, dtype="int64", shape=(-1, -1)) for p in params if p in given]
+
+
+_HOW = ("give the folder that holds the model's MLmodel file (mlflow.pytorch.save_model), "
+        "or a runs:/<run id>/<path> or models:/<name>/<version> URI")
+
+
+def _check_local_model(model_uri: str) -> None:
+    """A local path (no scheme, or file:) that is not an MLflow model folder: one line that says
+    what it is instead (MLflow's own message for it is a list of download failures)."""
+    scheme, _, rest = model_uri.partition(":")
+    if ":" in model_uri and not (scheme == "file" or len(scheme) == 1):  # a URI, or a Windows drive
+        return
+    path = Path(rest.removeprefix("//") if scheme == "file" else model_uri)
+    if not path.exists():
+        raise ModelLoadError(f"model URI '{model_uri}' could not be resolved: there is no file or folder "
+                             f"'{path}'; {_HOW}")
+    if path.is_file():
+        raise ModelLoadError(f"model URI '{model_uri}' is a file, not an MLflow model: log or save it with "
+                             f"mlflow.pytorch and {_HOW}")
+    if not (path / "MLmodel").is_file():
+        raise ModelLoadError(f"model URI '{model_uri}' is a folder without an MLmodel file, not an MLflow "
+                             f"model; {_HOW}")
 
 
 def _reason(exc: BaseException) -> str:

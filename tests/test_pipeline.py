@@ -197,6 +197,27 @@ def test_missing_model_uri_fails_clearly(credit_store, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "MLflow:" in result.output and "0" * 32 in result.output
 
 
+def test_a_local_path_that_is_not_an_mlflow_model_fails_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    """A missing path, a bare weights file and a folder without MLmodel each get one line naming
+    what the path is and what to give instead; nothing is written to a store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]}).to_csv("data.csv", index=False)
+    Path("weights.pt").write_bytes(b"not a model")
+    Path("folder").mkdir()
+    cases = {"missing.pt": "there is no file or folder 'missing.pt'",
+             "weights.pt": "is a file, not an MLflow model",
+             "folder": "is a folder without an MLmodel file",
+             (tmp_path / "gone").as_uri(): f"there is no file or folder '{tmp_path / 'gone'}'"}
+    for uri, says in cases.items():
+        result = CliRunner().invoke(cli, ["explain", "--model-uri", uri, "--data", "data.csv", "--quiet"])
+        assert result.exit_code == 1, (uri, result.output)
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and says in lines[0] and "runs:/<run id>/<path>" in lines[0], (uri, result.output)
+        assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv", "folder", "weights.pt"]
+
+
 def test_cli_prints_the_run_id_last_and_honours_mlflow_run_id(credit_store, tmp_path: Path, monkeypatch) -> None:
     data = _small(credit_store, 64, tmp_path, "valid.csv")
     cfg = tmp_path / "governance.yaml"

@@ -137,6 +137,15 @@ def _scheme(text: str) -> str | None:
     return m.group(1).lower() if m else None  # one letter is a Windows drive, not a scheme
 
 
+def local_path(text: str) -> Path | None:
+    """The local file or folder a reference names: a path (a local name with a colon too), or a
+    ``file:`` URI; None for another scheme's URI (runs:/, models:/, s3://...)."""
+    scheme = _scheme(text)
+    if scheme is None or Path(text).exists():
+        return Path(text)
+    return _file_uri_path(text) if scheme == "file" else None
+
+
 def _download(uri: str, display: str, name: str | None, tracking_uri: str | None) -> ResolvedSource:
     """Download an artifact URI through MLflow into a fresh temp folder (removed by cleanup)."""
     import mlflow

@@ -345,10 +345,11 @@ _HOW = ("give the folder that holds the model's MLmodel file (mlflow.pytorch.sav
 def _check_local_model(model_uri: str) -> None:
     """A local path (no scheme, or file:) that is not an MLflow model folder: one line that says
     what it is instead (MLflow's own message for it is a list of download failures)."""
-    scheme, _, rest = model_uri.partition(":")
-    if ":" in model_uri and not (scheme == "file" or len(scheme) == 1):  # a URI, or a Windows drive
+    from governance.sources import local_path
+
+    path = local_path(model_uri)
+    if path is None:
         return
-    path = Path(rest.removeprefix("//") if scheme == "file" else model_uri)
     if not path.exists():
         raise ModelLoadError(f"model URI '{model_uri}' could not be resolved: there is no file or folder "
                              f"'{path}'; {_HOW}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import operator
+import weakref
 from typing import Any
 
 import torch
@@ -152,9 +153,19 @@ class RuleContext:
         self.one_signed = False
         # rule-specific reports that end up in Explanation.extras (e.g. "expert_relevance")
         self.extras: dict[str, Any] = {}
-        # the contexts of every map of this walk ([R] or [R+, R-]); a contrastive rule, called
-        # with the first, writes per-map extras through these
-        self.peers: list["RuleContext"] = [self]
+        self._peers: tuple[weakref.ref, ...] = ()
+
+    @property
+    def peers(self) -> list["RuleContext"]:
+        """The contexts of every map of this walk ([R] or [R+, R-]); a contrastive rule, called
+        with the first, writes per-map extras through these. Held by weak references: a context
+        that held its peers (itself among them) would be a reference cycle, and the recording's
+        activations would then live until Python's cycle collector ran, not until the call ends."""
+        return [ref() for ref in self._peers] if self._peers else [self]
+
+    @peers.setter
+    def peers(self, contexts: list["RuleContext"]) -> None:
+        self._peers = tuple(weakref.ref(c) for c in contexts)
 
     # values and flags -------------------------------------------------------------------
     def value(self, a: Any) -> Any:

@@ -9,7 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from . import rules  # noqa: F401  (registers the built-in rules)
+from . import arena, rules  # noqa: F401  (rules: registers the built-in rules)
 from .capture import GraphCache, flatten_inputs, input_names
 from .context import PARALLEL_WORK, RuleContext, walk_threads
 from .explanation import Explanation, NetRelevance
@@ -139,17 +139,21 @@ class Backtrace:
         # caller's threads and walks on one, its big products on the caller's (context.walk_threads)
         size_key = (id(gm), tuple(tuple(t.shape) for t in tensors))
         work = self._work.get(size_key)
-        with walk_threads(parallel=False) if work is not None and work < SMALL_MODEL_WORK else nullcontext():
+        on_cpu = tensors[0].device.type == "cpu"
+        if on_cpu:
+            arena.hold(self)
+        with arena.scope(on_cpu), (walk_threads(parallel=False) if work is not None and work < SMALL_MODEL_WORK
+                                   else nullcontext()):
             recording = record(gm, flat)
         if work is None:
             work = self._work[size_key] = forward_work(gm, recording.values)
             if work < SMALL_MODEL_WORK and torch.get_num_threads() > 1:
                 # record again as every later call will (one thread), so that the first call's
                 # relevance has the same bits as the next ones'
-                with walk_threads(parallel=False):
+                with arena.scope(on_cpu), walk_threads(parallel=False):
                     recording = record(gm, flat)
         for mode in modes:
-            with walk_threads(parallel=work >= SMALL_MODEL_WORK):
+            with arena.scope(on_cpu), walk_threads(parallel=work >= SMALL_MODEL_WORK):
                 exp = self._walk(gm, recording, captured, names, flat, single, n, mode, task,
                                  target, multiplier, seed, threshold)
             yield mode, exp

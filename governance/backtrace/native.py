@@ -379,29 +379,42 @@ def _compiler_id(cc: str) -> str:
         return ""
 
 
-def _build(source: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
+def _toolchain(cxx: bool) -> tuple[str | None, list[str], list[str], str]:
+    """(compiler, flags, link arguments, source suffix). C++ sources are built against this
+    torch's own headers and ``libc10`` (with its C++ ABI), so they may implement c10 interfaces."""
+    if not cxx:
+        return shutil.which(os.environ.get("CC", "cc")), _FLAGS, ["-lm"], ".c"
+    root = Path(torch.__file__).parent
+    flags = ["-O2", "-fPIC", "-shared", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             f"-I{root / 'include'}"]
+    return (shutil.which(os.environ.get("CXX", "c++")), flags,
+            [f"-L{root / 'lib'}", "-lc10", f"-Wl,-rpath,{root / 'lib'}"], ".cpp")
+
+
+def _build(source: str, signatures: dict[str, list], cxx: bool = False) -> ctypes.CDLL | None:
     """The compiled library of ``source`` (built here if the cache lacks it), or None where it
     can't be."""
-    cc = shutil.which(os.environ.get("CC", "cc"))
+    cc, flags, link, suffix = _toolchain(cxx)
     if cc is None:
-        log.debug("no C compiler: torch/numpy code runs instead of the fused kernels")
+        log.debug("no %s compiler: torch/numpy code runs instead of the fused kernels", "C++" if cxx else "C")
         return None
-    key = hashlib.sha256("\0".join([source, " ".join(_FLAGS), _compiler_id(cc), platform.machine(),
-                                    sys.platform]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source, " ".join(flags + link), _compiler_id(cc), platform.machine(),
+                                    sys.platform, torch.__version__ if cxx else ""]).encode()).hexdigest()[:16]
     folder = _cache_dir()
     path = folder / f"governance_kernels_{key}.so"
     if not path.exists():
         try:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                src = Path(tmp) / "kernels.c"
+                src = Path(tmp) / f"kernels{suffix}"
                 src.write_text(source)
                 out = Path(tmp) / path.name
-                subprocess.run([cc, *_FLAGS, "-o", str(out), str(src), "-lm"], check=True,
-                               capture_output=True, timeout=120)
+                subprocess.run([cc, *flags, "-o", str(out), str(src), *link], check=True,
+                               capture_output=True, timeout=300)
                 os.replace(out, path)  # atomic: a concurrent builder's copy is the same bytes
         except (OSError, subprocess.SubprocessError) as exc:
-            log.debug("fused kernels not built (%s): torch/numpy code runs instead", exc)
+            log.debug("fused kernels not built (%s%s): torch/numpy code runs instead", exc,
+                      f"; {exc.stderr[-2000:]!r}" if isinstance(exc, subprocess.CalledProcessError) else "")
             return None
     try:
         lib = ctypes.CDLL(str(path))
@@ -414,17 +427,17 @@ def _build(source: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
     return lib
 
 
-def library(source: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
-    """The compiled C ``source`` with ``signatures`` ({function: ctypes argtypes} for a function
-    that returns void, or {function: (argtypes, restype)}), built or loaded once per process;
-    None when disabled (``GOVERNANCE_NATIVE=0``) or unavailable, and the caller runs its own
-    torch or numpy code, which gives the same result."""
+def library(source: str, signatures: dict[str, list], cxx: bool = False) -> ctypes.CDLL | None:
+    """The compiled ``source`` (C, or C++ against torch's c10 when ``cxx``) with ``signatures``
+    ({function: ctypes argtypes} for a function that returns void, or {function: (argtypes,
+    restype)}), built or loaded once per process; None when disabled (``GOVERNANCE_NATIVE=0``)
+    or unavailable, and the caller runs its own torch or numpy code, which gives the same result."""
     if os.environ.get("GOVERNANCE_NATIVE", "1") == "0":
         return None
     if source not in _libs:
         with _lock:
             if source not in _libs:
-                _libs[source] = _build(source, signatures)
+                _libs[source] = _build(source, signatures, cxx)
     return _libs[source]
 
 

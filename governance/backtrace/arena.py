@@ -9,11 +9,12 @@ heap's history.
 
 While ``scope()`` is open, torch's CPU allocator is this arena. Blocks of 1 MiB or more come
 from freed blocks of the same size class (sizes rounded up to a sixteenth of their power of
-two, and a freed block serves a request up to a quarter smaller). Smaller requests go to the
-allocator it replaced. A block freed later (an explanation dropped after its call) comes back to
-the arena. Idle blocks are kept while a ``Backtrace`` holds the arena (``hold``), up to the
-largest number of bytes in use at once so far, so the process holds at most twice its peak;
-the oldest go back to the system first. When the last holder is collected, or on ``release()``,
+two); smaller requests go to the allocator it replaced. A block freed later (an explanation
+dropped after its call) comes back to the arena. Idle blocks are kept while a ``Backtrace``
+holds the arena (``hold``), as long as the arena holds at most twice the most bytes it has had
+in use at once; beyond that the oldest idle blocks go back to the system first. A block is only
+allocated when its size class has no idle one, so with the same shapes call after call the
+arena settles on what the busiest moment of each size class needs, and a call allocates nothing. When the last holder is collected, or on ``release()``,
 every idle block goes back. The allocator only hands out memory: no value changes, and
 ``tests/test_arena.py`` checks that relevance has the same bits with and without it.
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ class Arena final : public c10::Allocator {
   }
 
   c10::DataPtr allocate(size_t n) override {
-    if (n < min_bytes) return prev->allocate(n);
+    if (n < min_bytes || n > (SIZE_MAX >> 2)) return prev->allocate(n);  // huge: prev says no
     const size_t want = size_class(n);
     void* p = nullptr;
     {
@@ -230,6 +231,7 @@ void arena_stats(int64_t* out) {
 }
 """
 
+_holding = threading.Lock()
 _SIGNATURES = {"arena_enter": ([], ctypes.c_int), "arena_exit": [], "arena_hold": [ctypes.c_int],
                "arena_release": [], "arena_stats": [ctypes.c_void_p]}
 
@@ -279,8 +281,10 @@ def hold(owner: object) -> None:
     lib = _library()
     if lib is None or getattr(owner, "_arena_hold", None) is not None:
         return
-    lib.arena_hold(1)
-    owner._arena_hold = weakref.finalize(owner, lib.arena_hold, -1)
+    with _holding:
+        if getattr(owner, "_arena_hold", None) is None:
+            lib.arena_hold(1)
+            owner._arena_hold = weakref.finalize(owner, lib.arena_hold, -1)
 
 
 def release() -> None:

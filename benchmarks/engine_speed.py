@@ -56,6 +56,7 @@ from governance.backtrace import Backtrace, arena  # noqa: E402
 MODES = ("default", "signed", "contrastive")
 ALL_MODES = "explain_modes"  # Backtrace.explain_modes over every mode of a case
 IN_ARENA = "fwd+bwd (arena)"  # the baseline with torch's CPU allocator swapped for the engine's arena
+BASELINES = ("fwd+bwd", IN_ARENA)
 THREAD_NOISE = 0.05  # "not slower": within this fraction (equal speeds measure either way round)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -297,7 +298,7 @@ def _in_arena(fn: Callable[[], object]) -> object:
 
 def baseline(times: dict[str, tuple[float, ...]], i: int) -> float:
     """The faster fwd+bwd (torch's allocator or the arena) on clock ``i`` of ``times``' tuples."""
-    return min(times[k][i] for k in ("fwd+bwd", IN_ARENA) if k in times)
+    return min(times[k][i] for k in BASELINES if k in times)
 
 
 # --- the cases of issue 14 -------------------------------------------------------------------
@@ -394,7 +395,7 @@ def report(results: list[CaseResult], clock: str, threads: int = 1) -> str:
             for k, (user, system, faults) in r.split.items():
                 name = {"captum": "Captum LRP"}.get(k, k)
                 lines.append(f"| {r.case.name} | {name} | {user * 1000:.1f} | {system * 1000:.1f} | "
-                             f"{faults:.0f} | {'-' if k in ('fwd+bwd', IN_ARENA) else f'{user / base:.2f}'} |")
+                             f"{faults:.0f} | {'-' if k in BASELINES else f'{user / base:.2f}'} |")
     together = [r for r in results if ALL_MODES in r.times]
     if together:
         lines += ["", "Every mode over one recording (``explain_modes``) against one ``explain`` call per "
@@ -424,7 +425,7 @@ def report(results: list[CaseResult], clock: str, threads: int = 1) -> str:
                     verdicts.append(("pass" if ok else "FAIL (slower)") if k in MODES else "(reference)")
                 name = {"captum": "Captum LRP"}.get(k, k)
                 bases = [baseline(r.threads[n], 0) for n in ns]
-                cells = [f"{w[0] * 1000:.1f} / {w[1] * 1000:.1f}" + ("" if k in ("fwd+bwd", IN_ARENA) else f" ({w[0] / b:.2f}x)")
+                cells = [f"{w[0] * 1000:.1f} / {w[1] * 1000:.1f}" + ("" if k in BASELINES else f" ({w[0] / b:.2f}x)")
                          for w, b in zip(ws, bases)]
                 lines.append(f"| {r.case.name} | {name} | " + " | ".join(cells) + f" | {verdicts[0]} | {verdicts[1]} |")
     with_mem = [r for r in results if r.mem]

@@ -57,13 +57,12 @@ def _explain_all(bt: Backtrace, x: torch.Tensor) -> dict[str, tuple[torch.Tensor
     return out
 
 
-def _fill_idle_with_nan(megabytes: int = 256) -> None:
-    """Blocks of many sizes, written with NaN and freed inside the arena: later tensors from
+def _fill_idle_with_nan() -> None:
+    """Blocks of 1 to 32 MiB, written with NaN and freed inside the arena: later tensors from
     these blocks start as NaN where fresh memory starts as zeros."""
     with arena.scope() as on:
         assert on
-        held = [torch.full((size << 18,), float("nan")) for size in (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
-                for _ in range(max(1, megabytes // 200))]
+        held = [torch.full((size << 18,), float("nan")) for size in (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)]
         del held
 
 

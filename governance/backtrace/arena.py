@@ -67,7 +67,7 @@ class Arena final : public c10::Allocator {
   std::map<uint64_t, void*> idle_age;        // idle blocks by the time they went idle
   c10::Allocator* prev = nullptr;
   const size_t min_bytes = size_t(1) << 20;
-  size_t in_use = 0, held = 0, peak = 0, idle_bytes = 0;
+  size_t in_use = 0, held = 0, peak = 0;  // idle bytes: held - in_use
   uint64_t clock = 0, hits = 0, misses = 0, returned = 0;
   int holders = 0;
 
@@ -83,7 +83,6 @@ class Arena final : public c10::Allocator {
     void* p = it->second;
     Block& b = blocks.at(p);
     idle_age.erase(b.stamp);
-    idle_bytes -= b.size;
     held -= b.size;
     returned += b.size;
     idle.erase(it);
@@ -92,7 +91,7 @@ class Arena final : public c10::Allocator {
   }
 
   void evict_until(size_t limit) {  // mu held: the oldest idle blocks go back first
-    while (idle_bytes > limit && !idle_age.empty()) {
+    while (held - in_use > limit && !idle_age.empty()) {
       void* p = idle_age.begin()->second;
       size_t size = blocks.at(p).size;
       auto range = idle.equal_range(size);
@@ -111,7 +110,6 @@ class Arena final : public c10::Allocator {
       if (it != idle.end()) {
         p = it->second;
         idle_age.erase(blocks.at(p).stamp);
-        idle_bytes -= want;
         idle.erase(it);
         hits++;
       } else {
@@ -149,7 +147,6 @@ class Arena final : public c10::Allocator {
         b.stamp = ++clock;
         idle.emplace(b.size, p);
         idle_age.emplace(b.stamp, p);
-        idle_bytes += b.size;
         evict_until(2 * peak - in_use);
       } else {
         held -= b.size;
@@ -225,7 +222,7 @@ void arena_release() { arena()->release_idle(); }
 void arena_stats(int64_t* out) {
   Arena* a = arena();
   std::lock_guard<std::mutex> g(a->mu);
-  out[0] = a->in_use; out[1] = a->held; out[2] = a->peak; out[3] = a->idle_bytes;
+  out[0] = a->in_use; out[1] = a->held; out[2] = a->peak; out[3] = a->held - a->in_use;
   out[4] = a->hits; out[5] = a->misses; out[6] = a->returned; out[7] = a->holders;
 }
 }

@@ -111,7 +111,9 @@ def per_map(ctx: "RuleContext", R: Any, fn) -> dict:
     ``c`` (for its books), and zip the results into pairs. Work shared by the maps (recorded
     values, denominators, masks) is done once, outside ``fn``."""
     if isinstance(R, tuple):
-        peers = ctx.peers if len(ctx.peers) == len(R) else [ctx] * len(R)
+        peers = ctx.peers
+        if len(peers) != len(R):
+            peers = [ctx] * len(R)
         outs = [fn(c, r) for c, r in zip(peers, R)]
         return {k: tuple(o[k] for o in outs) for k in outs[0]}
     return fn(ctx, R)
